@@ -1,0 +1,158 @@
+"""Block allocator over the per-block reference count table, and free-slot pools for tables.
+
+The refcount table is the single source of truth for space: a block is free iff its count is 0.
+The engine works on an in-memory mirror (`rc`) and a transaction copies the changed slices into
+the journal; the on-image table is only ever written by journal apply/replay.
+
+Free-space search is numpy over the mirror from a moving cursor, so it is O(window) per call,
+not O(image). Blocks freed by the transaction in progress are not reused before it commits:
+a crash must never find a block that is still mapped by the old state overwritten with new data.
+"""
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+
+from . import format as fmt
+from .errors import FsError
+
+_SCAN_WINDOW = 1 << 16
+
+
+def runs_of(idx: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted block numbers -> [(start, length)] of consecutive runs."""
+    if idx.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [idx.size]))
+    return [(int(idx[s]), int(e - s)) for s, e in zip(starts.tolist(), ends.tolist())]
+
+
+class BlockAllocator:
+    def __init__(self, table: np.ndarray, g: fmt.Geometry):
+        self.g = g
+        self.rc = np.array(table, dtype=np.uint32)        # mirror, owned by the engine
+        self.free = int(np.count_nonzero(self.rc[g.data_start:] == 0))
+        self.cursor = g.data_start
+        self.dirty: list[tuple[int, int]] = []             # (start, end) ranges since last commit
+        self.quarantine: list[tuple[int, int]] = []        # freed by the open transaction
+
+    # -- queries ---------------------------------------------------------------------------------
+    def count(self, pblk: int) -> int:
+        return int(self.rc[pblk])
+
+    def any_shared(self, pblk: int, n: int) -> bool:
+        return bool((self.rc[pblk:pblk + n] > 1).any())
+
+    # -- allocation ------------------------------------------------------------------------------
+    def alloc(self, n: int, goal: int = 0) -> list[tuple[int, int]]:
+        """Allocate n blocks (count 0 -> 1), preferring one run starting at `goal`."""
+        if n <= 0:
+            return []
+        if n > self.free - self._quarantined():
+            raise FsError(errno.ENOSPC)
+        g = self.g
+        if g.data_start <= goal and goal + n <= g.nblocks and not self.rc[goal:goal + n].any() \
+                and not self._in_quarantine(goal, n):
+            runs = [(goal, n)]
+        else:
+            runs = self._search(n)
+        for s, ln in runs:
+            self.rc[s:s + ln] = 1
+            self.dirty.append((s, s + ln))
+        self.free -= n
+        last_s, last_n = runs[-1]
+        self.cursor = last_s + last_n
+        return runs
+
+    def _search(self, n: int) -> list[tuple[int, int]]:
+        g = self.g
+        found: list[np.ndarray] = []
+        need = n
+        start = self.cursor if g.data_start <= self.cursor < g.nblocks else g.data_start
+        for lo, hi in ((start, g.nblocks), (g.data_start, start)):
+            pos = lo
+            while need > 0 and pos < hi:
+                end = min(hi, pos + max(_SCAN_WINDOW, need))
+                z = np.flatnonzero(self.rc[pos:end] == 0) + pos
+                for q0, q1 in self.quarantine:
+                    z = z[(z < q0) | (z >= q1)]
+                if z.size:
+                    take = z[:need]
+                    found.append(take)
+                    need -= take.size
+                pos = end
+        if need > 0:      # the free count said yes: only quarantine can make this happen
+            raise FsError(errno.ENOSPC)
+        return runs_of(np.sort(np.concatenate(found)))
+
+    def _quarantined(self) -> int:
+        return sum(q1 - q0 for q0, q1 in self.quarantine)
+
+    def _in_quarantine(self, s: int, n: int) -> bool:
+        return any(q0 < s + n and s < q1 for q0, q1 in self.quarantine)
+
+    # -- reference counting ----------------------------------------------------------------------
+    def incref(self, pblk: int, n: int) -> None:
+        seg = self.rc[pblk:pblk + n]
+        if (seg >= fmt.MAX_REFCOUNT).any():
+            raise FsError(errno.EMLINK, "block reference count limit reached")
+        seg += 1
+        self.dirty.append((pblk, pblk + n))
+
+    def decref(self, pblk: int, n: int) -> int:
+        """Drop one reference from each block of the run; returns how many became free."""
+        seg = self.rc[pblk:pblk + n]
+        seg -= 1
+        self.dirty.append((pblk, pblk + n))
+        freed = np.flatnonzero(seg == 0)
+        if freed.size:
+            for s, ln in runs_of(freed + pblk):
+                self.quarantine.append((s, s + ln))
+            self.free += int(freed.size)
+        return int(freed.size)
+
+    # -- transaction hand-off --------------------------------------------------------------------
+    def take_dirty(self, table_offset: int) -> list[tuple[int, bytes]]:
+        """Journal records for every refcount range changed since the last call."""
+        if not self.dirty:
+            self.quarantine.clear()
+            return []
+        spans = sorted(self.dirty)
+        merged = [list(spans[0])]
+        for s, e in spans[1:]:
+            if s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        self.dirty.clear()
+        self.quarantine.clear()
+        return [(table_offset + s * 4, self.rc[s:e].tobytes()) for s, e in merged]
+
+
+class SlotPool:
+    """Free record slots of a table (inodes, dirents, extents): a numpy stack of indexes."""
+
+    def __init__(self, free_slots: np.ndarray, what: str, err: int = errno.ENOSPC):
+        # lowest indexes on top, so tables fill from the front
+        self.arr = np.ascontiguousarray(free_slots[::-1], dtype=np.int64)
+        self.top = self.arr.size
+        self.what = what
+        self.err = err
+
+    def __len__(self) -> int:
+        return self.top
+
+    def take(self) -> int:
+        if self.top == 0:
+            raise FsError(self.err, f"no free {self.what}")
+        self.top -= 1
+        return int(self.arr[self.top])
+
+    def give(self, slot: int) -> None:
+        if self.top == self.arr.size:
+            self.arr = np.concatenate((self.arr, np.empty(max(64, self.arr.size), np.int64)))
+        self.arr[self.top] = slot
+        self.top += 1

@@ -1,0 +1,198 @@
+"""The data path: primary frames, alias descriptors, and the COW break.
+
+Physical block b's *primary frame* is its 4 KiB in the mapped image (`frame_offset(b)`), with
+its reference count in the allocator. Each inode that maps b holds an *alias descriptor* in
+its extent map: (inode, file index) -> b. Many aliases may point at one frame, at different
+file indexes (the design's W/X/Y/Z example), and reads go straight from the frame.
+
+A write never changes a frame that another alias can see. Writing to a shared frame breaks
+the sharing, as a staged operation in XFS order:
+  1. allocate a new block,               (refcount 0 -> 1, in the open transaction)
+  2. copy the old frame's bytes the write does not cover,
+  3. apply the write to the new block, persist it,
+  4. remap this inode's alias to the new block, drop one reference from the old frame,
+  5. commit: the new data is durable before the remap is, so a crash shows old or new state.
+Writes into holes follow the same path with zero-fill instead of the copy.
+"""
+from __future__ import annotations
+
+import errno
+
+from . import format as fmt
+from .alloc import BlockAllocator
+from .errors import FsError
+from .extents import HOLE, pack_extent, FREE_EXTENT
+from .inodes import Inode, InodeTable
+from .pmem import PMem
+
+BS = fmt.BLOCK_SIZE
+SHIFT = fmt.BLOCK_SHIFT
+
+
+class Stats:
+    """Counters for `daxfs stat`: cumulative since the image was mounted."""
+
+    def __init__(self):
+        self.cow_breaks = 0       # blocks copied because they were shared
+        self.clones = 0           # copy_file_range calls that shared blocks
+        self.cloned_blocks = 0
+
+
+class BufCache:
+    def __init__(self, pm: PMem, g: fmt.Geometry, alloc: BlockAllocator, inodes: InodeTable):
+        self.pm = pm
+        self.g = g
+        self.alloc = alloc
+        self.inodes = inodes
+        self.extent_base = g.region("extents")[0]
+        self.stats = Stats()
+
+    @staticmethod
+    def frame_offset(pblk: int) -> int:
+        return pblk << SHIFT
+
+    # -- read --------------------------------------------------------------------------------------
+    def read(self, node: Inode, off: int, size: int) -> bytes:
+        end = min(off + size, node.size)
+        if off >= end:
+            return b""
+        l0, l1 = off >> SHIFT, (end + BS - 1) >> SHIFT
+        segs = node.extents.segments(l0, l1)
+        buf = self.pm.buf
+        if len(segs) == 1 and segs[0][2] != HOLE:
+            a = (segs[0][2] << SHIFT) + (off - (l0 << SHIFT))
+            return buf[a:a + end - off].tobytes()
+        parts = []
+        for l, n, p in segs:
+            fa, fb = max(off, l << SHIFT), min(end, (l + n) << SHIFT)
+            if p == HOLE:
+                parts.append(bytes(fb - fa))
+            else:
+                a = (p << SHIFT) + (fa - (l << SHIFT))
+                parts.append(buf[a:a + fb - fa])
+        return b"".join(parts)
+
+    # -- write -------------------------------------------------------------------------------------
+    def write(self, txn, node: Inode, off: int, data) -> int:
+        """Store `data` at `off`; returns bytes written (short only when space ran out)."""
+        mv = memoryview(data).cast("B")
+        end = off + mv.nbytes
+        if end > node.size:
+            self.zero_tail(txn, node)
+        l0, l1 = off >> SHIFT, (end + BS - 1) >> SHIFT
+        done_to = off
+        try:
+            for l, n, p in node.extents.segments(l0, l1):
+                if p != HOLE:
+                    self._write_mapped(txn, node, l, n, p, off, mv)
+                else:
+                    self._write_new(txn, node, l, n, HOLE, off, mv)
+                done_to = min(end, (l + n) << SHIFT)
+        except FsError as e:
+            if e.errno != errno.ENOSPC or done_to <= off:
+                raise
+            end = done_to
+        if end > node.size:
+            node.size = end
+            txn.inode(node)
+        return end - off
+
+    def _write_mapped(self, txn, node: Inode, l: int, n: int, p: int, off: int, mv) -> None:
+        rc = self.alloc.rc[p:p + n]
+        if not (rc > 1).any():
+            self._store(l, n, p, off, mv)
+            return
+        # split into runs of unshared (write in place) and shared (break) blocks
+        shared = (rc > 1).tolist()
+        i = 0
+        while i < n:
+            j = i
+            while j < n and shared[j] == shared[i]:
+                j += 1
+            if shared[i]:
+                self._write_new(txn, node, l + i, j - i, p + i, off, mv)
+            else:
+                self._store(l + i, j - i, p + i, off, mv)
+            i = j
+
+    def _store(self, l: int, n: int, p: int, off: int, mv) -> None:
+        """Write the part of the request that falls in file blocks [l, l+n) into blocks at p."""
+        fa = max(off, l << SHIFT)
+        fb = min(off + mv.nbytes, (l + n) << SHIFT)
+        self.pm.store((p << SHIFT) + fa - (l << SHIFT), mv[fa - off:fb - off])
+
+    def _write_new(self, txn, node: Inode, l: int, n: int, old_p: int, off: int, mv) -> None:
+        """Give file blocks [l, l+n) fresh blocks holding old contents (old_p) or zeros (HOLE)
+        overlaid with the request's bytes: the COW break / hole fill."""
+        goal = node.extents.lookup(l - 1) + 1 if l > 0 else 0
+        end = off + mv.nbytes
+        for q, k in self.alloc.alloc(n, goal if goal > 0 else 0):
+            first, last = l, l + k - 1
+            for b in {first, last}:
+                # a block the request covers only partly: initialise the uncovered bytes
+                if off > b << SHIFT or end < (b + 1) << SHIFT:
+                    dst = (q + b - l) << SHIFT
+                    if old_p == HOLE:
+                        self.pm.zero(dst, BS)
+                    else:
+                        self.pm.copy(dst, (old_p + b - l) << SHIFT, BS)
+            self._store(l, k, q, off, mv)
+            txn.persist_data(q << SHIFT, k << SHIFT)
+            self.remap(txn, node, l, k, q)
+            if old_p != HOLE:
+                self.stats.cow_breaks += k
+                old_p += k
+            l += k
+
+    # -- mapping changes ---------------------------------------------------------------------------
+    def remap(self, txn, node: Inode, l: int, n: int, p: int) -> None:
+        """Point file blocks [l, l+n) at [p, p+n) (or a hole), journal the extent records, and
+        drop the references the old mapping held."""
+        res = node.extents.remap(l, n, p, self.inodes.extent_pool.take)
+        base = self.extent_base
+        esz = fmt.EXTENT_DTYPE.itemsize
+        for slot, lb, pb, ln in res.written:
+            txn.write(base + slot * esz, pack_extent(node.ino, lb, pb, ln))
+        for slot in res.freed_slots:
+            txn.write(base + slot * esz, FREE_EXTENT)
+            self.inodes.extent_pool.give(slot)
+        for pb, ln in res.removed:
+            self.alloc.decref(pb, ln)
+        txn.inode(node)
+
+    def punch(self, txn, node: Inode, l0: int, l1: int) -> None:
+        """Unmap file blocks [l0, l1); freed blocks return to the allocator at commit."""
+        if l1 > l0 and node.extents.segments(l0, l1) != [(l0, l1 - l0, HOLE)]:
+            self.remap(txn, node, l0, l1 - l0, HOLE)
+
+    def zero_tail(self, txn, node: Inode) -> None:
+        """Zero the bytes between EOF and the end of its block before the file grows, so they
+        read as zeros afterwards. Bytes past EOF are invisible, so this is safe to do before
+        the growing transaction commits. A shared tail block is broken first."""
+        if node.size % BS == 0:
+            return
+        lb = node.size >> SHIFT
+        p = node.extents.lookup(lb)
+        if p == HOLE:
+            return
+        if self.alloc.count(p) > 1:
+            self._write_new(txn, node, lb, 1, p, node.size, memoryview(bytes(BS - node.size % BS)))
+        else:
+            self.pm.zero((p << SHIFT) + node.size % BS, BS - node.size % BS)
+
+    def share(self, txn, src: Inode, sl: int, dst: Inode, dl: int, n: int) -> int:
+        """Make dst's blocks [dl, dl+n) alias src's frames at [sl, sl+n) (the reflink core).
+        Holes in src become holes in dst. Returns blocks shared."""
+        shared = 0
+        for l, k, p in src.extents.segments(sl, sl + n):
+            target = dl + (l - sl)
+            if p == HOLE:
+                self.punch(txn, dst, target, target + k)
+                continue
+            self.alloc.incref(p, k)
+            self.remap(txn, dst, target, k, p)
+            shared += k
+        if shared:
+            self.stats.clones += 1
+            self.stats.cloned_blocks += shared
+        return shared

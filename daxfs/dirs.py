@@ -1,0 +1,89 @@
+"""Directories: one dirent record per name in the on-image dirent table, indexed in memory by a
+dict per directory, so a lookup is O(1) whatever the directory size.
+
+Built once at mount from the table (one numpy pass, then one dict insert per name). `readdir`
+cookies are dirent slot numbers + 1: stable while an entry exists, so a listing resumed after
+concurrent changes never repeats or skips surviving entries.
+"""
+from __future__ import annotations
+
+import errno
+import struct
+
+import numpy as np
+
+from . import format as fmt
+from .alloc import SlotPool
+from .errors import FsError
+
+DIRENT_REC = struct.Struct("<IIB255s")
+assert DIRENT_REC.size == fmt.DIRENT_DTYPE.itemsize
+FREE_DIRENT = bytes(fmt.DIRENT_DTYPE.itemsize)
+
+
+def check_name(name: bytes) -> None:
+    if not name or b"/" in name or b"\0" in name:
+        raise FsError(errno.EINVAL, "invalid file name")
+    if len(name) > fmt.MAX_NAME:
+        raise FsError(errno.ENAMETOOLONG)
+
+
+class Directories:
+    def __init__(self, view: np.ndarray):
+        self.children: dict[int, dict[bytes, tuple[int, int]]] = {}  # dir -> name -> (ino, slot)
+        self.parent: dict[int, int] = {}        # directory inode -> its parent directory
+        used = np.flatnonzero(view["parent"] != 0)
+        recs = view[used]
+        children = self.children
+        for slot, parent, ino, name in zip(used.tolist(), recs["parent"].tolist(),
+                                           recs["ino"].tolist(), recs["name"].tolist()):
+            d = children.get(parent)
+            if d is None:
+                d = children[parent] = {}
+            d[name] = (ino, slot)
+        self.pool = SlotPool(np.flatnonzero(view["parent"] == 0), "directory entries")
+
+    def note_dir_parents(self, is_dir) -> None:
+        """Fill `parent` for directories (`is_dir(ino)` tells which children are directories)."""
+        for parent, entries in self.children.items():
+            for ino, _slot in entries.values():
+                if is_dir(ino):
+                    self.parent[ino] = parent
+
+    def lookup(self, d: int, name: bytes) -> int | None:
+        e = self.children.get(d)
+        if e is None:
+            return None
+        hit = e.get(name)
+        return None if hit is None else hit[0]
+
+    def entries(self, d: int) -> dict[bytes, tuple[int, int]]:
+        return self.children.get(d, {})
+
+    def is_empty(self, d: int) -> bool:
+        return not self.children.get(d)
+
+    # mutations return (slot, record bytes) for the transaction to journal
+    def add(self, d: int, name: bytes, ino: int) -> tuple[int, bytes]:
+        slot = self.pool.take()
+        self.children.setdefault(d, {})[name] = (ino, slot)
+        return slot, DIRENT_REC.pack(d, ino, len(name), name)
+
+    def remove(self, d: int, name: bytes) -> tuple[int, bytes]:
+        e = self.children[d]
+        _ino, slot = e.pop(name)
+        if not e:
+            del self.children[d]
+        self.pool.give(slot)
+        return slot, FREE_DIRENT
+
+    def retarget(self, d: int, name: bytes, ino: int) -> tuple[int, bytes]:
+        """Point an existing name at another inode (rename over, exchange)."""
+        e = self.children[d]
+        _old, slot = e[name]
+        e[name] = (ino, slot)
+        return slot, DIRENT_REC.pack(d, ino, len(name), name)
+
+    def listing(self, d: int) -> list[tuple[int, bytes, int]]:
+        """(cookie, name, ino) sorted by cookie."""
+        return sorted((slot + 1, name, ino) for name, (ino, slot) in self.entries(d).items())

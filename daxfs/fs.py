@@ -1,0 +1,707 @@
+"""The filesystem engine: POSIX operations over one mapped image. No FUSE here.
+
+Every public method is synchronous and never awaits, so under trio each operation is atomic
+with respect to every other one: the daemon needs no locks. Each mutating operation follows
+"validate, then mutate, then commit one transaction"; an unexpected error after mutation began
+means memory and image may disagree, so the engine turns read-only (failsafe) instead of
+writing more. Errors are FsError(errno); the adapter maps them to FUSE replies in one place.
+
+Lookup counts: every method that hands an entry to the kernel (lookup, create, mkdir, mknod,
+symlink, link, and `remember` for readdirplus) adds one kernel reference; `forget` drops them.
+An unlinked inode lives until its last reference and open handle are gone (IFLAG_ORPHAN keeps
+the promise across a crash: orphans are reclaimed at the next mount).
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import stat
+
+import numpy as np
+
+from . import format as fmt
+from . import xattrs as xa
+from .alloc import BlockAllocator
+from .bufcache import BufCache
+from .dirs import Directories, check_name
+from .errors import CorruptionError, FsError
+from .inodes import INODE_REC, Inode, InodeTable, now_ns
+from .journal import Journal
+from .pmem import PMem
+
+log = logging.getLogger(__name__)
+
+BS = fmt.BLOCK_SIZE
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+MAX_LINKS = 65000
+MAX_SYMLINK = BS - 1
+# Bounds on one transaction's work: big truncates, unlinks and clones run as several.
+TXN_BLOCKS = 4096
+
+
+@dataclasses.dataclass
+class Attr:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int          # 512-byte sectors mapped
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    generation: int
+
+
+@dataclasses.dataclass
+class StatFs:
+    bsize: int
+    blocks: int
+    bfree: int
+    files: int
+    ffree: int
+    namemax: int = fmt.MAX_NAME
+
+
+class Txn:
+    """What one operation changes: table records, inodes, data ranges to persist first."""
+
+    __slots__ = ("writes", "nodes", "data")
+
+    def __init__(self):
+        self.writes: dict[int, bytes] = {}
+        self.nodes: dict[int, Inode] = {}
+        self.data: list[tuple[int, int]] = []
+
+    def write(self, off: int, data: bytes) -> None:
+        self.writes[off] = data
+
+    def inode(self, node: Inode) -> None:
+        self.nodes[node.ino] = node
+
+    def persist_data(self, off: int, length: int) -> None:
+        self.data.append((off, length))
+
+
+class FileSystem:
+    def __init__(self, pm: PMem, sb, g: fmt.Geometry, readonly: bool):
+        self.pm = pm
+        self.g = g
+        self.sb = sb
+        self.readonly = readonly
+        self.failed: str | None = None
+        self.journal = Journal(pm, g)
+        self.inode_base = g.region("inodes")[0]
+        self.rc_base = g.region("refcounts")[0]
+        if not self.journal.header_ok():
+            raise fmt.FormatError("journal header corrupt (run daxfs fsck --repair)")
+        self.journal.replay()
+        self._load_tables()
+        self.dirty_times: dict[int, Inode] = {}
+        self.dir_handles: dict[int, list[tuple[int, bytes, int]]] = {}
+        self._next_fh = 1
+        if not readonly:
+            self._set_clean(False)
+            self._recover()
+
+    # ---------------------------------------------------------------- open / close
+    @classmethod
+    def open(cls, path: str, *, readonly: bool = False) -> "FileSystem":
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise fmt.FormatError(f"cannot open {path}: {e.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+            raw = os.pread(fd, BS, 0)
+        finally:
+            os.close(fd)
+        sb, g = fmt.parse_superblock(raw, size)
+        pm = PMem(path, private=readonly)
+        try:
+            return cls(pm, sb.copy(), g, readonly)
+        except BaseException:
+            pm.close()
+            raise
+
+    def _load_tables(self) -> None:
+        g, pm = self.g, self.pm
+        iv = pm.view(self.inode_base, fmt.INODE_DTYPE, g.inode_count)
+        ev = pm.view(g.region("extents")[0], fmt.EXTENT_DTYPE, g.extent_count)
+        dv = pm.view(g.region("dirents")[0], fmt.DIRENT_DTYPE, g.dirent_count)
+        rv = pm.view(self.rc_base, np.uint32, g.nblocks)
+        self.alloc = BlockAllocator(rv, g)
+        self.inodes = InodeTable(iv, ev)
+        self.dirs = Directories(dv)
+        isdir = (iv["mode"] & 0o170000) == stat.S_IFDIR
+        if not isdir[fmt.ROOT_INO]:
+            raise fmt.FormatError("root inode is not a directory (image corrupt; run daxfs fsck)")
+        self.dirs.note_dir_parents(lambda ino: 0 < ino < isdir.size and bool(isdir[ino]))
+        self.bufcache = BufCache(pm, g, self.alloc, self.inodes)
+
+    def _recover(self) -> None:
+        """Finish what a crash interrupted: reclaim orphans, complete pending trims."""
+        for ino in self.inodes.flagged(fmt.IFLAG_ORPHAN | fmt.IFLAG_TRIM):
+            node = self.inodes.get(ino)
+            if node.nlink == 0:
+                log.info("reclaiming orphan inode %d", ino)
+                self._reclaim(node)
+            else:
+                log.info("finishing truncate of inode %d", ino)
+                self._trim(node)
+
+    def close(self) -> None:
+        if self.pm.mm is None:
+            return
+        if not self.readonly and not self.failed:
+            for node in list(self.inodes.cache.values()):
+                if node.nlink == 0:
+                    node.lookups = node.opens = 0
+                    self._reclaim(node)
+            self._flush_times()
+            self.journal.checkpoint()
+            self._set_clean(True)
+        self.pm.close()
+
+    def _set_clean(self, clean: bool) -> None:
+        sb = self.sb
+        sb["clean"] = int(clean)
+        if not clean:
+            sb["mount_count"] = int(sb["mount_count"]) + 1
+        sb["checksum"] = fmt.superblock_checksum(sb)
+        self.pm.store(0, sb.tobytes())
+        self.pm.persist(0, fmt.SUPERBLOCK_DTYPE.itemsize)
+        self.pm.fence()
+
+    # ---------------------------------------------------------------- transactions
+    @contextlib.contextmanager
+    def _txn(self):
+        if self.readonly:
+            raise FsError(errno.EROFS)
+        if self.failed:
+            raise FsError(errno.EROFS, f"read-only after an internal error: {self.failed}")
+        t = Txn()
+        try:
+            yield t
+        except FsError as e:
+            if t.writes or t.nodes or self.alloc.dirty or isinstance(e, CorruptionError):
+                self._fail(e)
+            raise
+        except BaseException as e:
+            self._fail(e)
+            raise
+        self._commit(t)
+
+    def _fail(self, e: BaseException) -> None:
+        log.error("internal error, daxfs is now read-only (failsafe): %r", e, exc_info=e)
+        self.failed = repr(e)
+
+    def _commit(self, t: Txn) -> None:
+        writes = self.alloc.take_dirty(self.rc_base)
+        if self.dirty_times and len(self.dirty_times) < 512:
+            t.nodes.update(self.dirty_times)
+            self.dirty_times.clear()
+        base, size = self.inode_base, fmt.INODE_DTYPE.itemsize
+        writes += [(base + ino * size, node.pack()) for ino, node in t.nodes.items()]
+        writes += t.writes.items()
+        if t.data:
+            for off, length in t.data:
+                self.pm.persist(off, length)
+            self.pm.fence()
+        self.journal.commit(writes)
+
+    def _flush_times(self) -> None:
+        while self.dirty_times and not self.readonly and not self.failed:
+            batch = dict(list(self.dirty_times.items())[:512])
+            for ino in batch:
+                del self.dirty_times[ino]
+            with self._txn() as t:
+                t.nodes.update(batch)
+
+    def sync(self) -> None:
+        """Make everything done so far durable (fsync, fdatasync, syncfs)."""
+        if self.readonly:
+            return
+        self._flush_times()
+        self.pm.persist(0, self.pm.size)
+        self.pm.fence()
+
+    # ---------------------------------------------------------------- attributes
+    def _node(self, ino: int) -> Inode:
+        return self.inodes.get(ino)
+
+    def attr(self, node: Inode) -> Attr:
+        blocks = node.extents.mapped if node.has_data else 0
+        if node.xattr_blk:
+            blocks += 1
+        return Attr(node.ino, node.mode, node.nlink, node.uid, node.gid, node.rdev, node.size,
+                    blocks * (BS // 512), node.atime, node.mtime, node.ctime, node.generation)
+
+    def getattr(self, ino: int) -> Attr:
+        return self.attr(self._node(ino))
+
+    def _entry(self, node: Inode) -> Attr:
+        node.lookups += 1
+        return self.attr(node)
+
+    def remember(self, ino: int) -> None:
+        self._node(ino).lookups += 1
+
+    def forget(self, ino: int, n: int) -> None:
+        node = self.inodes.cache.get(ino)
+        if node is None:
+            return
+        node.lookups = max(0, node.lookups - n)
+        self._maybe_reclaim(node)
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        self._dir(parent)
+        if len(name) > fmt.MAX_NAME:
+            raise FsError(errno.ENAMETOOLONG)
+        ino = self.dirs.lookup(parent, name)
+        if ino is None:
+            raise FsError(errno.ENOENT)
+        return self._entry(self._node(ino))
+
+    def _dir(self, ino: int) -> Inode:
+        node = self._node(ino)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        return node
+
+    def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None, ctime_ns: int | None = None) -> Attr:
+        node = self._node(ino)
+        if size is not None:
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            if not node.is_reg:
+                raise FsError(errno.EINVAL)
+            self.truncate(node, size)
+        with self._txn() as t:
+            if mode is not None:
+                node.mode = (node.mode & stat.S_IFMT) | (mode & 0o7777)
+            if uid is not None or gid is not None:
+                if not node.is_dir and (uid not in (None, node.uid) or gid not in (None, node.gid)):
+                    node.mode &= ~(stat.S_ISUID | (stat.S_ISGID if node.mode & 0o010 else 0))
+                node.uid = node.uid if uid is None else uid
+                node.gid = node.gid if gid is None else gid
+            if atime_ns is not None:
+                node.atime = atime_ns
+            if mtime_ns is not None:
+                node.mtime = mtime_ns
+            node.ctime = now_ns() if ctime_ns is None else ctime_ns
+            t.inode(node)
+        return self.attr(node)
+
+    # ---------------------------------------------------------------- creating names
+    def _create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+                target: bytes | None = None) -> Attr:
+        check_name(name)
+        pnode = self._dir(parent)
+        if pnode.nlink == 0:
+            raise FsError(errno.ENOENT)
+        if self.dirs.lookup(parent, name) is not None:
+            raise FsError(errno.EEXIST)
+        is_dir = stat.S_ISDIR(mode)
+        if is_dir and pnode.nlink >= MAX_LINKS:
+            raise FsError(errno.EMLINK)
+        if len(self.dirs.pool) == 0:
+            raise FsError(errno.ENOSPC)
+        if target is not None and self.alloc.free < 2:
+            raise FsError(errno.ENOSPC)
+        if pnode.mode & stat.S_ISGID:
+            gid = pnode.gid
+            if is_dir:
+                mode |= stat.S_ISGID
+        with self._txn() as t:
+            node = self.inodes.allocate(mode, uid, gid, rdev)
+            if is_dir:
+                node.nlink = 2
+                pnode.nlink += 1
+                self.dirs.parent[node.ino] = parent
+            slot, rec = self.dirs.add(parent, name, node.ino)
+            t.write(self.g.region("dirents")[0] + slot * fmt.DIRENT_DTYPE.itemsize, rec)
+            if target is not None:
+                self.bufcache.write(t, node, 0, target)
+            pnode.touch(m=True)
+            t.inode(node)
+            t.inode(pnode)
+        return self._entry(node)
+
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        return self._create(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
+        if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK,
+                                     stat.S_IFSOCK):
+            raise FsError(errno.EINVAL)
+        return self._create(parent, name, mode, uid, gid, rdev)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        return self._create(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
+        if len(target) > MAX_SYMLINK:
+            raise FsError(errno.ENAMETOOLONG)
+        if not target:
+            raise FsError(errno.ENOENT)
+        return self._create(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+
+    def readlink(self, ino: int) -> bytes:
+        node = self._node(ino)
+        if not stat.S_ISLNK(node.mode):
+            raise FsError(errno.EINVAL)
+        return self.bufcache.read(node, 0, node.size)
+
+    def link(self, ino: int, parent: int, name: bytes) -> Attr:
+        check_name(name)
+        node = self._node(ino)
+        pnode = self._dir(parent)
+        if node.is_dir:
+            raise FsError(errno.EPERM)
+        if node.nlink == 0:
+            raise FsError(errno.ENOENT)
+        if node.nlink >= MAX_LINKS:
+            raise FsError(errno.EMLINK)
+        if self.dirs.lookup(parent, name) is not None:
+            raise FsError(errno.EEXIST)
+        with self._txn() as t:
+            slot, rec = self.dirs.add(parent, name, ino)
+            t.write(self._dirent_off(slot), rec)
+            node.nlink += 1
+            node.touch()
+            pnode.touch(m=True)
+            t.inode(node)
+            t.inode(pnode)
+        return self._entry(node)
+
+    def _dirent_off(self, slot: int) -> int:
+        return self.g.region("dirents")[0] + slot * fmt.DIRENT_DTYPE.itemsize
+
+    # ---------------------------------------------------------------- removing names
+    def unlink(self, parent: int, name: bytes) -> None:
+        self._remove(parent, name, want_dir=False)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        self._remove(parent, name, want_dir=True)
+
+    def _remove(self, parent: int, name: bytes, want_dir: bool) -> None:
+        pnode = self._dir(parent)
+        if len(name) > fmt.MAX_NAME:
+            raise FsError(errno.ENAMETOOLONG)
+        ino = self.dirs.lookup(parent, name)
+        if ino is None:
+            raise FsError(errno.ENOENT)
+        node = self._node(ino)
+        if want_dir and not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if not want_dir and node.is_dir:
+            raise FsError(errno.EISDIR)
+        if want_dir and not self.dirs.is_empty(ino):
+            raise FsError(errno.ENOTEMPTY)
+        with self._txn() as t:
+            slot, rec = self.dirs.remove(parent, name)
+            t.write(self._dirent_off(slot), rec)
+            pnode.touch(m=True)
+            t.inode(pnode)
+            self._drop_link(t, node, pnode)
+        self._maybe_reclaim(node)
+
+    def _drop_link(self, t: Txn, node: Inode, pnode: Inode) -> None:
+        """One name of `node` in directory `pnode` is gone (the dirent is already removed)."""
+        if node.is_dir:
+            node.nlink = 0
+            pnode.nlink -= 1
+            self.dirs.parent.pop(node.ino, None)
+        else:
+            node.nlink -= 1
+        node.touch()
+        if node.nlink == 0:
+            node.flags |= fmt.IFLAG_ORPHAN
+        t.inode(node)
+
+    def _maybe_reclaim(self, node: Inode) -> None:
+        if node.nlink == 0 and not node.in_use and not self.readonly and not self.failed \
+                and node.ino in self.inodes.cache:
+            self._reclaim(node)
+
+    def _reclaim(self, node: Inode) -> None:
+        """Free an orphan: its blocks (in bounded transactions), xattr block, then the slot."""
+        self._punch_chunked(node, 0)
+        with self._txn() as t:
+            if node.xattr_blk:
+                self.alloc.decref(node.xattr_blk, 1)
+                node.xattr_blk = 0
+            free_rec = INODE_REC.pack(0, 0, 0, 0, 0, 0, 0, 0, 0, node.generation, 0, 0, 0)
+            t.write(self.inode_base + node.ino * fmt.INODE_DTYPE.itemsize, free_rec)
+            self.inodes.release(node)
+            self.dirty_times.pop(node.ino, None)
+
+    def _punch_chunked(self, node: Inode, from_blk: int) -> None:
+        """Unmap every block at or past `from_blk`, at most TXN_BLOCKS blocks per transaction,
+        from the end backwards so each intermediate state is a valid shorter file."""
+        if not node.has_data:
+            return
+        em = node.extents
+        while len(em) and em.end_block() > from_blk:
+            hi = em.end_block()
+            lo = max(from_blk, hi - TXN_BLOCKS)
+            with self._txn() as t:
+                self.bufcache.punch(t, node, lo, hi)
+
+    def _trim(self, node: Inode) -> None:
+        self._punch_chunked(node, -(-node.size // BS))
+        with self._txn() as t:
+            node.flags &= ~fmt.IFLAG_TRIM
+            t.inode(node)
+
+    # ---------------------------------------------------------------- rename
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+               flags: int = 0) -> None:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL)
+        check_name(new_name)
+        op, np_ = self._dir(old_parent), self._dir(new_parent)
+        src_ino = self.dirs.lookup(old_parent, old_name)
+        if src_ino is None:
+            raise FsError(errno.ENOENT)
+        src = self._node(src_ino)
+        dst_ino = self.dirs.lookup(new_parent, new_name)
+        dst = self._node(dst_ino) if dst_ino is not None else None
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise FsError(errno.ENOENT)
+        elif dst is not None and flags & RENAME_NOREPLACE:
+            raise FsError(errno.EEXIST)
+        if src_ino == dst_ino:
+            return
+        if src.is_dir and self._is_ancestor(src_ino, new_parent):
+            raise FsError(errno.EINVAL)
+        if dst is not None and flags & RENAME_EXCHANGE:
+            if dst.is_dir and self._is_ancestor(dst_ino, old_parent):
+                raise FsError(errno.EINVAL)
+        elif dst is not None:
+            if src.is_dir and not dst.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if not src.is_dir and dst.is_dir:
+                raise FsError(errno.EISDIR)
+            if dst.is_dir and not self.dirs.is_empty(dst_ino):
+                raise FsError(errno.ENOTEMPTY)
+        with self._txn() as t:
+            if flags & RENAME_EXCHANGE:
+                t.write(*self._dirent_write(self.dirs.retarget(old_parent, old_name, dst_ino)))
+                t.write(*self._dirent_write(self.dirs.retarget(new_parent, new_name, src_ino)))
+                self._moved_dir(src, op, np_)
+                self._moved_dir(dst, np_, op)
+                dst.touch()
+                t.inode(dst)
+            else:
+                if dst is not None:
+                    t.write(*self._dirent_write(self.dirs.retarget(new_parent, new_name, src_ino)))
+                    self._drop_link(t, dst, np_)
+                else:
+                    t.write(*self._dirent_write(self.dirs.add(new_parent, new_name, src_ino)))
+                t.write(*self._dirent_write(self.dirs.remove(old_parent, old_name)))
+                self._moved_dir(src, op, np_)
+            src.touch()
+            op.touch(m=True)
+            np_.touch(m=True)
+            for n in (src, op, np_):
+                t.inode(n)
+        if dst is not None and not flags & RENAME_EXCHANGE:
+            self._maybe_reclaim(dst)
+
+    def _dirent_write(self, slot_rec: tuple[int, bytes]) -> tuple[int, bytes]:
+        slot, rec = slot_rec
+        return self._dirent_off(slot), rec
+
+    def _moved_dir(self, node: Inode, old_parent: Inode, new_parent: Inode) -> None:
+        if node.is_dir and old_parent is not new_parent:
+            old_parent.nlink -= 1
+            new_parent.nlink += 1
+            self.dirs.parent[node.ino] = new_parent.ino
+
+    def _is_ancestor(self, anc: int, ino: int) -> bool:
+        """True if `anc` is `ino` or one of its ancestors."""
+        seen = 0
+        while True:
+            if ino == anc:
+                return True
+            if ino == fmt.ROOT_INO:
+                return False
+            ino = self.dirs.parent.get(ino, fmt.ROOT_INO)
+            seen += 1
+            if seen > self.g.inode_count:
+                raise CorruptionError("directory cycle")
+
+    # ---------------------------------------------------------------- directories
+    def opendir(self, ino: int) -> int:
+        self._dir(ino)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.dir_handles[fh] = self.dirs.listing(ino)
+        return fh
+
+    def readdir(self, fh: int, start: int) -> list[tuple[int, bytes, int]]:
+        """Entries (cookie, name, ino) with cookie > start, from the opendir snapshot."""
+        listing = self.dir_handles.get(fh)
+        if listing is None:
+            raise FsError(errno.EBADF)
+        i = bisect.bisect_right(listing, (start, b"\xff" * 256, 1 << 62))
+        return listing[i:]
+
+    def releasedir(self, fh: int) -> None:
+        self.dir_handles.pop(fh, None)
+
+    # ---------------------------------------------------------------- files
+    def open_file(self, ino: int, truncate: bool = False) -> None:
+        node = self._node(ino)
+        if truncate and node.is_reg and node.size:
+            self.truncate(node, 0)
+        node.opens += 1
+
+    def release_file(self, ino: int) -> None:
+        node = self.inodes.cache.get(ino)
+        if node is None:
+            return
+        node.opens = max(0, node.opens - 1)
+        self._maybe_reclaim(node)
+
+    def read(self, ino: int, off: int, size: int) -> bytes:
+        node = self._node(ino)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        return self.bufcache.read(node, off, size)
+
+    def write(self, ino: int, off: int, data) -> int:
+        node = self._node(ino)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        if off < 0:
+            raise FsError(errno.EINVAL)
+        if not len(data):
+            return 0
+        if (off + len(data) + BS - 1) // BS >= 1 << 40:
+            raise FsError(errno.EFBIG)
+        em = node.extents
+        l0, l1 = off // BS, (off + len(data) + BS - 1) // BS
+        segs = em.segments(l0, l1)
+        if len(segs) == 1 and segs[0][2] >= 0 and off + len(data) <= node.size \
+                and not self.alloc.any_shared(segs[0][2], segs[0][1]) and not self.readonly \
+                and not self.failed:
+            # overwrite of owned blocks: no metadata but timestamps, no transaction
+            self.bufcache._store(segs[0][0], segs[0][1], segs[0][2], off, memoryview(data).cast("B"))
+            node.mtime = node.ctime = now_ns()
+            self.dirty_times[ino] = node
+            return len(data)
+        with self._txn() as t:
+            n = self.bufcache.write(t, node, off, data)
+            node.touch(m=True)
+            t.inode(node)
+        return n
+
+    def truncate(self, node: Inode, size: int) -> None:
+        if size < 0:
+            raise FsError(errno.EINVAL)
+        if size // BS >= 1 << 40:
+            raise FsError(errno.EFBIG)
+        if size >= node.size:
+            with self._txn() as t:
+                self.bufcache.zero_tail(t, node)
+                node.size = size
+                node.touch(m=True)
+                t.inode(node)
+            return
+        keep = -(-size // BS)
+        em = node.extents
+        small = len(em) == 0 or em.end_block() - keep <= TXN_BLOCKS
+        with self._txn() as t:
+            node.size = size
+            node.touch(m=True)
+            if small:
+                self.bufcache.punch(t, node, keep, max(keep, em.end_block()))
+            else:
+                node.flags |= fmt.IFLAG_TRIM
+            t.inode(node)
+        if not small:
+            self._trim(node)
+
+    def fsync(self, ino: int, datasync: bool = False) -> None:
+        self.sync()
+
+    # ---------------------------------------------------------------- xattrs
+    def _xattrs(self, node: Inode) -> dict[bytes, bytes]:
+        if node.xattrs is None:
+            if node.xattr_blk == 0:
+                node.xattrs = {}
+            else:
+                off = node.xattr_blk * BS
+                if not self.g.data_start <= node.xattr_blk < self.g.nblocks:
+                    raise CorruptionError(f"inode {node.ino}: xattr block out of range")
+                try:
+                    node.xattrs = xa.decode(self.pm.buf[off:off + BS])
+                except ValueError as e:
+                    raise CorruptionError(f"inode {node.ino}: {e}") from None
+        return node.xattrs
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        attrs = self._xattrs(self._node(ino))
+        if name not in attrs:
+            raise FsError(errno.ENODATA)
+        return attrs[name]
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return list(self._xattrs(self._node(ino)))
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        xa.check_name(name)
+        if len(value) > 65536:
+            raise FsError(errno.E2BIG)
+        node = self._node(ino)
+        attrs = self._xattrs(node)
+        if flags & xa.XATTR_CREATE and name in attrs:
+            raise FsError(errno.EEXIST)
+        if flags & xa.XATTR_REPLACE and name not in attrs:
+            raise FsError(errno.ENODATA)
+        new = dict(attrs)
+        new[name] = bytes(value)
+        self._store_xattrs(node, new)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        node = self._node(ino)
+        attrs = self._xattrs(node)
+        if name not in attrs:
+            raise FsError(errno.ENODATA)
+        new = dict(attrs)
+        del new[name]
+        self._store_xattrs(node, new)
+
+    def _store_xattrs(self, node: Inode, attrs: dict[bytes, bytes]) -> None:
+        block = xa.encode(attrs) if attrs else None      # ENOSPC before anything changes
+        if block is not None and not node.xattr_blk and self.alloc.free < 1:
+            raise FsError(errno.ENOSPC)
+        with self._txn() as t:
+            if block is None:
+                if node.xattr_blk:
+                    self.alloc.decref(node.xattr_blk, 1)
+                    node.xattr_blk = 0
+            else:
+                if not node.xattr_blk:
+                    node.xattr_blk = self.alloc.alloc(1)[0][0]
+                t.write(node.xattr_blk * BS, block)
+            node.xattrs = attrs
+            node.touch()
+            t.inode(node)
+
+    # ---------------------------------------------------------------- whole filesystem
+    def statfs(self) -> StatFs:
+        g = self.g
+        return StatFs(BS, g.data_blocks, self.alloc.free, g.inode_count - 2, len(self.inodes.pool))

@@ -1,0 +1,215 @@
+"""The pyfuse3 adapter: argument translation only. Engine errors become errno here, in one
+place (`_errors`); anything unexpected is logged with its traceback and answered with EIO,
+because in pyfuse3 one uncaught exception would end the whole daemon.
+
+No handler awaits inside an engine call, so each FUSE request runs atomically (see fs.py).
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+
+import pyfuse3
+
+from .errors import FsError
+from .fs import Attr, FileSystem
+
+log = logging.getLogger(__name__)
+
+
+def _errors(fn):
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except FsError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s%r", fn.__name__, args[:3])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: FileSystem, *, timeout: float = 1.0):
+        super().__init__()
+        self.fs = fs
+        self.timeout = timeout
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a.ino
+        e.generation = a.generation
+        e.entry_timeout = self.timeout
+        e.attr_timeout = self.timeout
+        e.st_mode = a.mode
+        e.st_nlink = a.nlink
+        e.st_uid = a.uid
+        e.st_gid = a.gid
+        e.st_rdev = a.rdev
+        e.st_size = a.size
+        e.st_blksize = 1 << 17
+        e.st_blocks = a.blocks
+        e.st_atime_ns = a.atime_ns
+        e.st_mtime_ns = a.mtime_ns
+        e.st_ctime_ns = a.ctime_ns
+        return e
+
+    # -- names ----------------------------------------------------------------------------------
+    @_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        return self._entry(self.fs.lookup(parent_inode, name))
+
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            try:
+                self.fs.forget(ino, n)
+            except Exception:
+                log.exception("forget(%d, %d)", ino, n)
+
+    @_errors
+    async def getattr(self, inode, ctx=None):
+        return self._entry(self.fs.getattr(inode))
+
+    @_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        a = self.fs.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None)
+        return self._entry(a)
+
+    @_errors
+    async def readlink(self, inode, ctx):
+        return self.fs.readlink(inode)
+
+    @_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return self._entry(self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
+
+    @_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self._entry(self.fs.mkdir(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid))
+
+    @_errors
+    async def unlink(self, parent_inode, name, ctx):
+        self.fs.unlink(parent_inode, name)
+
+    @_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        self.fs.rmdir(parent_inode, name)
+
+    @_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        return self._entry(self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+
+    @_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return self._entry(self.fs.link(inode, new_parent_inode, new_name))
+
+    # -- files ----------------------------------------------------------------------------------
+    @_errors
+    async def open(self, inode, flags, ctx):
+        self.fs.open_file(inode)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        a = self.fs.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+        self.fs.open_file(a.ino)
+        return pyfuse3.FileInfo(fh=a.ino, keep_cache=True), self._entry(a)
+
+    @_errors
+    async def read(self, fh, off, size):
+        return self.fs.read(fh, off, size)
+
+    @_errors
+    async def write(self, fh, off, buf):
+        return self.fs.write(fh, off, buf)
+
+    async def flush(self, fh):
+        pass
+
+    @_errors
+    async def release(self, fh):
+        self.fs.release_file(fh)
+
+    @_errors
+    async def fsync(self, fh, datasync):
+        self.fs.fsync(fh, datasync)
+
+    # -- directories ----------------------------------------------------------------------------
+    @_errors
+    async def opendir(self, inode, ctx):
+        return self.fs.opendir(inode)
+
+    @_errors
+    async def readdir(self, fh, start_id, token):
+        fs = self.fs
+        for cookie, name, ino in fs.readdir(fh, start_id):
+            try:
+                a = fs.getattr(ino)
+            except FsError:
+                continue        # removed since opendir
+            if not pyfuse3.readdir_reply(token, name, self._entry(a), cookie):
+                break
+            fs.remember(ino)
+
+    @_errors
+    async def releasedir(self, fh):
+        self.fs.releasedir(fh)
+
+    @_errors
+    async def fsyncdir(self, fh, datasync):
+        self.fs.sync()
+
+    @_errors
+    async def statfs(self, ctx):
+        s = self.fs.statfs()
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = s.bsize
+        st.f_blocks = s.blocks
+        st.f_bfree = st.f_bavail = s.bfree
+        st.f_files = s.files
+        st.f_ffree = st.f_favail = s.ffree
+        st.f_namemax = s.namemax
+        return st
+
+    # -- xattrs ---------------------------------------------------------------------------------
+    @_errors
+    async def setxattr(self, inode, name, value, ctx):
+        self.fs.setxattr(inode, name, value)
+
+    @_errors
+    async def getxattr(self, inode, name, ctx):
+        return self.fs.getxattr(inode, name)
+
+    @_errors
+    async def listxattr(self, inode, ctx):
+        return self.fs.listxattr(inode)
+
+    @_errors
+    async def removexattr(self, inode, name, ctx):
+        self.fs.removexattr(inode, name)
+
+    async def access(self, inode, mode, ctx):
+        return True     # default_permissions: the kernel checks mode bits itself
+
+

@@ -1,0 +1,146 @@
+"""Inodes: the in-memory inode cache over the on-image inode table.
+
+An `Inode` is loaded from its table record on first use and stays cached while the daemon
+runs; from then on the object is the truth and the table is written only by transactions
+(`pack()` -> journal). Timestamp-only changes (an overwrite's mtime) are flushed lazily with
+the next transaction, at fsync and at checkpoint: a killed daemon may lose them, never sizes
+or block maps.
+
+Extent maps are built lazily too: at mount the extent table is sorted once by (inode, file
+block) and an inode's slice becomes its `ExtentMap` when the inode is first read or written.
+"""
+from __future__ import annotations
+
+import errno
+import stat
+import struct
+import time
+
+import numpy as np
+
+from . import format as fmt
+from .alloc import SlotPool
+from .errors import FsError
+from .extents import ExtentMap
+
+INODE_REC = struct.Struct("<IIIIQqqqqIIQQ48x")
+assert INODE_REC.size == fmt.INODE_DTYPE.itemsize
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+class Inode:
+    __slots__ = ("ino", "mode", "uid", "gid", "nlink", "size", "atime", "mtime", "ctime", "btime",
+                 "generation", "flags", "xattr_blk", "rdev", "_extents", "lookups", "opens",
+                 "xattrs", "table")
+
+    def __init__(self, table: "InodeTable", ino: int, rec: tuple):
+        self.table = table
+        self.ino = ino
+        (self.mode, self.uid, self.gid, self.nlink, self.size, self.atime, self.mtime, self.ctime,
+         self.btime, self.generation, self.flags, self.xattr_blk, self.rdev) = rec
+        self._extents: ExtentMap | None = None
+        self.lookups = 0          # kernel references (lookup counts not yet forgotten)
+        self.opens = 0            # open file handles
+        self.xattrs: dict[bytes, bytes] | None = None
+
+    def pack(self) -> bytes:
+        return INODE_REC.pack(self.mode, self.uid, self.gid, self.nlink, self.size, self.atime,
+                              self.mtime, self.ctime, self.btime, self.generation, self.flags,
+                              self.xattr_blk, self.rdev)
+
+    @property
+    def extents(self) -> ExtentMap:
+        if self._extents is None:
+            self._extents = self.table.load_extents(self.ino)
+        return self._extents
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def has_data(self) -> bool:
+        return stat.S_ISREG(self.mode) or stat.S_ISLNK(self.mode)
+
+    @property
+    def in_use(self) -> bool:
+        return self.lookups > 0 or self.opens > 0
+
+    def touch(self, *, m: bool = False, c: bool = True, a: bool = False) -> None:
+        t = now_ns()
+        if m:
+            self.mtime = t
+        if c:
+            self.ctime = t
+        if a:
+            self.atime = t
+
+
+class InodeTable:
+    def __init__(self, view: np.ndarray, extent_view: np.ndarray):
+        self.view = view                        # the on-image table (read-only by convention)
+        self.cache: dict[int, Inode] = {}
+        modes = view["mode"]
+        free = np.flatnonzero(modes == 0)
+        self.pool = SlotPool(free[free > fmt.ROOT_INO], "inodes")
+        self.used = int(view.size - free.size)  # counts slot 0 as used; statfs subtracts it
+        # sort the extent table once; per-inode slices become ExtentMaps on demand
+        used = np.flatnonzero(extent_view["ino"] != 0)
+        recs = extent_view[used]
+        order = np.lexsort((recs["lblk"], recs["ino"]))
+        self._ext_ino = recs["ino"][order].astype(np.int64)
+        self._ext_lblk = recs["lblk"][order].astype(np.int64)
+        self._ext_pblk = recs["pblk"][order].astype(np.int64)
+        self._ext_len = recs["length"][order].astype(np.int64)
+        self._ext_slot = used[order].astype(np.int64)
+        self.extent_pool = SlotPool(np.flatnonzero(extent_view["ino"] == 0), "extent records")
+
+    def load_extents(self, ino: int) -> ExtentMap:
+        a = int(np.searchsorted(self._ext_ino, ino, "left"))
+        b = int(np.searchsorted(self._ext_ino, ino, "right"))
+        return ExtentMap(self._ext_lblk[a:b].copy(), self._ext_pblk[a:b].copy(),
+                         self._ext_len[a:b].copy(), self._ext_slot[a:b].copy())
+
+    def get(self, ino: int) -> Inode:
+        node = self.cache.get(ino)
+        if node is not None:
+            return node
+        if ino <= 0 or ino >= self.view.size:
+            raise FsError(errno.ENOENT)
+        rec = self.view[ino]
+        if rec["mode"] == 0:
+            raise FsError(errno.ENOENT)
+        node = Inode(self, ino, tuple(int(rec[f]) for f in (
+            "mode", "uid", "gid", "nlink", "size", "atime", "mtime", "ctime", "btime",
+            "generation", "flags", "xattr_blk", "rdev")))
+        self.cache[ino] = node
+        return node
+
+    def allocate(self, mode: int, uid: int, gid: int, rdev: int = 0) -> Inode:
+        ino = self.pool.take()
+        gen = int(self.view[ino]["generation"]) + 1
+        t = now_ns()
+        node = Inode(self, ino, (mode, uid, gid, 1, 0, t, t, t, t, gen & 0xFFFFFFFF, 0, 0, rdev))
+        node._extents = ExtentMap()
+        self.cache[ino] = node
+        self.used += 1
+        return node
+
+    def release(self, node: Inode) -> None:
+        """The slot becomes free (the caller journals the zeroed record)."""
+        self.cache.pop(node.ino, None)
+        self.pool.give(node.ino)
+        self.used -= 1
+
+    def record_offset(self, ino: int, base: int) -> int:
+        return base + ino * fmt.INODE_DTYPE.itemsize
+
+    def flagged(self, flag: int) -> list[int]:
+        return np.flatnonzero((self.view["flags"] & flag) != 0).tolist()

@@ -1,0 +1,167 @@
+"""Redo journal: every metadata change reaches the tables only through a committed transaction.
+
+Log layout (in the journal region, after its header block), one transaction after another:
+
+    TXN_HEADER   magic 'DXT1', nrec, body_len, crc32(body), epoch, seq        (32 bytes)
+    body         nrec records: offset u64, length u32, pad u32, data padded to 8 bytes
+    commit word  u64 == commit_word(epoch, seq), 8-byte aligned, stored after the body is durable
+
+Commit order (XFS/ext4 style): store header+body, persist, fence; store commit word, persist,
+fence; only then apply the records to the tables in place. The in-place stores need no persist
+until the next checkpoint, because replay redoes every committed transaction of the current
+epoch. A checkpoint persists the whole metadata area, then bumps the header's 8-byte epoch,
+which retires every transaction in the log at once.
+
+Replay walks the log from its start and applies transactions while header, epoch, sequence,
+checksum and commit word all match; the first mismatch is the end of the log (a torn tail).
+"""
+from __future__ import annotations
+
+import logging
+import struct
+import zlib
+
+from . import format as fmt
+from .pmem import PMem
+
+log = logging.getLogger(__name__)
+
+TXN_MAGIC = 0x31545844  # 'DXT1'
+_HDR = struct.Struct("<IIIIQQ")
+_REC = struct.Struct("<QII")
+
+
+def commit_word(epoch: int, seq: int) -> int:
+    return ((epoch * 0x9E3779B97F4A7C15) ^ (seq * 0xC2B2AE3D27D4EB4F) ^ 0xDA7F5C0117) & \
+        0xFFFFFFFFFFFFFFFF | 1
+
+
+def _pad8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+class JournalFull(Exception):
+    """A single transaction larger than the journal can hold (a bug: callers split work)."""
+
+
+class Journal:
+    def __init__(self, pm: PMem, g: fmt.Geometry):
+        self.pm = pm
+        self.g = g
+        self.hdr_off = g.journal_start * fmt.BLOCK_SIZE
+        self.log_off = self.hdr_off + fmt.BLOCK_SIZE
+        self.log_len = (g.journal_blocks - 1) * fmt.BLOCK_SIZE
+        self.meta_len = g.data_start * fmt.BLOCK_SIZE
+        self.pos = 0          # next free byte in the log
+        self.seq = 0          # sequence number of the next transaction in this epoch
+        self.commits = 0
+        self.checkpoints = 0
+
+    # -- header ----------------------------------------------------------------------------------
+    def header_ok(self) -> bool:
+        return bytes(self.pm.buf[self.hdr_off:self.hdr_off + 8]) == fmt.JOURNAL_MAGIC
+
+    @property
+    def epoch(self) -> int:
+        return int.from_bytes(self.pm.buf[self.hdr_off + 8:self.hdr_off + 16], "little")
+
+    @property
+    def max_txn_bytes(self) -> int:
+        return self.log_len // 2
+
+    # -- commit ----------------------------------------------------------------------------------
+    def commit(self, writes: list[tuple[int, bytes]]) -> None:
+        """Make `writes` (image offset, bytes) durable as one atomic transaction, then apply."""
+        if not writes:
+            return
+        body = bytearray()
+        for off, data in writes:
+            body += _REC.pack(off, len(data), 0)
+            body += data
+            body += bytes(_pad8(len(data)) - len(data))
+        need = _HDR.size + len(body) + 8
+        if need > self.max_txn_bytes:
+            raise JournalFull(f"transaction of {need} bytes exceeds journal limit {self.max_txn_bytes}")
+        if self.pos + need > self.log_len:
+            self.checkpoint()
+        epoch = self.epoch
+        at = self.log_off + self.pos
+        hdr = _HDR.pack(TXN_MAGIC, len(writes), len(body), zlib.crc32(body), epoch, self.seq)
+        pm = self.pm
+        pm.store(at, hdr + body)
+        pm.persist(at, _HDR.size + len(body))
+        pm.fence()
+        cw_at = at + _HDR.size + len(body)
+        pm.store(cw_at, commit_word(epoch, self.seq).to_bytes(8, "little"))
+        pm.persist(cw_at, 8)
+        pm.fence()
+        for off, data in writes:
+            pm.store(off, data)
+        self.pos += need
+        self.seq += 1
+        self.commits += 1
+
+    def checkpoint(self) -> None:
+        """Persist the tables, then retire the whole log by bumping the epoch."""
+        pm = self.pm
+        pm.persist(0, self.meta_len)
+        pm.fence()
+        pm.store(self.hdr_off + 8, (self.epoch + 1).to_bytes(8, "little"))
+        pm.persist(self.hdr_off + 8, 8)
+        pm.fence()
+        self.pos = 0
+        self.seq = 0
+        self.checkpoints += 1
+
+    # -- recovery --------------------------------------------------------------------------------
+    def _scan(self):
+        """Yield (records, next_pos) for each committed transaction of the current epoch."""
+        epoch = self.epoch
+        buf = self.pm.buf
+        pos, seq = 0, 0
+        while pos + _HDR.size + 8 <= self.log_len:
+            at = self.log_off + pos
+            magic, nrec, body_len, crc, t_epoch, t_seq = _HDR.unpack(bytes(buf[at:at + _HDR.size]))
+            if magic != TXN_MAGIC or t_epoch != epoch or t_seq != seq:
+                return
+            end = pos + _HDR.size + body_len + 8
+            if body_len % 8 or end > self.log_len:
+                return
+            body = bytes(buf[at + _HDR.size:at + _HDR.size + body_len])
+            if zlib.crc32(body) != crc:
+                return
+            cw = int.from_bytes(buf[at + _HDR.size + body_len:at + _HDR.size + body_len + 8], "little")
+            if cw != commit_word(epoch, seq):
+                return
+            records = []
+            p = 0
+            for _ in range(nrec):
+                if p + _REC.size > body_len:
+                    return
+                off, length, _pad = _REC.unpack_from(body, p)
+                p += _REC.size
+                if p + length > body_len or off + length > self.meta_len and not self._data_ok(off, length):
+                    return
+                records.append((off, body[p:p + length]))
+                p += _pad8(length)
+            yield records, end
+            pos, seq = end, seq + 1
+
+    def _data_ok(self, off: int, length: int) -> bool:
+        # xattr blocks live in the data region; everything else is in the metadata area
+        return off >= self.meta_len and off + length <= self.pm.size
+
+    def pending(self) -> int:
+        return sum(1 for _ in self._scan())
+
+    def replay(self) -> int:
+        """Apply every committed transaction of the current epoch, then checkpoint."""
+        n = 0
+        for records, _end in self._scan():
+            for off, data in records:
+                self.pm.store(off, data)
+            n += 1
+        if n:
+            log.info("journal: replayed %d transaction(s)", n)
+        self.checkpoint()
+        return n

@@ -1,0 +1,84 @@
+"""Create a fresh daxfs image (the engine of `daxfs mkfs`)."""
+from __future__ import annotations
+
+import os
+import stat
+import time
+import uuid as uuidlib
+
+import numpy as np
+
+from . import format as fmt
+from .errors import UsageError
+
+
+def parse_size(text: str) -> int:
+    """'4G', '512M', '1048576' -> bytes (binary units)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if t and t[-1] in mult:
+            return int(float(t[:-1]) * mult[t[-1]])
+        return int(t)
+    except ValueError:
+        raise UsageError(f"invalid size {text!r} (use e.g. 1G, 512M)") from None
+
+
+def is_daxfs_image(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == fmt.MAGIC
+    except OSError:
+        return False
+
+
+def make_image(path: str, size: int, *, force: bool = False, inode_count: int | None = None) -> fmt.Geometry:
+    """Format `path` as an empty daxfs of `size` bytes (sparse). Refuses to overwrite data
+    (a daxfs image or any non-empty file) unless `force`."""
+    size -= size % fmt.BLOCK_SIZE
+    try:
+        g = fmt.Geometry.for_size(size, inode_count)
+    except fmt.FormatError as e:
+        raise UsageError(str(e)) from None
+    if os.path.exists(path) and not force:
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode) and st.st_size > 0:
+            what = "a daxfs image" if is_daxfs_image(path) else "a non-empty file"
+            raise UsageError(f"{path} is {what}; use --force to overwrite it")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise UsageError(f"cannot create {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{path} is not a regular file")
+        # Wipe the old superblock first so a half-made image is never taken for a valid one.
+        os.pwrite(fd, bytes(fmt.BLOCK_SIZE), 0)
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, size)
+        now = time.time_ns()
+        jh = np.zeros(1, fmt.JOURNAL_HEADER_DTYPE)
+        jh["magic"] = fmt.JOURNAL_MAGIC
+        jh["epoch"] = 1
+        os.pwrite(fd, jh.tobytes(), g.journal_start * fmt.BLOCK_SIZE)
+        root = np.zeros(1, fmt.INODE_DTYPE)
+        root["mode"] = stat.S_IFDIR | 0o755
+        root["uid"] = os.getuid()
+        root["gid"] = os.getgid()
+        root["nlink"] = 2
+        for f in ("atime", "mtime", "ctime", "btime"):
+            root[f] = now
+        root["generation"] = 1
+        os.pwrite(fd, root.tobytes(), g.inode_start * fmt.BLOCK_SIZE + fmt.ROOT_INO * fmt.INODE_DTYPE.itemsize)
+        reserved = np.full(g.data_start, fmt.REFCOUNT_RESERVED, dtype="<u4")
+        os.pwrite(fd, reserved.tobytes(), g.refcount_start * fmt.BLOCK_SIZE)
+        os.fsync(fd)
+        sb = fmt.make_superblock(g, uuidlib.uuid4().bytes, now)
+        os.pwrite(fd, sb.tobytes(), 0)
+        os.fsync(fd)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    return g

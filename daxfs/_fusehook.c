@@ -1,0 +1,494 @@
+/*
+ * daxfs._fusehook -- add copy_file_range, lseek and fallocate to pyfuse3.
+ *
+ * pyfuse3 3.5 builds its struct fuse_lowlevel_ops without these three slots
+ * and offers no way to add them.  Instead of patching pyfuse3 we interpose
+ * fuse_session_new(): this module exports a symbol of that name with the same
+ * symbol version libfuse uses (FUSE_3.0, see _fusehook.map) and promotes
+ * itself into the global symbol scope at import time.  pyfuse3's extension is
+ * loaded later with RTLD_NOW, so its reference fuse_session_new@FUSE_3.0 binds
+ * to us.  We copy the ops table, fill the empty slots and call the real libfuse
+ * function, which we look up by address (never by soname).
+ *
+ * The C callbacks call synchronous Python handlers.  pyfuse3 calls
+ * fuse_session_process_buf() with the GIL held, but PyGILState_Ensure() is
+ * used so the callbacks stay correct if that ever changes.
+ */
+#define _GNU_SOURCE
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#define FUSE_USE_VERSION 35
+#include <fuse_lowlevel.h>
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <string.h>
+
+struct libfuse_version; /* only exists in libfuse >= 3.17 headers */
+
+typedef struct fuse_session *(*new_fn)(struct fuse_args *,
+                                       const struct fuse_lowlevel_ops *,
+                                       size_t, void *);
+typedef struct fuse_session *(*new_versioned_fn)(
+    struct fuse_args *, const struct fuse_lowlevel_ops *, size_t,
+    struct libfuse_version *, void *);
+
+/* Exported interposers.  The asm labels give the symbol names without
+ * clashing with whatever prototypes the installed headers declare. */
+struct fuse_session *hook_session_new(struct fuse_args *,
+                                      const struct fuse_lowlevel_ops *, size_t,
+                                      void *) __asm__("fuse_session_new");
+struct fuse_session *hook_session_new_versioned(
+    struct fuse_args *, const struct fuse_lowlevel_ops *, size_t,
+    struct libfuse_version *, void *) __asm__("fuse_session_new_versioned");
+
+static new_fn real_new;                 /* fuse_session_new@FUSE_3.0 */
+static new_versioned_fn real_new_v;     /* fuse_session_new_versioned@FUSE_3.17 */
+static char libfuse_path[4096];
+static char self_path[4096];
+
+/* libfuse copies op_size bytes of the table into the session, so one static
+ * copy is enough.  It is larger than our struct in case the caller was built
+ * against newer headers with more slots. */
+static union {
+    struct fuse_lowlevel_ops ops;
+    char raw[4096];
+} ops_copy;
+
+static void (*orig_init)(void *, struct fuse_conn_info *);
+static __thread int in_hook; /* libfuse >= 3.17 may call one variant from the other */
+static int hooked;
+
+/* Python handlers (strong refs, protected by the GIL). */
+static PyObject *h_cfr, *h_lseek, *h_falloc;
+
+/* Connection settings requested from Python (-1 = leave alone). */
+static long long opt_max_readahead = -1, opt_max_write = -1,
+                 opt_max_background = -1, opt_congestion = -1,
+                 opt_time_gran = -1;
+static unsigned opt_want_on, opt_want_off;
+
+/* What was negotiated, as handed back to libfuse at the end of init. */
+static struct fuse_conn_info conn_seen;
+static int conn_valid;
+
+#define SPLICE_CAPS (FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE)
+
+/* ------------------------------------------------------------------ */
+/* error reporting                                                     */
+
+/* Log the pending exception through logging.getLogger("daxfs.fusehook") so it
+ * ends up wherever the application sends its logs (never bare stderr). */
+static void log_exception(const char *what)
+{
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (v && tb)
+        PyException_SetTraceback(v, tb);
+
+    PyObject *logging = PyImport_ImportModule("logging");
+    PyObject *logger = logging ? PyObject_CallMethod(logging, "getLogger", "s",
+                                                     "daxfs.fusehook") : NULL;
+    PyObject *meth = logger ? PyObject_GetAttrString(logger, "exception") : NULL;
+    PyObject *args = meth ? Py_BuildValue("(ss)", "%s handler failed; replying EIO",
+                                          what) : NULL;
+    PyObject *kw = args ? Py_BuildValue("{s:O}", "exc_info", v ? v : Py_None) : NULL;
+    PyObject *r = kw ? PyObject_Call(meth, args, kw) : NULL;
+    if (!r)  /* logging itself broke: last resort is sys.unraisablehook */
+        PyErr_WriteUnraisable(NULL);
+    Py_XDECREF(r); Py_XDECREF(kw); Py_XDECREF(args); Py_XDECREF(meth);
+    Py_XDECREF(logger); Py_XDECREF(logging);
+    Py_XDECREF(t); Py_XDECREF(v); Py_XDECREF(tb);
+}
+
+/* Turn the pending exception into an errno for fuse_reply_err(). */
+static int exception_errno(const char *what)
+{
+    if (PyErr_ExceptionMatches(PyExc_OSError)) {
+        PyObject *t, *v, *tb;
+        int err = 0;
+        PyErr_Fetch(&t, &v, &tb);
+        PyErr_NormalizeException(&t, &v, &tb);
+        PyObject *e = v ? PyObject_GetAttrString(v, "errno") : NULL;
+        if (e && PyLong_Check(e))
+            err = (int)PyLong_AsLong(e);
+        Py_XDECREF(e);
+        if (err > 0) {
+            PyErr_Clear();
+            Py_XDECREF(t); Py_XDECREF(v); Py_XDECREF(tb);
+            return err;
+        }
+        PyErr_Clear();
+        PyErr_Restore(t, v, tb); /* OSError without errno: treat as a bug */
+    }
+    log_exception(what);
+    return EIO;
+}
+
+/* ------------------------------------------------------------------ */
+/* the three new operations                                            */
+
+static void hook_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t off_in,
+                                 struct fuse_file_info *fi_in, fuse_ino_t ino_out,
+                                 off_t off_out, struct fuse_file_info *fi_out,
+                                 size_t len, int flags)
+{
+    int err = 0;
+    size_t done = 0;
+    PyGILState_STATE g = PyGILState_Ensure();
+    if (!h_cfr) {
+        /* EOPNOTSUPP makes the kernel splice-copy this call; ENOSYS would
+         * disable copy_file_range for the whole mount. */
+        err = EOPNOTSUPP;
+    } else {
+        PyObject *r = PyObject_CallFunction(
+            h_cfr, "KKLKKLKi", (unsigned long long)ino_in,
+            (unsigned long long)fi_in->fh, (long long)off_in,
+            (unsigned long long)ino_out, (unsigned long long)fi_out->fh,
+            (long long)off_out, (unsigned long long)len, flags);
+        if (r) {
+            Py_ssize_t n = PyLong_AsSsize_t(r);
+            Py_DECREF(r);
+            if (n == -1 && PyErr_Occurred()) {
+                /* fall through to exception_errno */
+            } else if (n < 0 || (size_t)n > len) {
+                PyErr_Format(PyExc_ValueError,
+                             "copy_file_range handler returned %zd for length %zu",
+                             n, len);
+            } else {
+                done = (size_t)n;
+            }
+        }
+        if (PyErr_Occurred()) {
+            err = exception_errno("copy_file_range");
+            if (err == ENOSYS)
+                err = EOPNOTSUPP; /* see above: never ENOSYS */
+        }
+    }
+    PyGILState_Release(g);
+    if (err)
+        fuse_reply_err(req, err);
+    else
+        fuse_reply_write(req, done);
+}
+
+static void hook_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
+                       struct fuse_file_info *fi)
+{
+    int err = 0;
+    long long res = 0;
+    PyGILState_STATE g = PyGILState_Ensure();
+    if (!h_lseek) {
+        /* Only SEEK_DATA/SEEK_HOLE get here; ENOSYS makes the kernel use
+         * generic_file_llseek (whole file is data) from now on. */
+        err = ENOSYS;
+    } else {
+        PyObject *r = PyObject_CallFunction(h_lseek, "KKLi", (unsigned long long)ino,
+                                            (unsigned long long)fi->fh,
+                                            (long long)off, whence);
+        if (r) {
+            res = PyLong_AsLongLong(r);
+            Py_DECREF(r);
+            if (!PyErr_Occurred() && res < 0)
+                PyErr_Format(PyExc_ValueError, "lseek handler returned %lld", res);
+        }
+        if (PyErr_Occurred())
+            err = exception_errno("lseek");
+    }
+    PyGILState_Release(g);
+    if (err)
+        fuse_reply_err(req, err);
+    else
+        fuse_reply_lseek(req, (off_t)res);
+}
+
+static void hook_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
+                           off_t length, struct fuse_file_info *fi)
+{
+    int err = 0;
+    PyGILState_STATE g = PyGILState_Ensure();
+    if (!h_falloc) {
+        err = EOPNOTSUPP; /* ENOSYS would disable fallocate for the mount */
+    } else {
+        PyObject *r = PyObject_CallFunction(h_falloc, "KKiLL", (unsigned long long)ino,
+                                            (unsigned long long)fi->fh, mode,
+                                            (long long)offset, (long long)length);
+        Py_XDECREF(r);
+        if (!r)
+            err = exception_errno("fallocate");
+    }
+    PyGILState_Release(g);
+    fuse_reply_err(req, err);
+}
+
+/* ------------------------------------------------------------------ */
+/* init: pyfuse3's first, then our settings                            */
+
+static unsigned clamp_u(long long want, unsigned limit)
+{
+    return (unsigned long long)want < limit ? (unsigned)want : limit;
+}
+
+static void hook_init(void *userdata, struct fuse_conn_info *conn)
+{
+    if (orig_init)
+        orig_init(userdata, conn);
+
+    /* libfuse already set max_readahead to what the kernel offered and
+     * max_write to its buffer limit (1 MiB on 3.14): we may only lower them. */
+    if (opt_max_readahead >= 0)
+        conn->max_readahead = clamp_u(opt_max_readahead, conn->max_readahead);
+    if (opt_max_write >= 4096)
+        conn->max_write = clamp_u(opt_max_write, conn->max_write);
+    if (opt_max_background >= 0)
+        conn->max_background = clamp_u(opt_max_background, 65535);
+    if (opt_congestion >= 0)
+        conn->congestion_threshold = clamp_u(opt_congestion, 65535);
+    if (opt_time_gran > 0)
+        conn->time_gran = clamp_u(opt_time_gran, 1000000000u);
+
+    /* Asking for something the kernel lacks makes libfuse abort the mount. */
+    conn->want |= opt_want_on & conn->capable;
+    conn->want &= ~opt_want_off;
+    /* Splice would hand pyfuse3 fd-backed buffers and costs more than it
+     * saves for our small in-memory copies: keep it off. */
+    conn->want &= ~SPLICE_CAPS;
+
+    conn_seen = *conn;
+    conn_valid = 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* the interposed fuse_session_new                                     */
+
+static const struct fuse_lowlevel_ops *patch_ops(const struct fuse_lowlevel_ops *op,
+                                                 size_t *op_size)
+{
+    size_t n = *op_size < sizeof(ops_copy) ? *op_size : sizeof(ops_copy);
+    memset(&ops_copy, 0, sizeof(ops_copy));
+    memcpy(&ops_copy, op, n);
+
+    struct fuse_lowlevel_ops *o = &ops_copy.ops;
+    if (!o->copy_file_range)
+        o->copy_file_range = hook_copy_file_range;
+    if (!o->lseek)
+        o->lseek = hook_lseek;
+    if (!o->fallocate)
+        o->fallocate = hook_fallocate;
+    if (o->init != hook_init) {
+        orig_init = o->init;
+        o->init = hook_init;
+    }
+    /* A caller built against older headers passes a smaller op_size; ours
+     * must cover the slots we just filled. */
+    *op_size = n > sizeof(struct fuse_lowlevel_ops) ? n : sizeof(struct fuse_lowlevel_ops);
+    return o;
+}
+
+static void note_session(struct fuse_session *se)
+{
+    if (se && ops_copy.ops.copy_file_range && ops_copy.ops.lseek &&
+        ops_copy.ops.fallocate)
+        hooked = 1;
+    conn_valid = 0;
+}
+
+struct fuse_session *hook_session_new(struct fuse_args *args,
+                                      const struct fuse_lowlevel_ops *op,
+                                      size_t op_size, void *userdata)
+{
+    if (!real_new) {
+        errno = ENOSYS;
+        return NULL;
+    }
+    if (in_hook || !op)
+        return real_new(args, op, op_size, userdata);
+    in_hook = 1;
+    const struct fuse_lowlevel_ops *mine = patch_ops(op, &op_size);
+    struct fuse_session *se = real_new(args, mine, op_size, userdata);
+    in_hook = 0;
+    note_session(se);
+    return se;
+}
+
+struct fuse_session *hook_session_new_versioned(struct fuse_args *args,
+                                                const struct fuse_lowlevel_ops *op,
+                                                size_t op_size,
+                                                struct libfuse_version *version,
+                                                void *userdata)
+{
+    if (!real_new_v) {
+        errno = ENOSYS;
+        return NULL;
+    }
+    if (in_hook || !op)
+        return real_new_v(args, op, op_size, version, userdata);
+    in_hook = 1;
+    const struct fuse_lowlevel_ops *mine = patch_ops(op, &op_size);
+    struct fuse_session *se = real_new_v(args, mine, op_size, version, userdata);
+    in_hook = 0;
+    note_session(se);
+    return se;
+}
+
+/* ------------------------------------------------------------------ */
+/* Python API                                                          */
+
+static int set_one(PyObject **slot, PyObject *v, const char *name)
+{
+    if (v != Py_None && !PyCallable_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "%s handler must be callable or None", name);
+        return -1;
+    }
+    Py_XSETREF(*slot, v == Py_None ? NULL : Py_NewRef(v));
+    return 0;
+}
+
+static PyObject *py_set_handlers(PyObject *self, PyObject *args)
+{
+    PyObject *cfr, *ls, *fa;
+    if (!PyArg_ParseTuple(args, "OOO", &cfr, &ls, &fa))
+        return NULL;
+    if (set_one(&h_cfr, cfr, "copy_file_range") || set_one(&h_lseek, ls, "lseek") ||
+        set_one(&h_falloc, fa, "fallocate"))
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_set_conn_options(PyObject *self, PyObject *args)
+{
+    long long ra, mw, mb, ct, tg;
+    unsigned int on, off;
+    if (!PyArg_ParseTuple(args, "LLLLLII", &ra, &mw, &mb, &ct, &tg, &on, &off))
+        return NULL;
+    opt_max_readahead = ra;
+    opt_max_write = mw;
+    opt_max_background = mb;
+    opt_congestion = ct;
+    opt_time_gran = tg;
+    opt_want_on = on & ~SPLICE_CAPS;
+    opt_want_off = off;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_hooked(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(hooked);
+}
+
+static PyObject *py_conn_info(PyObject *self, PyObject *unused)
+{
+    if (!conn_valid)
+        return PyDict_New();
+    const struct fuse_conn_info *c = &conn_seen;
+    return Py_BuildValue(
+        "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "proto_major", c->proto_major,
+        "proto_minor", c->proto_minor, "max_write", c->max_write, "max_read",
+        c->max_read, "max_readahead", c->max_readahead, "capable", c->capable,
+        "want", c->want, "max_background", c->max_background,
+        "congestion_threshold", c->congestion_threshold, "time_gran", c->time_gran);
+}
+
+static PyObject *py_paths(PyObject *self, PyObject *unused)
+{
+    return Py_BuildValue("{s:s,s:s,s:O,s:O}", "self", self_path, "libfuse",
+                         libfuse_path, "fuse_session_new@FUSE_3.0",
+                         real_new ? Py_True : Py_False,
+                         "fuse_session_new_versioned@FUSE_3.17",
+                         real_new_v ? Py_True : Py_False);
+}
+
+static PyMethodDef methods[] = {
+    {"_set_handlers", py_set_handlers, METH_VARARGS, NULL},
+    {"_set_conn_options", py_set_conn_options, METH_VARARGS, NULL},
+    {"hooked", py_hooked, METH_NOARGS, NULL},
+    {"conn_info", py_conn_info, METH_NOARGS, NULL},
+    {"_paths", py_paths, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moddef = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "daxfs._fusehook",
+    .m_doc = "fuse_session_new interposer (use daxfs.fusehook)",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+/* Find the libfuse that we (and pyfuse3) were linked against via a symbol we
+ * do not define ourselves, and fetch the real fuse_session_new from it.
+ * RTLD_NEXT would search only objects loaded after us in *our* scope, which
+ * does not reliably include libfuse. */
+static int resolve_real(void)
+{
+    Dl_info info;
+    if (!dladdr((void *)&fuse_reply_err, &info) || !info.dli_fname) {
+        PyErr_SetString(PyExc_ImportError, "dladdr(fuse_reply_err) failed");
+        return -1;
+    }
+    snprintf(libfuse_path, sizeof(libfuse_path), "%s", info.dli_fname);
+    void *h = dlopen(libfuse_path, RTLD_NOW | RTLD_NOLOAD);
+    if (!h) {
+        PyErr_Format(PyExc_ImportError, "dlopen(%s): %s", libfuse_path, dlerror());
+        return -1;
+    }
+    real_new = (new_fn)dlvsym(h, "fuse_session_new", "FUSE_3.0");
+    real_new_v = (new_versioned_fn)dlvsym(h, "fuse_session_new_versioned", "FUSE_3.17");
+    if ((void *)real_new == (void *)hook_session_new ||
+        (void *)real_new_v == (void *)hook_session_new_versioned) {
+        PyErr_SetString(PyExc_ImportError, "dlvsym found our own fuse_session_new");
+        return -1;
+    }
+    if (!real_new && !real_new_v) {
+        PyErr_Format(PyExc_ImportError, "no fuse_session_new in %s", libfuse_path);
+        return -1;
+    }
+    return 0;
+}
+
+/* Re-open ourselves with RTLD_GLOBAL: Python loaded us RTLD_LOCAL, which would
+ * hide our fuse_session_new from extensions loaded later (pyfuse3).  The extra
+ * reference is never dropped, so we also stay loaded for good. */
+static int make_global(void)
+{
+    Dl_info info;
+    if (!dladdr((void *)&hook_init, &info) || !info.dli_fname) {
+        PyErr_SetString(PyExc_ImportError, "dladdr on own symbol failed");
+        return -1;
+    }
+    snprintf(self_path, sizeof(self_path), "%s", info.dli_fname);
+    if (!dlopen(self_path, RTLD_NOW | RTLD_NOLOAD | RTLD_GLOBAL)) {
+        PyErr_Format(PyExc_ImportError, "dlopen(%s, RTLD_GLOBAL): %s", self_path,
+                     dlerror());
+        return -1;
+    }
+    return 0;
+}
+
+PyMODINIT_FUNC PyInit__fusehook(void)
+{
+    if (resolve_real() || make_global())
+        return NULL;
+    PyObject *m = PyModule_Create(&moddef);
+    if (!m)
+        return NULL;
+#define ADD(name) PyModule_AddIntConstant(m, #name, name)
+    if (ADD(FUSE_CAP_ASYNC_READ) || ADD(FUSE_CAP_POSIX_LOCKS) ||
+        ADD(FUSE_CAP_ATOMIC_O_TRUNC) || ADD(FUSE_CAP_EXPORT_SUPPORT) ||
+        ADD(FUSE_CAP_DONT_MASK) || ADD(FUSE_CAP_SPLICE_WRITE) ||
+        ADD(FUSE_CAP_SPLICE_MOVE) || ADD(FUSE_CAP_SPLICE_READ) ||
+        ADD(FUSE_CAP_FLOCK_LOCKS) || ADD(FUSE_CAP_IOCTL_DIR) ||
+        ADD(FUSE_CAP_AUTO_INVAL_DATA) || ADD(FUSE_CAP_READDIRPLUS) ||
+        ADD(FUSE_CAP_READDIRPLUS_AUTO) || ADD(FUSE_CAP_ASYNC_DIO) ||
+        ADD(FUSE_CAP_WRITEBACK_CACHE) || ADD(FUSE_CAP_NO_OPEN_SUPPORT) ||
+        ADD(FUSE_CAP_PARALLEL_DIROPS) || ADD(FUSE_CAP_POSIX_ACL) ||
+        ADD(FUSE_CAP_HANDLE_KILLPRIV) || ADD(FUSE_CAP_CACHE_SYMLINKS) ||
+        ADD(FUSE_CAP_NO_OPENDIR_SUPPORT) || ADD(FUSE_CAP_EXPLICIT_INVAL_DATA)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+#undef ADD
+    return m;
+}

@@ -1,0 +1,129 @@
+"""copy_file_range, lseek(SEEK_DATA/SEEK_HOLE) and fallocate for pyfuse3 mounts.
+
+pyfuse3 (3.5) registers no handler for these three FUSE operations.  The C
+extension :mod:`daxfs._fusehook` interposes libfuse's ``fuse_session_new`` and
+fills the empty slots of pyfuse3's operations table with C callbacks that call
+the synchronous Python handlers registered here.
+
+**Import order matters**: this module must be imported *before* ``pyfuse3``.
+pyfuse3's extension binds ``fuse_session_new`` when it is loaded (Python loads
+extensions with RTLD_NOW), so the interposer has to be in the global symbol
+scope by then.  Importing this module after pyfuse3 raises :class:`RuntimeError`.
+
+Usage::
+
+    from daxfs import fusehook          # first!
+    import pyfuse3
+
+    fusehook.set_handlers(copy_file_range=..., lseek=..., fallocate=...)
+    fusehook.set_conn_options(max_readahead=1 << 20)
+    pyfuse3.init(ops, mountpoint, options)
+    assert fusehook.hooked()
+
+Handlers run synchronously inside pyfuse3's request loop (while the trio task
+that received the request is processing it), so they must not block for long
+and cannot ``await``.  ``fh`` is the handle pyfuse3's ``open()``/``create()``
+returned.  Raise ``OSError(errno, ...)`` to fail a request with that errno;
+any other exception is logged on the ``daxfs.fusehook`` logger and the request
+fails with EIO.
+
+Without a registered handler the requests are answered so that the kernel
+falls back to its generic behaviour: copy_file_range -> EOPNOTSUPP (the kernel
+splice-copies through read/write; ENOSYS is never sent because it would
+disable copy_file_range for the whole mount), lseek -> ENOSYS (kernel uses
+generic_file_llseek: all data, hole at EOF, for the rest of the mount),
+fallocate -> EOPNOTSUPP.  The kernel's own fallback on EXDEV/EOPNOTSUPP from
+the copy_file_range handler is also a byte copy via read/write.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+if "pyfuse3" in sys.modules:
+    raise RuntimeError(
+        "daxfs.fusehook must be imported before pyfuse3: pyfuse3 binds "
+        "fuse_session_new when it is loaded, so the hook would never run")
+
+from . import _fusehook  # noqa: E402  (must precede pyfuse3)
+
+__all__ = ["set_handlers", "set_conn_options", "hooked", "conn_info", "cap_names",
+           "CopyFileRange", "Lseek", "Fallocate"]
+
+# copy_file_range(ino_in, fh_in, off_in, ino_out, fh_out, off_out, length, flags) -> bytes copied
+CopyFileRange = Callable[[int, int, int, int, int, int, int, int], int]
+# lseek(ino, fh, off, whence) -> new offset; whence is os.SEEK_DATA or os.SEEK_HOLE
+Lseek = Callable[[int, int, int, int], int]
+# fallocate(ino, fh, mode, off, length) -> None; mode is the fallocate(2) FALLOC_FL_* mask
+Fallocate = Callable[[int, int, int, int, int], None]
+
+# Re-export the FUSE_CAP_* bits for want_flags_on / want_flags_off.
+globals().update({k: v for k, v in vars(_fusehook).items() if k.startswith("FUSE_CAP_")})
+
+_CONN_KEYS = ("max_readahead", "max_write", "max_background",
+              "congestion_threshold", "time_gran", "want_flags_on", "want_flags_off")
+_conn_opts: dict[str, int] = {}
+
+
+def set_handlers(*, copy_file_range: Optional[CopyFileRange] = None,
+                 lseek: Optional[Lseek] = None,
+                 fallocate: Optional[Fallocate] = None) -> None:
+    """Register (or, with None, clear) all three handlers at once.
+
+    May be called before or after mounting; the C side picks up the current
+    handlers on every request.
+    """
+    _fusehook._set_handlers(copy_file_range, lseek, fallocate)
+
+
+def set_conn_options(**kw: Optional[int]) -> None:
+    """Request connection settings, applied in FUSE_INIT after pyfuse3's init.
+
+    Keys: ``max_readahead``, ``max_write`` (bytes; can only be lowered from what
+    the kernel offers / libfuse allows, max_write >= 4096), ``max_background``,
+    ``congestion_threshold`` (libfuse clamps to < 65536), ``time_gran`` (ns),
+    ``want_flags_on`` / ``want_flags_off`` (FUSE_CAP_* masks; bits the kernel
+    does not offer are dropped, FUSE_CAP_SPLICE_* always stay off).  Calls
+    accumulate; pass ``None`` to reset a key.  Must be called before mounting.
+    """
+    for k, v in kw.items():
+        if k not in _CONN_KEYS:
+            raise TypeError(f"unknown connection option {k!r} (valid: {', '.join(_CONN_KEYS)})")
+        if v is None:
+            _conn_opts.pop(k, None)
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{k} must be a non-negative int, got {v!r}")
+        if k.startswith("want_flags") and v >= 1 << 32:
+            raise ValueError(f"{k} must fit in 32 bits")
+        if k == "max_write" and v < 4096:
+            raise ValueError("max_write must be at least 4096")
+        _conn_opts[k] = v
+    g = _conn_opts.get
+    _fusehook._set_conn_options(g("max_readahead", -1), g("max_write", -1),
+                                g("max_background", -1), g("congestion_threshold", -1),
+                                g("time_gran", -1), g("want_flags_on", 0),
+                                g("want_flags_off", 0))
+
+
+def hooked() -> bool:
+    """True once a FUSE session was created through the hook with the slots filled."""
+    return _fusehook.hooked()
+
+
+def conn_info() -> dict:
+    """Negotiated struct fuse_conn_info values after FUSE_INIT (empty before).
+
+    Keys: proto_major, proto_minor, max_write, max_read, max_readahead,
+    capable, want, max_background, congestion_threshold, time_gran.  These are
+    the values handed back to libfuse at the end of init; libfuse then clamps
+    max_background to < 65536 and, if congestion_threshold is 0, derives it as
+    3/4 of max_background.  max_background == 0 means "kernel default" (12).
+    """
+    return _fusehook.conn_info()
+
+
+def cap_names(mask: int) -> list[str]:
+    """Names of the FUSE_CAP_* bits set in *mask* (e.g. ``conn_info()['want']``)."""
+    caps = {k: v for k, v in vars(_fusehook).items() if k.startswith("FUSE_CAP_")}
+    return sorted(k for k, v in caps.items() if mask & v)

@@ -1,0 +1,36 @@
+"""Builds the libfuse-boundary C extension (daxfs._fusehook); everything else is in pyproject.toml.
+
+The extension interposes libfuse's fuse_session_new (see daxfs/_fusehook.c), so
+it is linked against libfuse3 (flags from pkg-config) with a linker version
+script that gives the interposer libfuse's symbol versions.
+"""
+import os
+import shlex
+import subprocess
+
+from setuptools import Extension, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MAP = os.path.join(HERE, "daxfs", "_fusehook.map")
+
+
+def pkg_config(*args):
+    try:
+        out = subprocess.run(["pkg-config", *args, "fuse3"], check=True,
+                             capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"pkg-config {' '.join(args)} fuse3 failed ({e}); "
+                         "install pkg-config and the libfuse3 development package") from e
+    return shlex.split(out)
+
+
+fusehook = Extension(
+    "daxfs._fusehook",
+    sources=["daxfs/_fusehook.c"],
+    depends=["daxfs/_fusehook.map"],
+    extra_compile_args=pkg_config("--cflags") + ["-std=gnu11", "-Wall", "-Wextra",
+                                                 "-Wno-unused-parameter"],
+    extra_link_args=pkg_config("--libs") + ["-ldl", f"-Wl,--version-script={MAP}"],
+)
+
+setup(ext_modules=[fusehook])

@@ -51,7 +51,7 @@ class BlockAllocator:
         """Allocate n blocks (count 0 -> 1), preferring one run starting at `goal`."""
         if n <= 0:
             return []
-        if n > self.free - self._quarantined():
+        if n > self.available():
             raise FsError(errno.ENOSPC)
         g = self.g
         if g.data_start <= goal and goal + n <= g.nblocks and not self.rc[goal:goal + n].any() \
@@ -87,6 +87,10 @@ class BlockAllocator:
         if need > 0:      # the free count said yes: only quarantine can make this happen
             raise FsError(errno.ENOSPC)
         return runs_of(np.sort(np.concatenate(found)))
+
+    def available(self) -> int:
+        """Blocks this transaction can still allocate."""
+        return self.free - self._quarantined()
 
     def _quarantined(self) -> int:
         return sum(q1 - q0 for q0, q1 in self.quarantine)

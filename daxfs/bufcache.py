@@ -80,28 +80,27 @@ class BufCache:
         if end > node.size:
             self.zero_tail(txn, node)
         l0, l1 = off >> SHIFT, (end + BS - 1) >> SHIFT
-        done_to = off
-        try:
-            for l, n, p in node.extents.segments(l0, l1):
-                if p != HOLE:
-                    self._write_mapped(txn, node, l, n, p, off, mv)
-                else:
-                    self._write_new(txn, node, l, n, HOLE, off, mv)
-                done_to = min(end, (l + n) << SHIFT)
-        except FsError as e:
-            if e.errno != errno.ENOSPC or done_to <= off:
-                raise
-            end = done_to
+        for l, n, p in node.extents.segments(l0, l1):
+            if p != HOLE:
+                done = self._write_mapped(txn, node, l, n, p, off, mv)
+            else:
+                done = self._write_new(txn, node, l, n, HOLE, off, mv)
+            if done < n:                         # out of space: a short write, if any
+                end = max(off, min(end, (l + done) << SHIFT))
+                if end == off:
+                    raise FsError(errno.ENOSPC)
+                break
         if end > node.size:
             node.size = end
             txn.inode(node)
         return end - off
 
-    def _write_mapped(self, txn, node: Inode, l: int, n: int, p: int, off: int, mv) -> None:
+    def _write_mapped(self, txn, node: Inode, l: int, n: int, p: int, off: int, mv) -> int:
+        """Returns how many of the n blocks were written (fewer only when space ran out)."""
         rc = self.alloc.rc[p:p + n]
         if not (rc > 1).any():
             self._store(l, n, p, off, mv)
-            return
+            return n
         # split into runs of unshared (write in place) and shared (break) blocks
         shared = (rc > 1).tolist()
         i = 0
@@ -110,10 +109,13 @@ class BufCache:
             while j < n and shared[j] == shared[i]:
                 j += 1
             if shared[i]:
-                self._write_new(txn, node, l + i, j - i, p + i, off, mv)
+                done = self._write_new(txn, node, l + i, j - i, p + i, off, mv)
+                if done < j - i:
+                    return i + done
             else:
                 self._store(l + i, j - i, p + i, off, mv)
             i = j
+        return n
 
     def _store(self, l: int, n: int, p: int, off: int, mv) -> None:
         """Write the part of the request that falls in file blocks [l, l+n) into blocks at p."""
@@ -121,11 +123,14 @@ class BufCache:
         fb = min(off + mv.nbytes, (l + n) << SHIFT)
         self.pm.store((p << SHIFT) + fa - (l << SHIFT), mv[fa - off:fb - off])
 
-    def _write_new(self, txn, node: Inode, l: int, n: int, old_p: int, off: int, mv) -> None:
+    def _write_new(self, txn, node: Inode, l: int, n: int, old_p: int, off: int, mv) -> int:
         """Give file blocks [l, l+n) fresh blocks holding old contents (old_p) or zeros (HOLE)
-        overlaid with the request's bytes: the COW break / hole fill."""
+        overlaid with the request's bytes: the COW break / hole fill. Returns blocks done:
+        fewer than n when the image is nearly full."""
         goal = node.extents.lookup(l - 1) + 1 if l > 0 else 0
         end = off + mv.nbytes
+        n = min(n, self.alloc.available())
+        start = l
         for q, k in self.alloc.alloc(n, goal if goal > 0 else 0):
             first, last = l, l + k - 1
             for b in {first, last}:
@@ -143,6 +148,7 @@ class BufCache:
                 self.stats.cow_breaks += k
                 old_p += k
             l += k
+        return l - start
 
     # -- mapping changes ---------------------------------------------------------------------------
     def remap(self, txn, node: Inode, l: int, n: int, p: int) -> None:

@@ -41,6 +41,8 @@ MAX_LINKS = 65000
 MAX_SYMLINK = BS - 1
 # Bounds on one transaction's work: big truncates, unlinks and clones run as several.
 TXN_BLOCKS = 4096
+MAX_CLONE_BYTES = 1 << 30    # per call: the FUSE reply count is 32-bit; callers loop
+FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE = 0x01, 0x02, 0x10
 
 
 @dataclasses.dataclass
@@ -287,7 +289,7 @@ class FileSystem:
             self.truncate(node, size)
         with self._txn() as t:
             if mode is not None:
-                node.mode = (node.mode & stat.S_IFMT) | (mode & 0o7777)
+                node.mode = (node.mode & 0o170000) | (mode & 0o7777)
             if uid is not None or gid is not None:
                 if not node.is_dir and (uid not in (None, node.uid) or gid not in (None, node.gid)):
                     node.mode &= ~(stat.S_ISUID | (stat.S_ISGID if node.mode & 0o010 else 0))
@@ -636,6 +638,143 @@ class FileSystem:
 
     def fsync(self, ino: int, datasync: bool = False) -> None:
         self.sync()
+
+    # ---------------------------------------------------------------- reflink
+    def clone_range(self, ino_in: int, off_in: int, ino_out: int, off_out: int, length: int,
+                    flags: int = 0) -> int:
+        """copy_file_range: the block-aligned middle is shared (reflink), unaligned head and
+        tail bytes are copied. Returns bytes done (0 at/after source EOF; may be short)."""
+        if flags:
+            raise FsError(errno.EINVAL)
+        src, dst = self._node(ino_in), self._node(ino_out)
+        if src.is_dir or dst.is_dir:
+            raise FsError(errno.EISDIR)
+        if not (src.is_reg and dst.is_reg) or off_in < 0 or off_out < 0:
+            raise FsError(errno.EINVAL)
+        length = min(length, src.size - off_in, MAX_CLONE_BYTES)
+        if length <= 0:
+            return 0
+        if src is dst and off_in < off_out + length and off_out < off_in + length:
+            raise FsError(errno.EINVAL)
+        if (off_out + length + BS - 1) // BS >= 1 << 40:
+            raise FsError(errno.EFBIG)
+        end_in = off_in + length
+        if (off_in - off_out) % BS:
+            return self._copy_bytes(src, off_in, dst, off_out, length)
+        # [a, b) in source bytes: the part that can be shared block for block
+        a = -(-off_in // BS) * BS
+        b = end_in // BS * BS
+        if end_in == src.size and off_out + length >= dst.size:
+            b = -(-end_in // BS) * BS     # the EOF block too: its tail is invisible in dst
+        if b <= a:
+            return self._copy_bytes(src, off_in, dst, off_out, length)
+        done = self._copy_bytes(src, off_in, dst, off_out, a - off_in)
+        shift = off_out - off_in
+        if dst.size < a + shift:
+            with self._txn() as t:
+                self.bufcache.zero_tail(t, dst)
+                dst.size = a + shift
+                t.inode(dst)
+        for c in range(a, b, TXN_BLOCKS * BS):
+            c_end = min(b, c + TXN_BLOCKS * BS)
+            with self._txn() as t:
+                self.bufcache.share(t, src, c // BS, dst, (c + shift) // BS, (c_end - c) // BS)
+                new_end = min(c_end, end_in) + shift
+                if new_end > dst.size:
+                    dst.size = new_end
+                dst.touch(m=True)
+                t.inode(dst)
+        done += min(b, end_in) - a
+        if b < end_in:
+            done += self._copy_bytes(src, b, dst, b + shift, end_in - b)
+        return done
+
+    # ---------------------------------------------------------------- lseek, fallocate
+    def lseek(self, ino: int, off: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE. A shared block is data, never a hole."""
+        node = self._node(ino)
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise FsError(errno.EINVAL)
+        if off < 0 or off >= node.size:
+            raise FsError(errno.ENXIO)
+        if not node.has_data:
+            return off if whence == os.SEEK_DATA else node.size
+        want_hole = whence == os.SEEK_HOLE
+        for l, _n, p in node.extents.segments(off // BS, -(-node.size // BS)):
+            if (p < 0) == want_hole:
+                return min(node.size, max(off, l * BS))
+        if want_hole:
+            return node.size
+        raise FsError(errno.ENXIO)
+
+    def fallocate(self, ino: int, mode: int, off: int, length: int) -> None:
+        node = self._node(ino)
+        if off < 0 or length <= 0:
+            raise FsError(errno.EINVAL)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        if not node.is_reg:
+            raise FsError(errno.ENODEV)
+        if mode & ~(FALLOC_KEEP_SIZE | FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE):
+            raise FsError(errno.EOPNOTSUPP)
+        if mode & FALLOC_PUNCH_HOLE and not mode & FALLOC_KEEP_SIZE:
+            raise FsError(errno.EINVAL)
+        end = off + length
+        if (end + BS - 1) // BS >= 1 << 40:
+            raise FsError(errno.EFBIG)
+        if mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE):
+            self._zero_range(node, off, min(end, node.size) if mode & FALLOC_KEEP_SIZE else end)
+        else:
+            self._preallocate(node, off // BS, -(-end // BS))
+        if not mode & FALLOC_KEEP_SIZE and end > node.size:
+            self.truncate(node, end)
+
+    def _zero_range(self, node: Inode, start: int, end: int) -> None:
+        """Bytes [start, end) read as zeros afterwards: whole blocks are unmapped (a shared one
+        just loses this alias), partial blocks get zeros written (breaking sharing)."""
+        if end <= start:
+            return
+        a, b = -(-start // BS) * BS, end // BS * BS
+        if b <= a:
+            self.write(node.ino, start, bytes(end - start))
+            return
+        if start < a:
+            self.write(node.ino, start, bytes(a - start))
+        for hi in range(b, a, -TXN_BLOCKS * BS):
+            lo = max(a, hi - TXN_BLOCKS * BS)
+            with self._txn() as t:
+                self.bufcache.punch(t, node, lo // BS, hi // BS)
+                node.touch(m=True)
+                t.inode(node)
+        if b < end:
+            self.write(node.ino, b, bytes(end - b))
+
+    def _preallocate(self, node: Inode, l0: int, l1: int) -> None:
+        """Map every hole in [l0, l1) to fresh zeroed blocks; ENOSPC changes nothing."""
+        holes = [(l, n) for l, n, p in node.extents.segments(l0, l1) if p < 0]
+        if sum(n for _l, n in holes) > self.alloc.available():
+            raise FsError(errno.ENOSPC)
+        for l, n in holes:
+            for c in range(l, l + n, TXN_BLOCKS):
+                k = min(TXN_BLOCKS, l + n - c)
+                with self._txn() as t:
+                    goal = node.extents.lookup(c - 1) + 1 if c > 0 else 0
+                    for q, m in self.alloc.alloc(k, max(goal, 0)):
+                        self.pm.zero(q * BS, m * BS)
+                        t.persist_data(q * BS, m * BS)
+                        self.bufcache.remap(t, node, c, m, q)
+                        c += m
+                    node.touch()
+
+    def _copy_bytes(self, src: Inode, off_in: int, dst: Inode, off_out: int, length: int) -> int:
+        done = 0
+        while done < length:
+            n = min(length - done, 1 << 20)
+            data = self.bufcache.read(src, off_in + done, n)
+            if not data:
+                break
+            done += self.write(dst.ino, off_out + done, data)
+        return done
 
     # ---------------------------------------------------------------- xattrs
     def _xattrs(self, node: Inode) -> dict[bytes, bytes]:

@@ -213,3 +213,28 @@ class Operations(pyfuse3.Operations):
         return True     # default_permissions: the kernel checks mode bits itself
 
 
+
+    # -- called synchronously by daxfs._fusehook (ops pyfuse3 does not register) ----------------
+    def copy_file_range(self, ino_in, fh_in, off_in, ino_out, fh_out, off_out, length, flags):
+        return _sync(self.fs.clone_range, ino_in, off_in, ino_out, off_out, length, flags)
+
+    def lseek(self, ino, fh, off, whence):
+        return _sync(self.fs.lseek, ino, off, whence)
+
+    def fallocate(self, ino, fh, mode, off, length):
+        _sync(self.fs.fallocate, ino, mode, off, length)
+
+    def hook_handlers(self) -> dict:
+        return {"copy_file_range": self.copy_file_range, "lseek": self.lseek,
+                "fallocate": self.fallocate}
+
+
+def _sync(fn, *args):
+    """The hook's error convention: OSError(errno) becomes the reply."""
+    try:
+        return fn(*args)
+    except FsError as e:
+        raise OSError(e.errno, str(e)) from None
+    except Exception:
+        log.exception("unexpected error in %s%r", fn.__name__, args[:4])
+        raise OSError(errno.EIO, "internal error") from None

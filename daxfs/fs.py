@@ -24,6 +24,7 @@ import stat
 import numpy as np
 
 from . import format as fmt
+from . import usage
 from . import xattrs as xa
 from .alloc import BlockAllocator
 from .bufcache import BufCache
@@ -135,7 +136,7 @@ class FileSystem:
     def _load_tables(self) -> None:
         g, pm = self.g, self.pm
         iv = pm.view(self.inode_base, fmt.INODE_DTYPE, g.inode_count)
-        ev = pm.view(g.region("extents")[0], fmt.EXTENT_DTYPE, g.extent_count)
+        ev = self._extent_view()
         dv = pm.view(g.region("dirents")[0], fmt.DIRENT_DTYPE, g.dirent_count)
         rv = pm.view(self.rc_base, np.uint32, g.nblocks)
         self.alloc = BlockAllocator(rv, g)
@@ -841,6 +842,23 @@ class FileSystem:
             t.inode(node)
 
     # ---------------------------------------------------------------- whole filesystem
+    def stats(self) -> dict[str, int]:
+        """Space and sharing counters (`daxfs stat`)."""
+        g, pm = self.g, self.pm
+        out = usage.usage(self.inodes.view, self._extent_view(),
+                          pm.view(self.rc_base, np.uint32, g.nblocks), g)
+        b = self.bufcache.stats
+        out.update(clones=b.clones, cloned_blocks=b.cloned_blocks, cow_breaks=b.cow_breaks,
+                   journal_commits=self.journal.commits)
+        return out
+
+    def aliases_of(self, pblk: int) -> list[tuple[int, int]]:
+        """The reverse map: (inode, file block) pairs that alias physical block `pblk`."""
+        return usage.reverse_map(self._extent_view(), pblk)
+
+    def _extent_view(self) -> np.ndarray:
+        return self.pm.view(self.g.region("extents")[0], fmt.EXTENT_DTYPE, self.g.extent_count)
+
     def statfs(self) -> StatFs:
         g = self.g
         return StatFs(BS, g.data_blocks, self.alloc.free, g.inode_count - 2, len(self.inodes.pool))

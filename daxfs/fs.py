@@ -861,4 +861,5 @@ class FileSystem:
 
     def statfs(self) -> StatFs:
         g = self.g
-        return StatFs(BS, g.data_blocks, self.alloc.free, g.inode_count - 2, len(self.inodes.pool))
+        # f_files excludes the never-used slot 0; root counts as used
+        return StatFs(BS, g.data_blocks, self.alloc.free, g.inode_count - 1, len(self.inodes.pool))

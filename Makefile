@@ -1,0 +1,49 @@
+# daxfs: the two commands are `make run` (mount a default image at ./mnt) and `make test`.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+DAXFS   := $(VENV)/bin/daxfs
+IMAGE   ?= daxfs.img
+MNT     ?= mnt
+SIZE    ?= 1G
+APT_PKGS := fuse3 libfuse3-dev pkg-config gcc fio attr python3-venv
+STAMP   := $(VENV)/.installed
+
+.PHONY: setup system-packages run umount test bench bench-full clean
+
+setup: system-packages $(STAMP)
+
+# Debian packages (needs root, as in CI); skipped when all are present already.
+system-packages:
+	@if ! dpkg -s $(APT_PKGS) >/dev/null 2>&1; then \
+	    echo "installing $(APT_PKGS)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS); \
+	fi
+
+$(STAMP): pyproject.toml setup.py daxfs/_fusehook.c daxfs/_fusehook.map
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	# mount(8) runs `daxfs` for `-t fuse.daxfs` (via /sbin/mount.fuse), so put it on PATH
+	-ln -sf $(abspath $(DAXFS)) /usr/local/bin/daxfs
+	touch $(STAMP)
+
+run: setup
+	@test -e $(IMAGE) || $(DAXFS) mkfs $(IMAGE) --size $(SIZE)
+	@mkdir -p $(MNT)
+	$(DAXFS) mount $(IMAGE) $(MNT)
+	@echo "daxfs mounted at $(MNT); unmount with: make umount"
+
+umount:
+	$(DAXFS) umount $(MNT)
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) scripts/bench.py --short --daxfs
+
+bench-full: setup
+	$(PY) scripts/bench.py --full --daxfs
+
+clean:
+	rm -rf build *.egg-info daxfs/*.so .pytest_cache

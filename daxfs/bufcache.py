@@ -52,7 +52,10 @@ class BufCache:
         return pblk << SHIFT
 
     # -- read --------------------------------------------------------------------------------------
-    def read(self, node: Inode, off: int, size: int) -> bytes:
+    def read(self, node: Inode, off: int, size: int, *, view: bool = False):
+        """Bytes [off, off+size) clipped to EOF. With `view`, a range inside one extent comes
+        back as a memoryview of the frame itself (zero-copy: pyfuse3 replies from any buffer);
+        the caller must drop it before the next request can change the mapping."""
         end = min(off + size, node.size)
         if off >= end:
             return b""
@@ -61,7 +64,7 @@ class BufCache:
         buf = self.pm.buf
         if len(segs) == 1 and segs[0][2] != HOLE:
             a = (segs[0][2] << SHIFT) + (off - (l0 << SHIFT))
-            return buf[a:a + end - off].tobytes()
+            return buf[a:a + end - off] if view else buf[a:a + end - off].tobytes()
         parts = []
         for l, n, p in segs:
             fa, fb = max(off, l << SHIFT), min(end, (l + n) << SHIFT)

@@ -578,11 +578,13 @@ class FileSystem:
         node.opens = max(0, node.opens - 1)
         self._maybe_reclaim(node)
 
-    def read(self, ino: int, off: int, size: int) -> bytes:
+    def read(self, ino: int, off: int, size: int, *, view: bool = False):
+        """File bytes; `view=True` may return a zero-copy memoryview of the image (the FUSE
+        reply path), valid only until the next mutating call."""
         node = self._node(ino)
         if node.is_dir:
             raise FsError(errno.EISDIR)
-        return self.bufcache.read(node, off, size)
+        return self.bufcache.read(node, off, size, view=view)
 
     def write(self, ino: int, off: int, data) -> int:
         node = self._node(ino)

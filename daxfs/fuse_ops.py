@@ -138,7 +138,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def read(self, fh, off, size):
-        return self.fs.read(fh, off, size)
+        return self.fs.read(fh, off, size, view=True)
 
     @_errors
     async def write(self, fh, off, buf):

@@ -70,7 +70,8 @@ INODE_DTYPE = np.dtype([
     ("gid", "<u4"),
     ("nlink", "<u4"),       # == number of dirents naming it (+1 per subdirectory '..' for dirs
                             #    + 1 for its own '.'), 0 only with IFLAG_ORPHAN
-    ("size", "<u8"),        # bytes; mapped blocks never lie wholly past ceil(size/BLOCK) unless IFLAG_TRIM
+    ("size", "<u8"),        # bytes; blocks wholly past ceil(size/BLOCK) are mapped only for a regular
+                            #    file (zero-filled fallocate KEEP_SIZE preallocation) or with IFLAG_TRIM
     ("atime", "<i8"),       # ns since the epoch
     ("mtime", "<i8"),
     ("ctime", "<i8"),

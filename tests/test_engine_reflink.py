@@ -160,6 +160,9 @@ def test_fallocate_modes(fs):
     assert fs.read(f, 0, 10 * BS) == bytes(10 * BS)
     fs.fallocate(f, FALLOC_KEEP_SIZE, 10 * BS, 2 * BS)
     assert fs.getattr(f).size == 10 * BS and fs.getattr(f).blocks == 12 * 8
+    assert fs.read(f, 0, 20 * BS) == bytes(10 * BS)
+    fs.sync()
+    fsck_clean(fs.pm.path)                           # preallocation past EOF is legal
     fs.write(f, 0, b"y" * 10 * BS)
     g = fs.create(1, b"g", 0o644, 0, 0).ino
     fs.clone_range(f, 0, g, 0, 10 * BS)

@@ -53,10 +53,10 @@ class BlockAllocator:
             return []
         if n > self.available():
             raise FsError(errno.ENOSPC)
-        g = self.g
-        if g.data_start <= goal and goal + n <= g.nblocks and not self.rc[goal:goal + n].any() \
-                and not self._in_quarantine(goal, n):
-            runs = [(goal, n)]
+        for start in (goal, self.cursor):       # contiguous with the file, or where we left off
+            if self._fits(start, n):
+                runs = [(start, n)]
+                break
         else:
             runs = self._search(n)
         for s, ln in runs:
@@ -66,6 +66,11 @@ class BlockAllocator:
         last_s, last_n = runs[-1]
         self.cursor = last_s + last_n
         return runs
+
+    def _fits(self, start: int, n: int) -> bool:
+        g = self.g
+        return g.data_start <= start and start + n <= g.nblocks and \
+            not self.rc[start:start + n].any() and not self._in_quarantine(start, n)
 
     def _search(self, n: int) -> list[tuple[int, int]]:
         g = self.g
@@ -108,9 +113,17 @@ class BlockAllocator:
 
     def decref(self, pblk: int, n: int) -> int:
         """Drop one reference from each block of the run; returns how many became free."""
+        self.dirty.append((pblk, pblk + n))
+        if n == 1:                              # the COW break's case: skip the array work
+            left = int(self.rc[pblk]) - 1
+            self.rc[pblk] = left
+            if left:
+                return 0
+            self.quarantine.append((pblk, pblk + 1))
+            self.free += 1
+            return 1
         seg = self.rc[pblk:pblk + n]
         seg -= 1
-        self.dirty.append((pblk, pblk + n))
         freed = np.flatnonzero(seg == 0)
         if freed.size:
             for s, ln in runs_of(freed + pblk):

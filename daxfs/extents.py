@@ -12,6 +12,7 @@ both logically and physically are merged, so sequential writes keep one extent.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import struct
 
@@ -32,25 +33,54 @@ class RemapResult:
     freed_slots: list[int]                 # records to clear
 
 
+class _Leaf:
+    """Up to LEAF extents in four parallel sorted arrays."""
+    __slots__ = ("lblk", "pblk", "length", "slot")
+
+    def __init__(self, lblk, pblk, length, slot):
+        self.lblk, self.pblk, self.length, self.slot = lblk, pblk, length, slot
+
+
+LEAF = 256       # extents per leaf: bounds the copying one remap does, whatever the file's size
+
+
 class ExtentMap:
-    __slots__ = ("lblk", "pblk", "length", "slot", "mapped")
+    """Sorted extents cut into leaves of at most LEAF entries (a one-level B+ tree): lookups
+    are two binary searches, and a remap rewrites only the leaves it touches, so a COW break
+    in a file of a million extents copies a few KiB, not the whole map."""
+
+    __slots__ = ("leaves", "firsts", "mapped", "count")
 
     def __init__(self, lblk=None, pblk=None, length=None, slot=None):
-        e = np.empty(0, _I64)
-        self.lblk = e if lblk is None else np.asarray(lblk, _I64)
-        self.pblk = e if pblk is None else np.asarray(pblk, _I64)
-        self.length = e if length is None else np.asarray(length, _I64)
-        self.slot = e if slot is None else np.asarray(slot, _I64)
-        self.mapped = int(self.length.sum())
+        self.leaves: list[_Leaf] = []
+        self.firsts: list[int] = []          # first file block of each leaf
+        self.mapped = 0
+        self.count = 0
+        if lblk is not None and len(lblk):
+            self._replace(0, 0, np.asarray(lblk, _I64), np.asarray(pblk, _I64),
+                          np.asarray(length, _I64), np.asarray(slot, _I64))
+            self.mapped = int(np.asarray(length, _I64).sum())
 
     def __len__(self) -> int:
-        return int(self.lblk.size)
+        return self.count
 
     def end_block(self) -> int:
         """One past the last mapped file block (0 when empty)."""
-        if not self.lblk.size:
+        if not self.leaves:
             return 0
-        return int(self.lblk[-1] + self.length[-1])
+        last = self.leaves[-1]
+        return int(last.lblk[-1] + last.length[-1])
+
+    def _leaf_of(self, lblk: int) -> int:
+        return max(0, bisect.bisect_right(self.firsts, lblk) - 1)
+
+    def _replace(self, i: int, j: int, lb, pb, ln, sl) -> None:
+        """Replace leaves [i, j) by the given sorted extents, cut into leaves."""
+        new = [_Leaf(lb[k:k + LEAF], pb[k:k + LEAF], ln[k:k + LEAF], sl[k:k + LEAF])
+               for k in range(0, lb.size, LEAF)]
+        self.count += lb.size - sum(leaf.lblk.size for leaf in self.leaves[i:j])
+        self.leaves[i:j] = new
+        self.firsts[i:j] = [int(leaf.lblk[0]) for leaf in new]
 
     # -- lookups ---------------------------------------------------------------------------------
     def segments(self, l0: int, l1: int) -> list[tuple[int, int, int]]:
@@ -58,75 +88,99 @@ class ExtentMap:
         out: list[tuple[int, int, int]] = []
         if l0 >= l1:
             return out
-        lb = self.lblk
-        i = int(np.searchsorted(lb, l0, "right")) - 1
-        if i < 0 or lb[i] + self.length[i] <= l0:
-            i += 1
-        j = int(np.searchsorted(lb, l1, "left"))
         pos = l0
-        if i < j:
-            for s, p, n in zip(lb[i:j].tolist(), self.pblk[i:j].tolist(), self.length[i:j].tolist()):
-                if s > pos:
-                    out.append((pos, s - pos, HOLE))
-                    pos = s
-                e = min(s + n, l1)
-                out.append((pos, e - pos, p + (pos - s)))
-                pos = e
+        li = self._leaf_of(l0)
+        while li < len(self.leaves) and self.firsts[li] < l1:
+            leaf = self.leaves[li]
+            lb = leaf.lblk
+            i = int(np.searchsorted(lb, pos, "right")) - 1
+            if i < 0 or lb[i] + leaf.length[i] <= pos:
+                i += 1
+            j = int(np.searchsorted(lb, l1, "left"))
+            if i < j:
+                for s, p, n in zip(lb[i:j].tolist(), leaf.pblk[i:j].tolist(),
+                                   leaf.length[i:j].tolist()):
+                    if s > pos:
+                        out.append((pos, s - pos, HOLE))
+                        pos = s
+                    e = min(s + n, l1)
+                    out.append((pos, e - pos, p + (pos - s)))
+                    pos = e
+            li += 1
         if pos < l1:
             out.append((pos, l1 - pos, HOLE))
         return out
 
     def lookup(self, lblk: int) -> int:
-        i = int(np.searchsorted(self.lblk, lblk, "right")) - 1
-        if i >= 0 and lblk < self.lblk[i] + self.length[i]:
-            return int(self.pblk[i] + (lblk - self.lblk[i]))
+        if not self.leaves:
+            return HOLE
+        leaf = self.leaves[self._leaf_of(lblk)]
+        i = int(np.searchsorted(leaf.lblk, lblk, "right")) - 1
+        if i >= 0 and lblk < leaf.lblk[i] + leaf.length[i]:
+            return int(leaf.pblk[i] + (lblk - leaf.lblk[i]))
         return HOLE
 
     def runs(self) -> list[tuple[int, int, int]]:
-        return list(zip(self.lblk.tolist(), self.pblk.tolist(), self.length.tolist()))
+        return [r for leaf in self.leaves for r in
+                zip(leaf.lblk.tolist(), leaf.pblk.tolist(), leaf.length.tolist())]
 
     # -- mutation --------------------------------------------------------------------------------
     def remap(self, l0: int, n: int, p0: int, take_slot) -> RemapResult:
         """Map [l0, l0+n) to [p0, p0+n) (p0 == HOLE: unmap). `take_slot()` gives a free record."""
-        lb, pb, ln, sl = self.lblk, self.pblk, self.length, self.slot
         l1 = l0 + n
-        # window [a, b) of extents touching or adjacent to [l0, l1), for merging
-        a = int(np.searchsorted(lb, l0, "right")) - 1
-        if a < 0 or lb[a] + ln[a] < l0:
-            a += 1
-        b = int(np.searchsorted(lb, l1, "right"))
-        removed: list[tuple[int, int]] = []
-        pieces: list[list[int]] = []          # [lblk, pblk, length]
-        for k in range(a, b):
-            s, p, m = int(lb[k]), int(pb[k]), int(ln[k])
-            e = s + m
-            if s < l0:
-                pieces.append([s, p, min(e, l0) - s])
-            ov0, ov1 = max(s, l0), min(e, l1)
-            if ov0 < ov1:
-                removed.append((p + ov0 - s, ov1 - ov0))
-            if e > l1:
-                pieces.append([max(s, l1), p + max(s, l1) - s, e - max(s, l1)])
-        if p0 != HOLE:
-            pieces.append([l0, p0, n])
-            pieces.sort()
-        merged: list[list[int]] = []
-        for pc in pieces:
-            if merged and merged[-1][0] + merged[-1][2] == pc[0] and merged[-1][1] + merged[-1][2] == pc[1]:
-                merged[-1][2] += pc[2]
-            else:
-                merged.append(pc)
-        old_slots = sl[a:b].tolist()
-        new_slots = [old_slots[i] if i < len(old_slots) else take_slot() for i in range(len(merged))]
-        freed = old_slots[len(merged):]
-        m = np.array(merged, _I64).reshape(-1, 3)
-        self.lblk = np.concatenate((lb[:a], m[:, 0], lb[b:]))
-        self.pblk = np.concatenate((pb[:a], m[:, 1], pb[b:]))
-        self.length = np.concatenate((ln[:a], m[:, 2], ln[b:]))
-        self.slot = np.concatenate((sl[:a], np.array(new_slots, _I64), sl[b:]))
-        self.mapped += (n if p0 != HOLE else 0) - sum(r[1] for r in removed)
-        written = [(s, pc[0], pc[1], pc[2]) for s, pc in zip(new_slots, merged)]
-        return RemapResult(removed, written, freed)
+        # the leaves holding extents that touch or adjoin [l0, l1) (adjoining ones may merge)
+        i = self._leaf_of(l0 - 1) if l0 > 0 else 0
+        j = max(i + 1, bisect.bisect_right(self.firsts, l1)) if self.leaves else 0
+        if self.leaves:
+            lv = self.leaves[i:j]
+            lb = np.concatenate([x.lblk for x in lv])
+            pb = np.concatenate([x.pblk for x in lv])
+            ln = np.concatenate([x.length for x in lv])
+            sl = np.concatenate([x.slot for x in lv])
+        else:
+            lb = pb = ln = sl = np.empty(0, _I64)
+        res, lb, pb, ln, sl = _remap_flat(lb, pb, ln, sl, l0, n, p0, take_slot)
+        self._replace(i, j, lb, pb, ln, sl)
+        self.mapped += (n if p0 != HOLE else 0) - sum(r[1] for r in res.removed)
+        return res
+
+
+def _remap_flat(lb, pb, ln, sl, l0: int, n: int, p0: int, take_slot):
+    """remap on one sorted run of extents; returns (result, new arrays)."""
+    l1 = l0 + n
+    a = int(np.searchsorted(lb, l0, "right")) - 1
+    if a < 0 or lb[a] + ln[a] < l0:
+        a += 1
+    b = int(np.searchsorted(lb, l1, "right"))
+    removed: list[tuple[int, int]] = []
+    pieces: list[list[int]] = []          # [lblk, pblk, length]
+    for s, p, m in zip(lb[a:b].tolist(), pb[a:b].tolist(), ln[a:b].tolist()):
+        e = s + m
+        if s < l0:
+            pieces.append([s, p, min(e, l0) - s])
+        ov0, ov1 = max(s, l0), min(e, l1)
+        if ov0 < ov1:
+            removed.append((p + ov0 - s, ov1 - ov0))
+        if e > l1:
+            pieces.append([max(s, l1), p + max(s, l1) - s, e - max(s, l1)])
+    if p0 != HOLE:
+        pieces.append([l0, p0, n])
+        pieces.sort()
+    merged: list[list[int]] = []
+    for pc in pieces:
+        if merged and merged[-1][0] + merged[-1][2] == pc[0] and merged[-1][1] + merged[-1][2] == pc[1]:
+            merged[-1][2] += pc[2]
+        else:
+            merged.append(pc)
+    old_slots = sl[a:b].tolist()
+    new_slots = [old_slots[k] if k < len(old_slots) else take_slot() for k in range(len(merged))]
+    freed = old_slots[len(merged):]
+    m = np.array(merged, _I64).reshape(-1, 3)
+    out = (np.concatenate((lb[:a], m[:, 0], lb[b:])), np.concatenate((pb[:a], m[:, 1], pb[b:])),
+           np.concatenate((ln[:a], m[:, 2], ln[b:])),
+           np.concatenate((sl[:a], np.array(new_slots, _I64), sl[b:])))
+    written = [(s, pc[0], pc[1], pc[2]) for s, pc in zip(new_slots, merged)]
+    return (RemapResult(removed, written, freed), *out)
 
 
 def pack_extent(ino: int, lblk: int, pblk: int, length: int) -> bytes:

@@ -798,7 +798,7 @@ def check_extents(ctx: Context) -> None:
     a file (later ones are cut), none wholly past EOF but a regular file's preallocation."""
     g, n = ctx.g, ctx.n_inodes
     e = ctx.extents
-    mode, fl = ctx.inodes["mode"], ctx.inodes["flags"]
+    mode = ctx.inodes["mode"]
     a = ctx.alive_e()
     if a.size:
         owner = e["ino"][a].astype(np.int64)

@@ -11,7 +11,6 @@ import pytest
 
 from daxfs.errors import FsError
 from daxfs.fs import FileSystem
-from daxfs.mkfs import make_image
 
 from enginetools import fsck_clean
 

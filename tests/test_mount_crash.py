@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (check_fsck, daemon_log, daxfs_cli, force_cleanup, fsck_available, have_fuse,
+from conftest import (check_fsck, daemon_log, daxfs_cli, force_cleanup, have_fuse,
                       is_mounted, mount, sha256, umount, wait_unlocked)
 from daxfs.daemon import lock_holder
 
@@ -100,13 +100,11 @@ def image_clean_flag(image) -> bool:
     return "state:          clean" in out
 
 
-def fsck_crashed(image) -> subprocess.CompletedProcess | None:
+def fsck_crashed(image) -> subprocess.CompletedProcess:
     """fsck of an image whose daemon was killed, before it is mounted again: the journal makes
     such an image consistent, so the check (which replays the journal into a private mapping and
     never writes) must find no error: exit 0 (pending replay and the clean flag are notes).
     The image bytes must be unchanged by a plain check."""
-    if not fsck_available():
-        return None
     before = sha256(image)
     p = daxfs_cli("fsck", image, check=False)
     assert p.returncode == 0, f"fsck of the crashed image: {p.returncode}\n{p.stdout}{p.stderr}"

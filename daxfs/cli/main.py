@@ -1,0 +1,247 @@
+"""The `daxfs` command: mkfs, mount, umount, fsck, info.
+
+Every user error ends as ONE line on stderr ("daxfs: ...") and a non-zero exit status, never a
+traceback. Exit statuses: 0 ok, 1 error, 2 bad command line, 8 internal error; `daxfs fsck` uses
+the fsck(8) convention (0 clean, 1 corrected, 4 uncorrected, 8 operational error).
+
+Mount-helper form: `mount -t fuse.daxfs IMAGE MNT -o OPTS` makes mount.fuse3 run
+`daxfs IMAGE MNT -o OPTS`, which is taken as `daxfs mount IMAGE MNT -o OPTS`.
+
+trio and pyfuse3 are NOT imported here: the mount daemon imports them after forking.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import traceback
+
+from .. import __version__
+from ..errors import UsageError
+from ..format import FormatError
+
+log = logging.getLogger("daxfs.cli")
+
+COMMANDS = ("mkfs", "mount", "umount", "unmount", "fsck", "info")
+CRASH_LOG = os.path.join(tempfile.gettempdir(), "daxfs-cli.log")
+
+
+class CliExit(Exception):
+    """Raised by the argument parser instead of printing usage + exiting."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):               # one line, no usage dump
+        raise CliExit(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="daxfs", description="daxfs: a DAX + reflink filesystem in one image file")
+    p.add_argument("--version", action="version", version=f"daxfs {__version__}")
+    p.add_argument("--debug", action="store_true", help="debug logging on stderr")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging on stderr")
+
+    s = sub.add_parser("mkfs", parents=[common], help="create an empty daxfs image",
+                       description="Create (or with --force overwrite) a daxfs image file.")
+    s.add_argument("image", metavar="IMAGE")
+    s.add_argument("-s", "--size", default="1G", help="image size, e.g. 256M, 4G (default 1G)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing image or file")
+    s.add_argument("--inodes", type=int, metavar="N",
+                   help="number of inodes (default: one per 16 KiB)")
+
+    s = sub.add_parser(
+        "mount", parents=[common], help="mount an image (daemon in the background)",
+        description="Mount IMAGE on MOUNTPOINT and return once it is mounted; the daemon keeps "
+                    "running in the background until `daxfs umount` (or SIGTERM). Options for -o "
+                    "(comma-separated): allow_other, ro, debug, noexec, default_permissions "
+                    "(always on), log=FILE (daemon log; default /tmp/daxfs-<image name>.log), "
+                    "min_tasks=N, max_tasks=N (FUSE worker tasks, default 2 and 32); mount(8) "
+                    "options such as rw, exec, nosuid, nodev, auto, user, _netdev, nofail, "
+                    "defaults, x-* are accepted and ignored (FUSE mounts are always nosuid,nodev).")
+    s.add_argument("image", metavar="IMAGE")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT")
+    s.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground (log to stderr)")
+    s.add_argument("-o", dest="options", action="append", metavar="OPTS",
+                   help="comma-separated mount options")
+
+    s = sub.add_parser("umount", aliases=["unmount"], parents=[common],
+                       help="unmount and wait for the daemon to finish",
+                       description="Unmount a daxfs mount (given its mountpoint or its image) and "
+                                   "wait until its daemon has written everything back and exited.")
+    s.add_argument("target", metavar="MOUNTPOINT")
+    s.add_argument("-z", "--lazy", action="store_true",
+                   help="detach now even if busy; the daemon exits when the last file closes")
+    s.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="how long to wait for the daemon to exit (default 60)")
+
+    s = sub.add_parser("fsck", parents=[common], help="check (and repair) an unmounted image",
+                       description="Check an unmounted image. Exit status: 0 clean, 1 errors "
+                                   "corrected, 4 errors left uncorrected, 8 operational error.")
+    s.add_argument("image", metavar="IMAGE")
+    s.add_argument("--repair", "-y", action="store_true", help="repair what can be repaired")
+
+    s = sub.add_parser("info", parents=[common], help="show geometry, state and usage",
+                       description="Show an image's geometry, state and usage (read-only; "
+                                   "works on a mounted image too).")
+    s.add_argument("image", metavar="IMAGE")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _mount_helper_form(argv: list[str]) -> bool:
+    """`daxfs IMAGE MNT [-o OPTS]...`, as run by mount.fuse3 for `mount -t fuse.daxfs`."""
+    if not argv or argv[0] in COMMANDS or argv[0].startswith("-"):
+        return False
+    positionals = 0
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "-o":
+            i += 2
+            continue
+        if not a.startswith("-"):
+            positionals += 1
+        i += 1
+    return positionals == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+def cmd_mkfs(a) -> int:
+    from ..mkfs import make_image, parse_size
+    from .. import daemon
+    size = parse_size(a.size)
+    if a.inodes is not None and a.inodes < 2:
+        raise UsageError("--inodes must be at least 2")
+    if a.force and os.path.isfile(a.image):
+        try:
+            locked = daemon.is_locked(a.image)
+        except OSError:
+            locked = False
+        if locked:
+            raise UsageError(daemon.describe_lock(a.image) + "; unmount it first")
+    g = make_image(a.image, size, force=a.force, inode_count=a.inodes)
+    from ..format import BLOCK_SIZE
+    print(f"daxfs: created {a.image}: {g.nblocks * BLOCK_SIZE} bytes, {g.nblocks} blocks of "
+          f"{BLOCK_SIZE}, {g.data_blocks} data blocks, {g.inode_count - 1} inodes")
+    return 0
+
+
+def cmd_mount(a) -> int:
+    from .. import daemon
+    opts = daemon.parse_mount_options(a.options, debug=a.debug)
+    return daemon.mount(a.image, a.mountpoint, opts, foreground=a.foreground)
+
+
+def cmd_umount(a) -> int:
+    from .. import daemon
+    return daemon.umount(a.target, lazy=a.lazy, timeout=a.timeout)
+
+
+def cmd_fsck(a) -> int:
+    from .. import daemon
+    image = a.image
+    if not os.path.exists(image):
+        raise UsageError(f"{image}: no such image file")
+    if os.path.isdir(image):
+        raise UsageError(f"{image} is a directory, not an image file")
+    try:
+        locked = daemon.is_locked(image)
+    except OSError as e:
+        raise UsageError(f"cannot open {image}: {e.strerror}") from None
+    if locked:
+        raise UsageError(daemon.describe_lock(image) + "; unmount it before running fsck")
+    try:
+        from ..fsck import main_check
+    except ImportError as e:
+        raise UsageError(f"fsck is not available in this build ({e})") from None
+    return int(main_check(image, a.repair) or 0)
+
+
+def cmd_info(a) -> int:
+    from .info import main_info
+    return main_info(a.image, as_json=a.json)
+
+
+HANDLERS = {"mkfs": cmd_mkfs, "mount": cmd_mount, "umount": cmd_umount, "unmount": cmd_umount,
+            "fsck": cmd_fsck, "info": cmd_info}
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _error(msg: str) -> None:
+    try:
+        print(f"daxfs: {msg}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def _crash_log(exc: BaseException) -> str:
+    """Append the traceback to the CLI crash log; its path (or '' if not writable)."""
+    text = "".join(traceback.format_exception(exc))
+    log.debug("unexpected error:\n%s", text)
+    try:
+        with open(CRASH_LOG, "a") as f:
+            f.write(f"--- pid {os.getpid()}: daxfs {' '.join(sys.argv[1:])}\n{text}")
+        return CRASH_LOG
+    except OSError:
+        return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _mount_helper_form(argv):
+        argv = ["mount", *argv]
+    error_code = 8 if argv[:1] == ["fsck"] else 1
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="daxfs: %(levelname)s %(name)s: %(message)s")
+    log.debug("daxfs %s", " ".join(argv))
+    try:
+        a = build_parser().parse_args(argv)
+        if a.command is None:
+            raise CliExit("no command given (one of mkfs, mount, umount, fsck, info; "
+                          "see 'daxfs --help')")
+        if "debug" in ",".join(getattr(a, "options", None) or []).split(","):
+            a.debug = True
+        if a.debug:
+            logging.getLogger().setLevel(logging.DEBUG)
+        return HANDLERS[a.command](a)
+    except CliExit as e:
+        _error(str(e))
+        return e.code
+    except UsageError as e:
+        _error(str(e))
+        return error_code
+    except FormatError as e:
+        _error(str(e))
+        return error_code
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        _error(f"{where}{e.strerror or e}")
+        return error_code
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except SystemExit:
+        raise
+    except BaseException as e:                         # noqa: BLE001
+        path = _crash_log(e)
+        where = f"see {path}" if path else "run with --debug for details"
+        _error(f"internal error: {type(e).__name__}: {e} ({where})")
+        return 8
+
+
+if __name__ == "__main__":
+    sys.exit(main())

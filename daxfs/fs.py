@@ -17,6 +17,7 @@ import bisect
 import contextlib
 import dataclasses
 import errno
+import json
 import logging
 import os
 import stat
@@ -43,6 +44,8 @@ MAX_SYMLINK = BS - 1
 # Bounds on one transaction's work: big truncates, unlinks and clones run as several.
 TXN_BLOCKS = 4096
 MAX_CLONE_BYTES = 1 << 30    # per call: the FUSE reply count is 32-bit; callers loop
+# A read-only virtual xattr of the root: the running daemon's counters as JSON (`daxfs stat`).
+STATS_XATTR = b"user.daxfs.stats"
 FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE = 0x01, 0x02, 0x10
 
 
@@ -688,6 +691,7 @@ class FileSystem:
                 dst.touch(m=True)
                 t.inode(dst)
         done += min(b, end_in) - a
+        self.bufcache.stats.clones += 1
         if b < end_in:
             done += self._copy_bytes(src, b, dst, b + shift, end_in - b)
         return done
@@ -795,6 +799,8 @@ class FileSystem:
         return node.xattrs
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        if ino == fmt.ROOT_INO and name == STATS_XATTR:
+            return json.dumps(self.stats(), sort_keys=True).encode()
         attrs = self._xattrs(self._node(ino))
         if name not in attrs:
             raise FsError(errno.ENODATA)
@@ -805,6 +811,8 @@ class FileSystem:
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         xa.check_name(name)
+        if name == STATS_XATTR:
+            raise FsError(errno.EPERM)
         if len(value) > 65536:
             raise FsError(errno.E2BIG)
         node = self._node(ino)
@@ -818,6 +826,8 @@ class FileSystem:
         self._store_xattrs(node, new)
 
     def removexattr(self, ino: int, name: bytes) -> None:
+        if name == STATS_XATTR:
+            raise FsError(errno.EPERM)
         node = self._node(ino)
         attrs = self._xattrs(node)
         if name not in attrs:

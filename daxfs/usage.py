@@ -34,7 +34,7 @@ def usage(inodes: np.ndarray, extents: np.ndarray, refcounts: np.ndarray,
         "physical_bytes": used_blocks * fmt.BLOCK_SIZE,
         "free_bytes": int(np.count_nonzero(rc == 0)) * fmt.BLOCK_SIZE,
         "total_bytes": g.data_blocks * fmt.BLOCK_SIZE,
-        "files": int(np.count_nonzero(modes)) - 1,    # slot 0 aside, root included
+        "files": int(np.count_nonzero(modes)),        # inodes in use, root included
         "shared_blocks": int(np.count_nonzero(rc > 1)),
         "aliases": aliases,
         "bytes_saved": max(0, aliases - data_blocks) * fmt.BLOCK_SIZE,

@@ -1,4 +1,4 @@
-"""The `daxfs` command: mkfs, mount, umount, fsck, info.
+"""The `daxfs` command: mkfs, mount, umount, fsck, info, stat, reflink.
 
 Every user error ends as ONE line on stderr ("daxfs: ...") and a non-zero exit status, never a
 traceback. Exit statuses: 0 ok, 1 error, 2 bad command line, 8 internal error; `daxfs fsck` uses
@@ -24,7 +24,7 @@ from ..format import FormatError
 
 log = logging.getLogger("daxfs.cli")
 
-COMMANDS = ("mkfs", "mount", "umount", "unmount", "fsck", "info")
+COMMANDS = ("mkfs", "mount", "umount", "unmount", "fsck", "info", "stat", "reflink")
 CRASH_LOG = os.path.join(tempfile.gettempdir(), "daxfs-cli.log")
 
 
@@ -89,6 +89,18 @@ def build_parser() -> Parser:
                                    "corrected, 4 errors left uncorrected, 8 operational error.")
     s.add_argument("image", metavar="IMAGE")
     s.add_argument("--repair", "-y", action="store_true", help="repair what can be repaired")
+
+    s = sub.add_parser("stat", parents=[common], help="space and sharing counters",
+                       description="Logical/physical bytes, shared blocks, aliases, clones, COW "
+                                   "breaks and bytes saved, of a mount (live) or an image.")
+    s.add_argument("target", metavar="MOUNTPOINT|IMAGE")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+
+    s = sub.add_parser("reflink", parents=[common], help="clone SRC to DST; fail unless shared",
+                       description="Clone a file on a daxfs mount through copy_file_range and "
+                                   "fail if the result does not share every block.")
+    s.add_argument("src", metavar="SRC")
+    s.add_argument("dst", metavar="DST")
 
     s = sub.add_parser("info", parents=[common], help="show geometry, state and usage",
                        description="Show an image's geometry, state and usage (read-only; "
@@ -174,7 +186,17 @@ def cmd_info(a) -> int:
     return main_info(a.image, as_json=a.json)
 
 
-HANDLERS = {"mkfs": cmd_mkfs, "mount": cmd_mount, "umount": cmd_umount, "unmount": cmd_umount,
+def cmd_stat(a) -> int:
+    from .stat import main_stat
+    return main_stat(a.target, as_json=a.json)
+
+
+def cmd_reflink(a) -> int:
+    from .stat import main_reflink
+    return main_reflink(a.src, a.dst)
+
+
+HANDLERS = {"stat": cmd_stat, "reflink": cmd_reflink, "mkfs": cmd_mkfs, "mount": cmd_mount, "umount": cmd_umount, "unmount": cmd_umount,
             "fsck": cmd_fsck, "info": cmd_info}
 
 
@@ -211,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         a = build_parser().parse_args(argv)
         if a.command is None:
-            raise CliExit("no command given (one of mkfs, mount, umount, fsck, info; "
+            raise CliExit("no command given (one of mkfs, mount, umount, fsck, info, stat, reflink; "
                           "see 'daxfs --help')")
         if "debug" in ",".join(getattr(a, "options", None) or []).split(","):
             a.debug = True

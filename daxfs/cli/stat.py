@@ -1,0 +1,103 @@
+"""`daxfs stat` (space and sharing counters) and `daxfs reflink` (a clone that must share).
+
+copy_file_range cannot tell its caller whether blocks were shared or copied; the counters can.
+A running daemon serves them as the read-only virtual xattr `user.daxfs.stats` of the root;
+for an unmounted image they are computed from the tables (clone and COW counters are per mount
+and read 0 there)."""
+from __future__ import annotations
+
+import json
+import os
+
+from .. import daemon
+from ..errors import UsageError
+from ..fs import STATS_XATTR, FileSystem
+
+ROWS = [("logical_bytes", "logical bytes (file sizes)"), ("physical_bytes", "physical bytes in use"),
+        ("free_bytes", "free bytes"), ("files", "inodes in use"),
+        ("shared_blocks", "shared blocks (refcount > 1)"), ("aliases", "alias descriptors"),
+        ("bytes_saved", "bytes saved by sharing"), ("clones", "clones (since mount)"),
+        ("cloned_blocks", "blocks cloned (since mount)"), ("cow_breaks", "COW breaks (since mount)")]
+
+
+def read_stats(target: str) -> dict:
+    if os.path.isdir(target):
+        try:
+            return json.loads(os.getxattr(target, STATS_XATTR.decode()))
+        except OSError:
+            raise UsageError(f"{target} is not the root of a daxfs mount") from None
+    if not os.path.exists(target):
+        raise UsageError(f"{target}: no such image or mountpoint")
+    if daemon.is_locked(target):
+        raise UsageError(daemon.describe_lock(target) + "; run daxfs stat on its mountpoint")
+    fs = FileSystem.open(target, readonly=True)
+    try:
+        return fs.stats()
+    finally:
+        fs.close()
+
+
+def main_stat(target: str, as_json: bool) -> int:
+    st = read_stats(target)
+    if as_json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+        return 0
+    for key, label in ROWS:
+        if key in st:
+            value = st[key]
+            extra = f"  ({_human(value)})" if key.endswith("bytes") else ""
+            print(f"{label:32} {value}{extra}")
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def _mount_root(path: str) -> str:
+    path = os.path.realpath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def main_reflink(src: str, dst: str) -> int:
+    """Clone SRC to DST through copy_file_range and fail unless every whole block is shared."""
+    try:
+        sfd = os.open(src, os.O_RDONLY)
+    except OSError as e:
+        raise UsageError(f"cannot open {src}: {e.strerror}") from None
+    try:
+        size = os.fstat(sfd).st_size
+        root = _mount_root(src)
+        if _mount_root(os.path.dirname(os.path.abspath(dst)) or ".") != root:
+            raise UsageError("SRC and DST must be on the same daxfs mount")
+        before = read_stats(root)
+        try:
+            dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise UsageError(f"cannot create {dst}: {e.strerror}") from None
+        try:
+            done = 0
+            while done < size:
+                n = os.copy_file_range(sfd, dfd, size - done, done, done)
+                if n == 0:
+                    break
+                done += n
+        except OSError as e:
+            raise UsageError(f"copy_file_range {src} -> {dst}: {e.strerror}") from None
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+    after = read_stats(root)
+    want = -(-size // 4096)
+    got = after.get("cloned_blocks", 0) - before.get("cloned_blocks", 0)
+    if got < want:
+        raise UsageError(f"{dst}: only {got} of {want} blocks were shared (not a reflink)")
+    print(f"{dst}: {want} blocks shared with {src}")
+    return 0

@@ -8,7 +8,7 @@ SIZE    ?= 1G
 APT_PKGS := fuse3 libfuse3-dev pkg-config gcc fio attr python3-venv
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup system-packages run umount test bench bench-full clean
+.PHONY: setup system-packages run umount test bench bench-short clean
 
 setup: system-packages $(STAMP)
 
@@ -39,11 +39,14 @@ umount:
 test: setup
 	$(PY) -m pytest -q
 
+# fio suite against tmpfs (/dev/shm) and a fresh daxfs image, in one run; results/<time>/
 bench: setup
-	$(PY) scripts/bench.py --short --daxfs
-
-bench-full: setup
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) scripts/bench.py --full --daxfs
+
+bench-short: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) scripts/bench.py --short --daxfs
 
 clean:
 	rm -rf build *.egg-info daxfs/*.so .pytest_cache

@@ -261,6 +261,28 @@ static void hook_init(void *userdata, struct fuse_conn_info *conn)
 }
 
 /* ------------------------------------------------------------------ */
+/* getxattr("security.capability") without Python                      */
+
+/* Without FUSE_HANDLE_KILLPRIV_V2 (libfuse < 3.15 cannot ask for it) the
+ * kernel's file_remove_privs() sends getxattr("security.capability") before
+ * EVERY write: one extra round trip through the Python loop per write. When
+ * Python says no inode has that xattr, answer ENODATA here, GIL untouched. */
+static void (*orig_getxattr)(fuse_req_t, fuse_ino_t, const char *, size_t);
+static volatile int capability_xattrs = 1;  /* unknown until Python says */
+
+static void hook_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    if (!capability_xattrs && strcmp(name, "security.capability") == 0) {
+        fuse_reply_err(req, ENODATA);
+        return;
+    }
+    if (orig_getxattr)
+        orig_getxattr(req, ino, name, size);
+    else
+        fuse_reply_err(req, ENOSYS);
+}
+
+/* ------------------------------------------------------------------ */
 /* the interposed fuse_session_new                                     */
 
 static const struct fuse_lowlevel_ops *patch_ops(const struct fuse_lowlevel_ops *op,
@@ -277,6 +299,10 @@ static const struct fuse_lowlevel_ops *patch_ops(const struct fuse_lowlevel_ops 
         o->lseek = hook_lseek;
     if (!o->fallocate)
         o->fallocate = hook_fallocate;
+    if (o->getxattr != hook_getxattr) {
+        orig_getxattr = o->getxattr;
+        o->getxattr = hook_getxattr;
+    }
     if (o->init != hook_init) {
         orig_init = o->init;
         o->init = hook_init;
@@ -373,6 +399,15 @@ static PyObject *py_set_conn_options(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_set_capability_xattrs(PyObject *self, PyObject *arg)
+{
+    int v = PyObject_IsTrue(arg);
+    if (v < 0)
+        return NULL;
+    capability_xattrs = v;
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_hooked(PyObject *self, PyObject *unused)
 {
     return PyBool_FromLong(hooked);
@@ -404,6 +439,7 @@ static PyMethodDef methods[] = {
     {"_set_handlers", py_set_handlers, METH_VARARGS, NULL},
     {"_set_conn_options", py_set_conn_options, METH_VARARGS, NULL},
     {"hooked", py_hooked, METH_NOARGS, NULL},
+    {"set_capability_xattrs", py_set_capability_xattrs, METH_O, NULL},
     {"conn_info", py_conn_info, METH_NOARGS, NULL},
     {"_paths", py_paths, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},

@@ -546,6 +546,8 @@ class Server:
         ops = Operations(self.fs)
         if fusehook is not None:
             fusehook.set_handlers(**ops.hook_handlers())
+            fusehook.set_capability_xattrs(bool(self.fs.capability_inodes))
+            self.fs.capability_listener = fusehook.set_capability_xattrs
         options = self.opts.fuse_options(self.image)
         log.debug("pyfuse3.init(%s, %s)", self.mountpoint, sorted(options))
         failure = None

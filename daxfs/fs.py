@@ -46,6 +46,7 @@ TXN_BLOCKS = 4096
 MAX_CLONE_BYTES = 1 << 30    # per call: the FUSE reply count is 32-bit; callers loop
 # A read-only virtual xattr of the root: the running daemon's counters as JSON (`daxfs stat`).
 STATS_XATTR = b"user.daxfs.stats"
+CAPABILITY_XATTR = b"security.capability"
 FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE = 0x01, 0x02, 0x10
 
 
@@ -110,6 +111,10 @@ class FileSystem:
         self.journal.replay()
         self._load_tables()
         self.dirty_times: dict[int, Inode] = {}
+        # inodes holding security.capability: while there are none, the kernel's check before
+        # every write (file_remove_privs) can be answered without a trip through Python
+        self.capability_inodes = self._scan_capabilities()
+        self.capability_listener = None     # callable(bool), set by the daemon
         self.dir_handles: dict[int, list[tuple[int, bytes, int]]] = {}
         self._next_fh = 1
         if not readonly:
@@ -150,6 +155,22 @@ class FileSystem:
             raise fmt.FormatError("root inode is not a directory (image corrupt; run daxfs fsck)")
         self.dirs.note_dir_parents(lambda ino: 0 < ino < isdir.size and bool(isdir[ino]))
         self.bufcache = BufCache(pm, g, self.alloc, self.inodes)
+
+    def _scan_capabilities(self) -> set[int]:
+        found = set()
+        for ino in np.flatnonzero(self.inodes.view["xattr_blk"]).tolist():
+            try:
+                if CAPABILITY_XATTR in self._xattrs(self.inodes.get(ino)):
+                    found.add(ino)
+            except FsError:
+                found.add(ino)          # unreadable: assume it may have one
+        return found
+
+    def _note_capability(self, ino: int, present: bool) -> None:
+        before = bool(self.capability_inodes)
+        (self.capability_inodes.add if present else self.capability_inodes.discard)(ino)
+        if before != bool(self.capability_inodes) and self.capability_listener:
+            self.capability_listener(bool(self.capability_inodes))
 
     def _recover(self) -> None:
         """Finish what a crash interrupted: reclaim orphans, complete pending trims."""
@@ -450,6 +471,7 @@ class FileSystem:
             t.write(self.inode_base + node.ino * fmt.INODE_DTYPE.itemsize, free_rec)
             self.inodes.release(node)
             self.dirty_times.pop(node.ino, None)
+        self._note_capability(node.ino, False)
 
     def _punch_chunked(self, node: Inode, from_blk: int) -> None:
         """Unmap every block at or past `from_blk`, at most TXN_BLOCKS blocks per transaction,
@@ -852,6 +874,7 @@ class FileSystem:
             node.xattrs = attrs
             node.touch()
             t.inode(node)
+        self._note_capability(node.ino, CAPABILITY_XATTR in attrs)
 
     # ---------------------------------------------------------------- whole filesystem
     def stats(self) -> dict[str, int]:

@@ -106,6 +106,12 @@ def set_conn_options(**kw: Optional[int]) -> None:
                                 g("want_flags_off", 0))
 
 
+def set_capability_xattrs(present: bool) -> None:
+    """Tell the hook whether any inode has a security.capability xattr. While none does,
+    the kernel's getxattr("security.capability") before each write is answered in C."""
+    _fusehook.set_capability_xattrs(bool(present))
+
+
 def hooked() -> bool:
     """True once a FUSE session was created through the hook with the slots filled."""
     return _fusehook.hooked()

@@ -623,3 +623,29 @@ def test_big_directory_ls_find_rm(mounted, image):
     while os.statvfs(mounted).f_ffree != ffree0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert os.statvfs(mounted).f_ffree == ffree0
+
+
+def test_write_drops_security_capability(mounted, image):
+    """The kernel asks for security.capability before every write (file_remove_privs); the
+    libfuse hook answers that in C while no inode has one. Once one exists the question must
+    reach the engine, and a write must drop the capability as on ext4."""
+    import struct
+    blob = struct.pack("<IIIII", 0x02000000, 1 << 10, 0, 0, 0)   # VFS_CAP_REVISION_2
+    plain, capped = mounted / "plain", mounted / "capped"
+    plain.write_bytes(b"p" * 100)
+    capped.write_bytes(b"c" * 100)
+    with pytest.raises(OSError) as ei:
+        os.getxattr(plain, "security.capability")
+    assert ei.value.errno == errno.ENODATA
+    os.setxattr(capped, "security.capability", blob)
+    assert os.getxattr(capped, "security.capability") == blob
+    remount_fsck(image, mounted)                    # the engine finds it again at mount
+    assert os.getxattr(capped, "security.capability") == blob
+    with open(capped, "r+b") as f:
+        f.write(b"w")
+    with pytest.raises(OSError) as ei:
+        os.getxattr(capped, "security.capability")
+    assert ei.value.errno == errno.ENODATA
+    with open(plain, "r+b") as f:
+        f.write(b"w")
+    assert plain.read_bytes() == b"w" + b"p" * 99

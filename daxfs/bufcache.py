@@ -132,7 +132,11 @@ class BufCache:
         fewer than n when the image is nearly full."""
         goal = node.extents.lookup(l - 1) + 1 if l > 0 else 0
         end = off + mv.nbytes
-        n = min(n, self.alloc.available())
+        # each allocated run may add two extent records (a split around it): never start a
+        # remap that cannot finish, so an exhausted extent table is a short write, not damage
+        n = min(n, self.alloc.available(), (len(self.inodes.extent_pool) - 2) // 2)
+        if n <= 0:
+            return 0
         start = l
         for q, k in self.alloc.alloc(n, goal if goal > 0 else 0):
             first, last = l, l + k - 1
@@ -168,6 +172,11 @@ class BufCache:
         for pb, ln in res.removed:
             self.alloc.decref(pb, ln)
         txn.inode(node)
+
+    def extent_room(self, n: int) -> None:
+        """ENOSPC unless n more extent records can be taken (checked before any change)."""
+        if len(self.inodes.extent_pool) < n:
+            raise FsError(errno.ENOSPC, "no free extent records (mkfs --extents)")
 
     def punch(self, txn, node: Inode, l0: int, l1: int) -> None:
         """Unmap file blocks [l0, l1); freed blocks return to the allocator at commit."""

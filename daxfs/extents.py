@@ -24,6 +24,7 @@ EXTENT_REC = struct.Struct("<IIQQ")
 assert EXTENT_REC.size == fmt.EXTENT_DTYPE.itemsize
 HOLE = -1
 _I64 = np.int64
+_U32 = np.uint32     # lengths and record slots: 24 bytes per extent in all (the alias budget is 32)
 
 
 @dataclasses.dataclass
@@ -58,7 +59,7 @@ class ExtentMap:
         self.count = 0
         if lblk is not None and len(lblk):
             self._replace(0, 0, np.asarray(lblk, _I64), np.asarray(pblk, _I64),
-                          np.asarray(length, _I64), np.asarray(slot, _I64))
+                          np.asarray(length, _U32), np.asarray(slot, _U32))
             self.mapped = int(np.asarray(length, _I64).sum())
 
     def __len__(self) -> int:
@@ -138,7 +139,8 @@ class ExtentMap:
             ln = np.concatenate([x.length for x in lv])
             sl = np.concatenate([x.slot for x in lv])
         else:
-            lb = pb = ln = sl = np.empty(0, _I64)
+            lb = pb = np.empty(0, _I64)
+            ln = sl = np.empty(0, _U32)
         res, lb, pb, ln, sl = _remap_flat(lb, pb, ln, sl, l0, n, p0, take_slot)
         self._replace(i, j, lb, pb, ln, sl)
         self.mapped += (n if p0 != HOLE else 0) - sum(r[1] for r in res.removed)
@@ -177,8 +179,8 @@ def _remap_flat(lb, pb, ln, sl, l0: int, n: int, p0: int, take_slot):
     freed = old_slots[len(merged):]
     m = np.array(merged, _I64).reshape(-1, 3)
     out = (np.concatenate((lb[:a], m[:, 0], lb[b:])), np.concatenate((pb[:a], m[:, 1], pb[b:])),
-           np.concatenate((ln[:a], m[:, 2], ln[b:])),
-           np.concatenate((sl[:a], np.array(new_slots, _I64), sl[b:])))
+           np.concatenate((ln[:a], m[:, 2].astype(_U32), ln[b:])),
+           np.concatenate((sl[:a], np.array(new_slots, _U32), sl[b:])))
     written = [(s, pc[0], pc[1], pc[2]) for s, pc in zip(new_slots, merged)]
     return (RemapResult(removed, written, freed), *out)
 

@@ -123,7 +123,8 @@ class Geometry:
     data_start: int
 
     @classmethod
-    def for_size(cls, size_bytes: int, inode_count: int | None = None) -> "Geometry":
+    def for_size(cls, size_bytes: int, inode_count: int | None = None,
+                 extent_count: int | None = None) -> "Geometry":
         nblocks = size_bytes // BLOCK_SIZE
         if nblocks * BLOCK_SIZE < MIN_IMAGE_BYTES:
             raise FormatError(f"image size {size_bytes} is below the minimum of {MIN_IMAGE_BYTES} bytes")
@@ -131,7 +132,9 @@ class Geometry:
         if inode_count is None:
             inode_count = max(nblocks // 4, 256)    # one inode per 16 KiB
         dirent_count = inode_count
-        extent_count = nblocks                       # worst case: every block its own extent
+        if extent_count is None:
+            extent_count = nblocks                   # every block its own extent; reflinks of
+                                                     # fragmented files can need more (--extents)
         pos = 1
         journal_start = pos
         pos += journal_blocks
@@ -209,7 +212,7 @@ def parse_superblock(raw: bytes, file_size: int) -> tuple[np.void, Geometry]:
         raise FormatError(f"image truncated: {file_size} bytes, superblock says "
                           f"{g.nblocks * BLOCK_SIZE}")
     try:
-        expect = Geometry.for_size(g.nblocks * BLOCK_SIZE, g.inode_count)
+        expect = Geometry.for_size(g.nblocks * BLOCK_SIZE, g.inode_count, g.extent_count)
     except FormatError as e:
         raise FormatError(f"superblock geometry invalid: {e}") from None
     if expect != g:

@@ -705,6 +705,11 @@ class FileSystem:
                 t.inode(dst)
         for c in range(a, b, TXN_BLOCKS * BS):
             c_end = min(b, c + TXN_BLOCKS * BS)
+            nseg = len(src.extents.segments(c // BS, c_end // BS))
+            if len(self.inodes.extent_pool) < 2 * nseg + 2:
+                if c == a and not done:
+                    self.bufcache.extent_room(2 * nseg + 2)        # raises ENOSPC
+                return done + c - a         # a short count: what is shared so far
             with self._txn() as t:
                 self.bufcache.share(t, src, c // BS, dst, (c + shift) // BS, (c_end - c) // BS)
                 new_end = min(c_end, end_in) + shift
@@ -771,6 +776,7 @@ class FileSystem:
             self.write(node.ino, start, bytes(a - start))
         for hi in range(b, a, -TXN_BLOCKS * BS):
             lo = max(a, hi - TXN_BLOCKS * BS)
+            self.bufcache.extent_room(1)
             with self._txn() as t:
                 self.bufcache.punch(t, node, lo // BS, hi // BS)
                 node.touch(m=True)
@@ -783,6 +789,7 @@ class FileSystem:
         holes = [(l, n) for l, n, p in node.extents.segments(l0, l1) if p < 0]
         if sum(n for _l, n in holes) > self.alloc.available():
             raise FsError(errno.ENOSPC)
+        self.bufcache.extent_room(2 * len(holes) * 2 + 2)
         for l, n in holes:
             for c in range(l, l + n, TXN_BLOCKS):
                 k = min(TXN_BLOCKS, l + n - c)

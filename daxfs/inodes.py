@@ -98,8 +98,8 @@ class InodeTable:
         self._ext_ino = recs["ino"][order].astype(np.int64)
         self._ext_lblk = recs["lblk"][order].astype(np.int64)
         self._ext_pblk = recs["pblk"][order].astype(np.int64)
-        self._ext_len = recs["length"][order].astype(np.int64)
-        self._ext_slot = used[order].astype(np.int64)
+        self._ext_len = recs["length"][order].astype(np.uint32)
+        self._ext_slot = used[order].astype(np.uint32)
         self.extent_pool = SlotPool(np.flatnonzero(extent_view["ino"] == 0), "extent records")
 
     def load_extents(self, ino: int) -> ExtentMap:

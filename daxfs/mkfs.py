@@ -32,12 +32,13 @@ def is_daxfs_image(path: str) -> bool:
         return False
 
 
-def make_image(path: str, size: int, *, force: bool = False, inode_count: int | None = None) -> fmt.Geometry:
+def make_image(path: str, size: int, *, force: bool = False, inode_count: int | None = None,
+               extent_count: int | None = None) -> fmt.Geometry:
     """Format `path` as an empty daxfs of `size` bytes (sparse). Refuses to overwrite data
     (a daxfs image or any non-empty file) unless `force`."""
     size -= size % fmt.BLOCK_SIZE
     try:
-        g = fmt.Geometry.for_size(size, inode_count)
+        g = fmt.Geometry.for_size(size, inode_count, extent_count)
     except fmt.FormatError as e:
         raise UsageError(str(e)) from None
     if os.path.exists(path) and not force:

@@ -57,6 +57,9 @@ def build_parser() -> Parser:
     s.add_argument("--force", action="store_true", help="overwrite an existing image or file")
     s.add_argument("--inodes", type=int, metavar="N",
                    help="number of inodes (default: one per 16 KiB)")
+    s.add_argument("--extents", type=int, metavar="N",
+                   help="extent records (default: one per block; reflinking fragmented files "
+                        "needs more)")
 
     s = sub.add_parser(
         "mount", parents=[common], help="mount an image (daemon in the background)",
@@ -136,6 +139,8 @@ def cmd_mkfs(a) -> int:
     size = parse_size(a.size)
     if a.inodes is not None and a.inodes < 2:
         raise UsageError("--inodes must be at least 2")
+    if a.extents is not None and a.extents < 64:
+        raise UsageError("--extents must be at least 64")
     if a.force and os.path.isfile(a.image):
         try:
             locked = daemon.is_locked(a.image)
@@ -143,7 +148,7 @@ def cmd_mkfs(a) -> int:
             locked = False
         if locked:
             raise UsageError(daemon.describe_lock(a.image) + "; unmount it first")
-    g = make_image(a.image, size, force=a.force, inode_count=a.inodes)
+    g = make_image(a.image, size, force=a.force, inode_count=a.inodes, extent_count=a.extents)
     from ..format import BLOCK_SIZE
     print(f"daxfs: created {a.image}: {g.nblocks * BLOCK_SIZE} bytes, {g.nblocks} blocks of "
           f"{BLOCK_SIZE}, {g.data_blocks} data blocks, {g.inode_count - 1} inodes")

@@ -196,7 +196,11 @@ class BufCache:
         if self.alloc.count(p) > 1:
             self._write_new(txn, node, lb, 1, p, node.size, memoryview(bytes(BS - node.size % BS)))
         else:
-            self.pm.zero((p << SHIFT) + node.size % BS, BS - node.size % BS)
+            # durable before the growing commit, or a power loss could bring back bytes that
+            # an earlier truncate cut off
+            at = (p << SHIFT) + node.size % BS
+            self.pm.zero(at, BS - node.size % BS)
+            txn.persist_data(at, BS - node.size % BS)
 
     def share(self, txn, src: Inode, sl: int, dst: Inode, dl: int, n: int) -> int:
         """Make dst's blocks [dl, dl+n) alias src's frames at [sl, sl+n) (the reflink core).

@@ -696,31 +696,35 @@ class FileSystem:
             b = -(-end_in // BS) * BS     # the EOF block too: its tail is invisible in dst
         if b <= a:
             return self._copy_bytes(src, off_in, dst, off_out, length)
-        done = self._copy_bytes(src, off_in, dst, off_out, a - off_in)
+        # One transaction per chunk of TXN_BLOCKS: the first also copies the unaligned head,
+        # the last the unaligned tail, so a clone of up to 16 MiB is atomic and a larger one
+        # grows dst chunk by chunk (a crash leaves a shorter, consistent clone).
         shift = off_out - off_in
-        if dst.size < a + shift:
-            with self._txn() as t:
-                self.bufcache.zero_tail(t, dst)
-                dst.size = a + shift
-                t.inode(dst)
+        head = self.bufcache.read(src, off_in, a - off_in) if a > off_in else b""
+        tail = self.bufcache.read(src, b, end_in - b) if b < end_in else b""
+        done = 0
         for c in range(a, b, TXN_BLOCKS * BS):
             c_end = min(b, c + TXN_BLOCKS * BS)
-            nseg = len(src.extents.segments(c // BS, c_end // BS))
-            if len(self.inodes.extent_pool) < 2 * nseg + 2:
-                if c == a and not done:
-                    self.bufcache.extent_room(2 * nseg + 2)        # raises ENOSPC
-                return done + c - a         # a short count: what is shared so far
+            first, last = c == a, c_end == b
+            need = 2 * len(src.extents.segments(c // BS, c_end // BS)) + 2 + 4 * (first + last)
+            if len(self.inodes.extent_pool) < need:
+                if first:
+                    self.bufcache.extent_room(need)        # raises ENOSPC, nothing changed
+                break                                      # a short count: what is cloned
             with self._txn() as t:
-                self.bufcache.share(t, src, c // BS, dst, (c + shift) // BS, (c_end - c) // BS)
+                if first and head:
+                    done += self.bufcache.write(t, dst, off_out, head)
                 new_end = min(c_end, end_in) + shift
-                if new_end > dst.size:
-                    dst.size = new_end
+                if dst.size < new_end:
+                    self.bufcache.zero_tail(t, dst)
+                self.bufcache.share(t, src, c // BS, dst, (c + shift) // BS, (c_end - c) // BS)
+                done += min(c_end, end_in) - c
+                dst.size = max(dst.size, new_end)
+                if last and tail:
+                    done += self.bufcache.write(t, dst, b + shift, tail)
                 dst.touch(m=True)
                 t.inode(dst)
-        done += min(b, end_in) - a
         self.bufcache.stats.clones += 1
-        if b < end_in:
-            done += self._copy_bytes(src, b, dst, b + shift, end_in - b)
         return done
 
     # ---------------------------------------------------------------- lseek, fallocate

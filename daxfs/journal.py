@@ -56,6 +56,9 @@ class Journal:
         self.seq = 0          # sequence number of the next transaction in this epoch
         self.commits = 0
         self.checkpoints = 0
+        # records that land in the data region (xattr blocks) since the last checkpoint: the
+        # checkpoint must persist them too, not only the metadata area
+        self.data_ranges: list[tuple[int, int]] = []
 
     # -- header ----------------------------------------------------------------------------------
     def header_ok(self) -> bool:
@@ -95,16 +98,24 @@ class Journal:
         pm.store(cw_at, commit_word(epoch, self.seq).to_bytes(8, "little"))
         pm.persist(cw_at, 8)
         pm.fence()
-        for off, data in writes:
-            pm.store(off, data)
+        self._apply(writes)
         self.pos += need
         self.seq += 1
         self.commits += 1
+
+    def _apply(self, records) -> None:
+        for off, data in records:
+            self.pm.store(off, data)
+            if off >= self.meta_len:
+                self.data_ranges.append((off, len(data)))
 
     def checkpoint(self) -> None:
         """Persist the tables, then retire the whole log by bumping the epoch."""
         pm = self.pm
         pm.persist(0, self.meta_len)
+        for off, length in self.data_ranges:
+            pm.persist(off, length)
+        self.data_ranges.clear()
         pm.fence()
         pm.store(self.hdr_off + 8, (self.epoch + 1).to_bytes(8, "little"))
         pm.persist(self.hdr_off + 8, 8)
@@ -158,8 +169,7 @@ class Journal:
         """Apply every committed transaction of the current epoch, then checkpoint."""
         n = 0
         for records, _end in self._scan():
-            for off, data in records:
-                self.pm.store(off, data)
+            self._apply(records)
             n += 1
         if n:
             log.info("journal: replayed %d transaction(s)", n)

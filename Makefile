@@ -8,7 +8,7 @@ SIZE    ?= 1G
 APT_PKGS := fuse3 libfuse3-dev pkg-config gcc fio attr python3-venv
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup system-packages run umount test bench bench-short clean
+.PHONY: setup system-packages run umount test bench bench-short clean crash-test fuzz-images
 
 setup: system-packages $(STAMP)
 
@@ -50,3 +50,14 @@ bench-short: setup
 
 clean:
 	rm -rf build *.egg-info daxfs/*.so .pytest_cache
+
+# crash-state exploration (persist points, kill and power-loss models); BUDGET=60 stops after ~60 s
+BUDGET ?=
+crash-test: setup
+	$(PY) scripts/crash_explore.py --model both --jobs 2 $(if $(BUDGET),--budget $(BUDGET),)
+
+# corruption fuzzer: damaged images through fsck, the engine, fsck --repair and a few real mounts
+CASES   ?= 1000
+SEED    ?= 1
+fuzz-images: setup
+	$(PY) scripts/fuzz_images.py --cases $(CASES) --seed $(SEED)

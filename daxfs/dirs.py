@@ -35,8 +35,10 @@ class Directories:
         used = np.flatnonzero(view["parent"] != 0)
         recs = view[used]
         children = self.children
-        for slot, parent, ino, name in zip(used.tolist(), recs["parent"].tolist(),
-                                           recs["ino"].tolist(), recs["name"].tolist()):
+        for slot, parent, ino, name, nlen in zip(used.tolist(), recs["parent"].tolist(),
+                                                 recs["ino"].tolist(), recs["name"].tolist(),
+                                                 recs["namelen"].tolist()):
+            name = name[:nlen]            # namelen is the truth; bytes after it are not the name
             d = children.get(parent)
             if d is None:
                 d = children[parent] = {}

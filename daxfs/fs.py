@@ -148,7 +148,8 @@ class FileSystem:
         dv = pm.view(g.region("dirents")[0], fmt.DIRENT_DTYPE, g.dirent_count)
         rv = pm.view(self.rc_base, np.uint32, g.nblocks)
         self.alloc = BlockAllocator(rv, g)
-        self.inodes = InodeTable(iv, ev)
+        self.inodes = InodeTable(iv, ev, g)
+        self.inodes.on_corruption = self._fail
         self.dirs = Directories(dv)
         isdir = (iv["mode"] & 0o170000) == stat.S_IFDIR
         if not isdir[fmt.ROOT_INO]:
@@ -188,7 +189,7 @@ class FileSystem:
             return
         if not self.readonly and not self.failed:
             for node in list(self.inodes.cache.values()):
-                if node.nlink == 0:
+                if node.nlink == 0 and node.flags & fmt.IFLAG_ORPHAN:
                     node.lookups = node.opens = 0
                     self._reclaim(node)
             self._flush_times()
@@ -226,7 +227,11 @@ class FileSystem:
         self._commit(t)
 
     def _fail(self, e: BaseException) -> None:
-        log.error("internal error, daxfs is now read-only (failsafe): %r", e, exc_info=e)
+        if isinstance(e, CorruptionError):
+            log.error("corrupt metadata, daxfs is now read-only (failsafe; run daxfs fsck): %s",
+                      e.args[1])
+        else:
+            log.error("internal error, daxfs is now read-only (failsafe): %r", e, exc_info=e)
         self.failed = repr(e)
 
     def _commit(self, t: Txn) -> None:
@@ -456,7 +461,8 @@ class FileSystem:
         t.inode(node)
 
     def _maybe_reclaim(self, node: Inode) -> None:
-        if node.nlink == 0 and not node.in_use and not self.readonly and not self.failed \
+        # IFLAG_ORPHAN, not just nlink 0: a damaged link count must never delete a named file
+        if node.nlink == 0 and node.flags & fmt.IFLAG_ORPHAN and not node.in_use and not self.readonly and not self.failed \
                 and node.ino in self.inodes.cache:
             self._reclaim(node)
 
@@ -824,11 +830,11 @@ class FileSystem:
             else:
                 off = node.xattr_blk * BS
                 if not self.g.data_start <= node.xattr_blk < self.g.nblocks:
-                    raise CorruptionError(f"inode {node.ino}: xattr block out of range")
+                    self.inodes.corrupt(f"inode {node.ino}: xattr block out of range")
                 try:
                     node.xattrs = xa.decode(self.pm.buf[off:off + BS])
                 except ValueError as e:
-                    raise CorruptionError(f"inode {node.ino}: {e}") from None
+                    self.inodes.corrupt(f"inode {node.ino}: {e}")
         return node.xattrs
 
     def getxattr(self, ino: int, name: bytes) -> bytes:

@@ -500,7 +500,8 @@ def check_journal(ctx: Context) -> None:
 
 @check_step("inodes")
 def check_inodes(ctx: Context) -> None:
-    """Inode records: reserved inode 0, root a directory, valid file type, known flags."""
+    """Inode records: reserved inode 0, root a directory, valid file type, a size the type
+    allows (symlink 1..4095 bytes), known flags."""
     ino = ctx.inodes
     mode = ino["mode"]
     if mode[0] != 0:
@@ -520,6 +521,13 @@ def check_inodes(ctx: Context) -> None:
     bad = np.flatnonzero((mode != 0) & ~np.isin(ft, _VALID_TYPES))
     for i in bad.tolist():
         ctx.problem(f"inode {i}", f"invalid file type (mode 0o{int(mode[i]):o})", "inode freed")
+        ctx.free_inode(i)
+    size = ino["size"]
+    badlen = np.flatnonzero((ft == stat.S_IFLNK) & ((size == 0) | (size >= BS)))
+    badlen = np.union1d(badlen, np.flatnonzero((ft == stat.S_IFREG) & (size >= np.uint64(1 << 52))))
+    for i in badlen.tolist():
+        ctx.problem(f"inode {i}", f"impossible size {int(size[i])} for its type "
+                    f"(mode 0o{int(mode[i]):o})", "inode freed")
         ctx.free_inode(i)
     fl = ino["flags"]
     unknown = np.flatnonzero((mode != 0) & ((fl & ~np.uint32(_KNOWN_FLAGS)) != 0))

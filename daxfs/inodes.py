@@ -20,11 +20,15 @@ import numpy as np
 
 from . import format as fmt
 from .alloc import SlotPool
-from .errors import FsError
+from .errors import CorruptionError, FsError
 from .extents import ExtentMap
 
 INODE_REC = struct.Struct("<IIIIQqqqqIIQQ48x")
 assert INODE_REC.size == fmt.INODE_DTYPE.itemsize
+
+
+_KINDS = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK,
+          stat.S_IFSOCK)
 
 
 def now_ns() -> int:
@@ -84,8 +88,10 @@ class Inode:
 
 
 class InodeTable:
-    def __init__(self, view: np.ndarray, extent_view: np.ndarray):
+    def __init__(self, view: np.ndarray, extent_view: np.ndarray, g: fmt.Geometry):
         self.view = view                        # the on-image table (read-only by convention)
+        self.data_start, self.nblocks = g.data_start, g.nblocks
+        self.on_corruption = None               # set by the engine: enter failsafe
         self.cache: dict[int, Inode] = {}
         modes = view["mode"]
         free = np.flatnonzero(modes == 0)
@@ -105,6 +111,11 @@ class InodeTable:
     def load_extents(self, ino: int) -> ExtentMap:
         a = int(np.searchsorted(self._ext_ino, ino, "left"))
         b = int(np.searchsorted(self._ext_ino, ino, "right"))
+        lb, pb, ln = self._ext_lblk[a:b], self._ext_pblk[a:b], self._ext_len[a:b].astype(np.int64)
+        if b > a and ((ln < 1).any() or (lb < 0).any() or (lb + ln > 1 << 40).any()
+                      or (pb < self.data_start).any() or (pb + ln > self.nblocks).any()
+                      or (lb[1:] < lb[:-1] + ln[:-1]).any()):
+            self.corrupt(f"inode {ino}: extent map out of bounds or overlapping")
         return ExtentMap(self._ext_lblk[a:b].copy(), self._ext_pblk[a:b].copy(),
                          self._ext_len[a:b].copy(), self._ext_slot[a:b].copy())
 
@@ -120,8 +131,19 @@ class InodeTable:
         node = Inode(self, ino, tuple(int(rec[f]) for f in (
             "mode", "uid", "gid", "nlink", "size", "atime", "mtime", "ctime", "btime",
             "generation", "flags", "xattr_blk", "rdev")))
+        kind = node.mode & 0o170000
+        if kind not in _KINDS or (kind == stat.S_IFREG and node.size >= 1 << 52) or \
+                (kind == stat.S_IFLNK and not 0 < node.size < fmt.BLOCK_SIZE):
+            self.corrupt(f"inode {ino}: bad mode {node.mode:o} or size {node.size}")
         self.cache[ino] = node
         return node
+
+    def corrupt(self, detail: str):
+        """Corrupt metadata met at run time: the engine turns read-only, the caller gets EIO."""
+        err = CorruptionError(detail)
+        if self.on_corruption:
+            self.on_corruption(err)
+        raise err
 
     def allocate(self, mode: int, uid: int, gid: int, rdev: int = 0) -> Inode:
         ino = self.pool.take()
@@ -143,4 +165,5 @@ class InodeTable:
         return base + ino * fmt.INODE_DTYPE.itemsize
 
     def flagged(self, flag: int) -> list[int]:
-        return np.flatnonzero((self.view["flags"] & flag) != 0).tolist()
+        v = self.view
+        return np.flatnonzero(((v["flags"] & flag) != 0) & (v["mode"] != 0)).tolist()

@@ -2,7 +2,7 @@
 
 Log layout (in the journal region, after its header block), one transaction after another:
 
-    TXN_HEADER   magic 'DXT1', nrec, body_len, crc32(body), epoch, seq        (32 bytes)
+    TXN_HEADER   magic 'DXT1', nrec, body_len, crc32(nrec,epoch,seq,body), epoch, seq (32 bytes)
     body         nrec records: offset u64, length u32, pad u32, data padded to 8 bytes
     commit word  u64 == commit_word(epoch, seq), 8-byte aligned, stored after the body is durable
 
@@ -34,6 +34,11 @@ _REC = struct.Struct("<QII")
 def commit_word(epoch: int, seq: int) -> int:
     return ((epoch * 0x9E3779B97F4A7C15) ^ (seq * 0xC2B2AE3D27D4EB4F) ^ 0xDA7F5C0117) & \
         0xFFFFFFFFFFFFFFFF | 1
+
+
+def _txn_crc(nrec: int, epoch: int, seq: int, body: bytes) -> int:
+    """crc32 over the header fields and the body: a damaged record count is a torn tail."""
+    return zlib.crc32(body, zlib.crc32(struct.pack("<IQQ", nrec, epoch, seq)))
 
 
 def _pad8(n: int) -> int:
@@ -89,7 +94,8 @@ class Journal:
             self.checkpoint()
         epoch = self.epoch
         at = self.log_off + self.pos
-        hdr = _HDR.pack(TXN_MAGIC, len(writes), len(body), zlib.crc32(body), epoch, self.seq)
+        hdr = _HDR.pack(TXN_MAGIC, len(writes), len(body), _txn_crc(len(writes), epoch, self.seq, body),
+                        epoch, self.seq)
         pm = self.pm
         pm.store(at, hdr + body)
         pm.persist(at, _HDR.size + len(body))
@@ -139,7 +145,7 @@ class Journal:
             if body_len % 8 or end > self.log_len:
                 return
             body = bytes(buf[at + _HDR.size:at + _HDR.size + body_len])
-            if zlib.crc32(body) != crc:
+            if _txn_crc(nrec, t_epoch, t_seq, body) != crc:
                 return
             cw = int.from_bytes(buf[at + _HDR.size + body_len:at + _HDR.size + body_len + 8], "little")
             if cw != commit_word(epoch, seq):

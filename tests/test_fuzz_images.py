@@ -36,29 +36,7 @@ CASES = 400          # ~15 s on two cores (in-process fsck and engine; fsck via 
 CLI_EVERY = 100
 
 # Cases of the sample (seed 1) that fail today: case index -> the bug (see the targeted tests).
-KNOWN_FAILING = {
-    20: "readlink of a symlink with a corrupt huge size: MemoryError in bufcache.read (fsck does "
-        "not check symlink sizes, so it survives repair)",
-    45: "engine ignores dirent namelen (a stray byte after the name renames the entry; fsck "
-        "does not see it)",
-    73: "readlink of a symlink with a corrupt huge size: MemoryError in bufcache.read",
-    80: "readlink of a file turned symlink with size > 2**63: OverflowError in bufcache.read",
-    81: "engine ignores dirent namelen",
-    125: "symlink with a corrupt size > 4095 is served (fsck does not check symlink sizes)",
-    137: "engine ignores dirent namelen",
-    190: "engine ignores dirent namelen",
-    202: "engine ignores dirent namelen",
-    208: "engine ignores dirent namelen",
-    266: "engine ignores dirent namelen",
-    290: "close() reclaims a cached inode with nlink 0 whose xattr_blk is out of range: "
-         "IndexError in BlockAllocator.decref",
-    299: "engine ignores dirent namelen",
-    316: "journal: nrec is not covered by the transaction CRC (nrec 3 -> 0 applies nothing and "
-         "replay goes on: not a prefix state)",
-    368: "engine ignores dirent namelen",
-    374: "forget() reclaims an inode with corrupt nlink 0 and xattr_blk out of range: "
-         "OverflowError in BlockAllocator.decref",
-}
+KNOWN_FAILING: dict[int, str] = {}      # every case the fuzzer found so far is fixed
 
 pytestmark = pytest.mark.skipif(fz.SHM is None, reason="needs a writable /dev/shm")
 
@@ -96,13 +74,6 @@ def test_sample_covers_every_region(sample):
     assert regions == set(fz.REGIONS)
     assert {"clean", "live", "crash"} == {k.split("/")[0] for k in sample["by_region"]}
     assert set(sample["fsck_exits"]) <= {"0", "1", "4", "8"}
-
-
-@pytest.mark.parametrize("case", sorted(KNOWN_FAILING))
-def test_sample_known_failing_case(sample, case, request):
-    request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_FAILING[case]))
-    cats = sample["per_case"].get(str(case), sample["per_case"].get(case, []))
-    assert not _bad(cats), cats
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -260,9 +231,6 @@ def test_journal_header_magic_damage(bases, img_path):
     assert state_of(img_path, readonly=False)[0] == cb.prefix_states[0]
 
 
-@pytest.mark.xfail(strict=True, reason="journal bug: the transaction header's nrec is not covered "
-                   "by the CRC (crc32 of the body only), so nrec-1 applies a partial transaction "
-                   "and replay goes on with the next one: the result is no prefix state")
 def test_journal_nrec_damage_is_not_a_partial_transaction(bases, img_path):
     cb = bases["crash"]
     img = bytearray(cb.data)
@@ -357,16 +325,13 @@ def test_extent_outside_data_region_fsck_repairs(bases, img_path, where):
     assert {p: v for p, v in state.items() if p in good} == good
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: bufcache.read never checks an extent against "
-                   "the data region: a read of an extent pointing into the metadata area returns "
-                   "metadata bytes, one past the image returns a short read; no EIO, no failsafe")
 @pytest.mark.parametrize("where", ["metadata", "beyond"])
 def test_extent_outside_data_region_read_gives_eio_and_failsafe(bases, img_path, where):
     path, off = _extent_outside(bases, img_path, where)
     fs = FileSystem.open(img_path)
     try:
-        ino = fs.lookup(fs.lookup(ROOT, b"docs").ino, b"sparse").ino
-        with pytest.raises(FsError) as ei:
+        with pytest.raises(FsError) as ei:      # the extent map is checked when first loaded
+            ino = fs.lookup(fs.lookup(ROOT, b"docs").ino, b"sparse").ino
             fs.read(ino, off, BS)
         assert ei.value.errno == errno.EIO
         assert fs.failed, "the engine must turn read-only (failsafe)"
@@ -411,8 +376,6 @@ def test_extent_outside_data_region_daemon_keeps_serving(bases, img_path, tmp_pa
 
 
 @pytest.mark.skipif(not have_fuse(), reason="needs /dev/fuse and fusermount3")
-@pytest.mark.xfail(strict=True, reason="engine bug: no extent bounds check on read, so `cat` of "
-                   "a file whose extent points into the metadata area returns metadata, not EIO")
 def test_extent_outside_data_region_mount_read_is_eio(bases, img_path, tmp_path):
     _extent_outside(bases, img_path, "metadata")
     mnt = tmp_path / "mnt"
@@ -427,10 +390,6 @@ def test_extent_outside_data_region_mount_read_is_eio(bases, img_path, tmp_path)
         force_cleanup(img_path, mnt)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: extents of one file that overlap, or whose "
-                   "lblk is >= 2**63 (negative after astype(int64) in InodeTable), make "
-                   "ExtentMap.segments produce negative lengths: bufcache.read returns more bytes "
-                   "than asked / than the file has, or raises ValueError('negative count')")
 @pytest.mark.parametrize("how", ["overlap", "lblk-over-2**63", "fuzz-case-904"])
 def test_corrupt_extent_lblk_read_is_consistent_or_eio(bases, img_path, how):
     c = bases["clean"]
@@ -448,11 +407,14 @@ def test_corrupt_extent_lblk_read_is_consistent_or_eio(bases, img_path, how):
     ino = ino_of(c, path)
     fs = FileSystem.open(img_path)
     try:
-        size = fs.getattr(ino).size
         try:
+            size = fs.getattr(ino).size
             data = fs.read(ino, 0, 1 << 20)
-        except FsError as e:
+        except FsError as e:                    # the failsafe: EIO, and read-only from now on
             assert e.errno == errno.EIO
+            with pytest.raises(FsError) as ei:
+                fs.create(1, b"after", 0o644, 0, 0)
+            assert ei.value.errno == errno.EROFS
         else:
             assert len(data) == min(size, 1 << 20), f"read returned {len(data)} bytes"
     finally:
@@ -460,9 +422,6 @@ def test_corrupt_extent_lblk_read_is_consistent_or_eio(bases, img_path, how):
 
 
 # ----------------------------------------------------------------------------- inodes
-@pytest.mark.xfail(strict=True, reason="engine bug: a symlink's size is trusted: readlink of a "
-                   "corrupt huge size raises MemoryError/OverflowError in bufcache.read, and "
-                   "fsck does not check symlink sizes (1..4095)")
 @pytest.mark.parametrize("size", [1 << 62, (1 << 64) - 5])
 def test_symlink_with_corrupt_size(bases, img_path, size):
     c = bases["clean"]
@@ -480,9 +439,6 @@ def test_symlink_with_corrupt_size(bases, img_path, size):
     assert not fsck.check(img_path).clean
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a CorruptionError (EIO) from getxattr/"
-                   "listxattr is raised outside a transaction, so the failsafe never turns on "
-                   "and later writes are accepted")
 def test_xattr_block_out_of_range_turns_on_failsafe(bases, img_path):
     c = bases["clean"]
     img = bytearray(c.data)
@@ -502,9 +458,6 @@ def test_xattr_block_out_of_range_turns_on_failsafe(bases, img_path):
         fs.close()
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: an inode whose nlink is damaged to 0 (no "
-                   "ORPHAN flag, still named) is reclaimed as soon as the kernel forgets it: "
-                   "the file is destroyed by reading the tree")
 def test_nlink_zero_on_a_named_file_is_not_reclaimed(bases, img_path):
     c = bases["clean"]
     img = bytearray(c.data)
@@ -530,9 +483,6 @@ def test_nlink_zero_on_a_named_file_is_not_reclaimed(bases, img_path):
     assert state_of(img_path)[0]["/media/big.bin"] == c.state["/media/big.bin"]
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: reclaiming an orphan whose xattr_blk is out "
-                   "of range raises IndexError in BlockAllocator.decref (FileSystem.open fails "
-                   "with an internal error instead of EIO/FormatError)")
 def test_orphan_with_bad_xattr_block(bases, img_path):
     c = bases["clean"]
     g = c.g
@@ -551,10 +501,6 @@ def test_orphan_with_bad_xattr_block(bases, img_path):
         pass
 
 
-@pytest.mark.xfail(strict=True, reason="engine/fsck disagree on free inode slots: flags left in a "
-                   "free slot (mode 0) make FileSystem.open fail with FsError(ENOENT) in "
-                   "_recover (InodeTable.flagged ignores mode), while fsck calls the image clean "
-                   "and --repair does not clear them")
 def test_flags_in_a_free_inode_slot(bases, img_path):
     c = bases["clean"]
     g = c.g
@@ -568,9 +514,6 @@ def test_flags_in_a_free_inode_slot(bases, img_path):
 
 
 # ----------------------------------------------------------------------------- dirents
-@pytest.mark.xfail(strict=True, reason="engine bug: Directories reads the NUL-stripped S255 "
-                   "field, not name[:namelen]: a stray byte after the name renames the entry for "
-                   "the engine while fsck (which uses namelen) sees nothing to repair")
 def test_dirent_name_padding_does_not_rename(bases, img_path):
     c = bases["clean"]
     g = c.g

@@ -7,8 +7,10 @@ Crash tests subclass `PMem` (or set `observer`) to see every store and persist p
 Two backends, chosen at map time:
 - DAX: the image sits on a DAX filesystem/device and MAP_SHARED_VALIDATE|MAP_SYNC succeeds; a
   persist is a cache-line flush (libpmem via ctypes when present, else msync) and a fence is sfence.
-- page cache (the usual case: tmpfs, ext4, XFS): a persist is msync(MS_SYNC) of the page-aligned
+- page cache (the usual case: ext4, XFS): a persist is msync(MS_SYNC) of the page-aligned
   range; stores reach the page cache immediately, so a killed daemon loses nothing it stored.
+- RAM (tmpfs, ramfs: the emulated pmem of tests and benchmarks): the page cache is the medium,
+  so a persist is only a recorded persist point (crash tests still see every one).
 """
 from __future__ import annotations
 
@@ -39,6 +41,18 @@ def _load_libpmem():
         return lib
     except OSError:
         return None
+
+
+_RAM_FS_MAGIC = (0x01021994, 0x858458F6)     # tmpfs, ramfs
+
+
+def _on_ram_fs(fd: int) -> bool:
+    """True if the image lives on tmpfs/ramfs (fstatfs f_type)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(256)      # struct statfs; f_type is its first long
+    if libc.fstatfs(fd, buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value in _RAM_FS_MAGIC
 
 
 class PMem:
@@ -76,6 +90,7 @@ class PMem:
         except BaseException:
             os.close(self.fd)
             raise
+        self.volatile = _on_ram_fs(self.fd)
         self.buf = memoryview(mm)
         self.u8 = np.frombuffer(mm, dtype=np.uint8)
         log.debug("mapped %s (%d bytes, %s backend)", path, self.size, "DAX" if self.dax else "msync")
@@ -108,6 +123,9 @@ class PMem:
             return
         if self.observer:
             self.observer("persist", offset, length)
+        if self.volatile:
+            # tmpfs/ramfs: the page cache is the medium itself; msync has nothing to reach
+            return
         if self._libpmem is not None:
             addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mm, offset))
             self._libpmem.pmem_persist(addr, length)

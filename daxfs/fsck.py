@@ -142,17 +142,8 @@ class _Mapping(PMem):
             super().persist(offset, length)
 
     def close(self) -> None:       # the fd belongs to check()
-        if self.mm is None:
-            return
-        if self.shared:
-            self.mm.flush()
-        self.u8 = None
-        self.buf.release()
-        try:
-            self.mm.close()
-        except BufferError:
-            log.debug("mapping still referenced at close")
-        self.mm = None
+        if self.mm is not None:
+            self.unmap(flush=self.shared)
 
 
 @dataclasses.dataclass

@@ -145,9 +145,12 @@ class PMem:
         self.fence()
 
     def close(self) -> None:
-        if self.mm is None:
-            return
-        if not self.readonly:
+        if self.mm is not None:
+            self.unmap(flush=not self.readonly)
+            os.close(self.fd)
+
+    def unmap(self, flush: bool) -> None:
+        if flush:
             self.mm.flush()
         self.u8 = None
         self.buf.release()
@@ -157,4 +160,3 @@ class PMem:
             # a numpy view still references the map; it goes when the last view does
             log.debug("mapping still referenced at close")
         self.mm = None
-        os.close(self.fd)

@@ -131,6 +131,7 @@ class _Mapping(PMem):
         self.shared = shared
         self.readonly = False
         self.dax = False
+        self.volatile = False           # always msync: repairs must reach the file
         self._libpmem = None
         flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
         self.mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)

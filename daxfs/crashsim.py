@@ -114,19 +114,7 @@ class RecordingPMem(PMem):
 
 def open_recording(path: str, log: list, op_ref: list) -> FileSystem:
     """FileSystem.open, but over a RecordingPMem (the mount itself is recorded)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        raw = os.pread(fd, BS, 0)
-    finally:
-        os.close(fd)
-    sb, g = fmt.parse_superblock(raw, size)
-    pm = RecordingPMem(path, log, op_ref)
-    try:
-        return FileSystem(pm, sb.copy(), g, False)
-    except BaseException:
-        pm.close()
-        raise
+    return FileSystem.open(path, make_pmem=lambda p: RecordingPMem(p, log, op_ref))
 
 
 class _PageCollector:

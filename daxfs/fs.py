@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import stat
+from typing import Callable
 
 import numpy as np
 
@@ -123,7 +124,10 @@ class FileSystem:
 
     # ---------------------------------------------------------------- open / close
     @classmethod
-    def open(cls, path: str, *, readonly: bool = False) -> "FileSystem":
+    def open(cls, path: str, *, readonly: bool = False,
+             make_pmem: Callable[[str], PMem] | None = None) -> "FileSystem":
+        """Validate and mount the image at `path`. `make_pmem` maps it another way (the
+        crash harness records every store through its own PMem subclass)."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -134,7 +138,7 @@ class FileSystem:
         finally:
             os.close(fd)
         sb, g = fmt.parse_superblock(raw, size)
-        pm = PMem(path, private=readonly)
+        pm = make_pmem(path) if make_pmem else PMem(path, private=readonly)
         try:
             return cls(pm, sb.copy(), g, readonly)
         except BaseException:

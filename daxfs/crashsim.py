@@ -1151,21 +1151,16 @@ def _content_ok(obs: State, want: State, allowed: dict | None) -> list:
 # Fixed since (regression tests in tests/test_crash_states.py): "stale-tail" (zero_tail did not
 # persist the zeroed EOF tail before the growing commit), "xattr-checkpoint" (a checkpoint did
 # not persist journaled xattr blocks in the data region), "clone-size-first" (clone_range
-# committed dst's new size before the shared blocks). "torn-write" is now the documented
-# contract (README: file data is not journaled) and the kill oracle accepts it.
-
-def _k_punch(f, kind) -> bool:
-    return kind in ("size", "content") and f.interrupted[0] in ("punch", "falloc")
-
+# committed dst's new size before the shared blocks), "punch-multi-txn" (an unaligned
+# PUNCH_HOLE/ZERO_RANGE ran as head write, unmap and tail write: three transactions).
+# "torn-write" is now the documented contract (README: file data is not journaled) and the
+# kill oracle accepts it.
 
 def _k_clone_chunked(f, kind) -> bool:
     return kind in ("size", "content") and f.interrupted[0] == "clone" and f.chunked
 
 
 KNOWN_ISSUES = [
-    ("punch-multi-txn", "fallocate PUNCH_HOLE/ZERO_RANGE of an unaligned range runs as several "
-                        "transactions (head write, unmap per chunk, tail write): a crash between "
-                        "them shows a partly punched range", _k_punch),
     ("clone-chunked", "with small TXN_BLOCKS (--txn-blocks) a clone spans several 'chunk' "
                       "transactions and can end shorter after a crash (documented for clones "
                       "over 16 MiB)", _k_clone_chunked),

@@ -771,32 +771,52 @@ class FileSystem:
         if (end + BS - 1) // BS >= 1 << 40:
             raise FsError(errno.EFBIG)
         if mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE):
-            self._zero_range(node, off, min(end, node.size) if mode & FALLOC_KEEP_SIZE else end)
-        else:
-            self._preallocate(node, off // BS, -(-end // BS))
+            keep = bool(mode & FALLOC_KEEP_SIZE)
+            self._zero_range(node, off, min(end, node.size) if keep else end,
+                             node.size if keep else max(end, node.size))
+            return
+        self._preallocate(node, off // BS, -(-end // BS))
         if not mode & FALLOC_KEEP_SIZE and end > node.size:
             self.truncate(node, end)
 
-    def _zero_range(self, node: Inode, start: int, end: int) -> None:
-        """Bytes [start, end) read as zeros afterwards: whole blocks are unmapped (a shared one
-        just loses this alias), partial blocks get zeros written (breaking sharing)."""
+    def _zero_range(self, node: Inode, start: int, end: int, new_size: int) -> None:
+        """Bytes [start, end) read as zeros afterwards and the size becomes `new_size`: whole
+        blocks are unmapped (a shared one just loses this alias), the partial head and tail
+        blocks get zeros written (breaking sharing). A range of up to TXN_BLOCKS blocks is one
+        transaction, so a crash shows all of it or none; a larger one is punched from the top
+        down, one transaction per chunk, the tail in the first and the head in the last."""
         if end <= start:
+            if new_size != node.size:
+                self.truncate(node, new_size)
             return
         a, b = -(-start // BS) * BS, end // BS * BS
-        if b <= a:
-            self.write(node.ino, start, bytes(end - start))
-            return
-        if start < a:
-            self.write(node.ino, start, bytes(a - start))
-        for hi in range(b, a, -TXN_BLOCKS * BS):
-            lo = max(a, hi - TXN_BLOCKS * BS)
-            self.bufcache.extent_room(1)
+        if b <= a:                                   # inside one block
+            pieces, chunks = [(start, end)], [(a, a)]
+        else:
+            pieces = [(start, a)] if start < a else []
+            pieces += [(b, end)] if b < end else []
+            chunks = [(max(a, hi - TXN_BLOCKS * BS), hi) for hi in range(b, a, -TXN_BLOCKS * BS)]
+        # zeros are written only over mapped bytes below EOF: holes and bytes past EOF read
+        # as zeros already (zero_tail clears the old EOF block when the size grows)
+        pieces = [(lo, min(hi, node.size)) for lo, hi in pieces
+                  if lo < node.size and node.extents.lookup(lo // BS) >= 0]
+        shared = sum(self.alloc.count(node.extents.lookup(lo // BS)) > 1 for lo, _ in pieces)
+        if shared > self.alloc.available():
+            raise FsError(errno.ENOSPC)
+        self.bufcache.extent_room(1 + 2 * len(pieces))
+        for i, (lo, hi) in enumerate(chunks):
+            first, last = i == 0, i == len(chunks) - 1
             with self._txn() as t:
+                for p0, p1 in pieces:
+                    if (first and p0 >= b) or (last and p1 <= a) or (first and last):
+                        self.bufcache.write(t, node, p0, bytes(p1 - p0))
                 self.bufcache.punch(t, node, lo // BS, hi // BS)
+                if last and new_size != node.size:
+                    if new_size > node.size:
+                        self.bufcache.zero_tail(t, node)
+                    node.size = new_size
                 node.touch(m=True)
                 t.inode(node)
-        if b < end:
-            self.write(node.ino, b, bytes(end - b))
 
     def _preallocate(self, node: Inode, l0: int, l1: int) -> None:
         """Map every hole in [l0, l1) to fresh zeroed blocks; ENOSPC changes nothing."""

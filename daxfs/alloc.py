@@ -30,6 +30,29 @@ def runs_of(idx: np.ndarray) -> list[tuple[int, int]]:
     return [(int(idx[s]), int(e - s)) for s, e in zip(starts.tolist(), ends.tolist())]
 
 
+def coverage(pblk: np.ndarray, length: np.ndarray, nb: int) -> np.ndarray:
+    """How many of the runs [pblk, pblk+length) cover each block < nb (runs not wholly inside
+    the image are ignored)."""
+    pb = pblk.astype(np.uint64)
+    ln = length.astype(np.uint64)
+    nbu = np.uint64(nb)
+    ok = (pb <= nbu) & (ln <= nbu - np.minimum(pb, nbu))
+    p = pb[ok].astype(np.int64)
+    e = p + ln[ok].astype(np.int64)
+    d = np.bincount(p, minlength=nb + 1)[:nb + 1] - np.bincount(e, minlength=nb + 1)[:nb + 1]
+    return np.cumsum(d)[:nb]
+
+
+def implied_refcounts(extents: np.ndarray, inodes: np.ndarray, nb: int) -> np.ndarray:
+    """Per block, the references the tables hold: extent records in use plus the xattr block
+    of each inode in use (what the refcount table must say, below data_start aside)."""
+    e = extents[extents["ino"] != 0]
+    cov = coverage(e["pblk"], e["length"], nb)
+    xb = inodes["xattr_blk"][(inodes["mode"] != 0) & (inodes["xattr_blk"] != 0)]
+    xb = xb[xb < np.uint64(nb)].astype(np.int64)
+    return cov + np.bincount(xb, minlength=nb)[:nb]
+
+
 class BlockAllocator:
     def __init__(self, table: np.ndarray, g: fmt.Geometry):
         self.g = g
@@ -38,6 +61,12 @@ class BlockAllocator:
         self.cursor = g.data_start
         self.dirty: list[tuple[int, int]] = []             # (start, end) ranges since last commit
         self.quarantine: list[tuple[int, int]] = []        # freed by the open transaction
+
+    def undercounted(self, implied: np.ndarray) -> np.ndarray:
+        """Data blocks whose count is below the references the tables hold: trusting such a
+        count would hand out (or write in place into) a block another file still maps."""
+        ds = self.g.data_start
+        return np.flatnonzero(self.rc[ds:].astype(np.int64) < implied[ds:]) + ds
 
     # -- queries ---------------------------------------------------------------------------------
     def count(self, pblk: int) -> int:

@@ -28,7 +28,7 @@ import numpy as np
 from . import format as fmt
 from . import usage
 from . import xattrs as xa
-from .alloc import BlockAllocator
+from .alloc import BlockAllocator, implied_refcounts
 from .bufcache import BufCache
 from .dirs import Directories, check_name
 from .errors import CorruptionError, FsError
@@ -154,6 +154,12 @@ class FileSystem:
         self.alloc = BlockAllocator(rv, g)
         self.inodes = InodeTable(iv, ev, g)
         self.inodes.on_corruption = self._fail
+        if not self.readonly:
+            bad = self.alloc.undercounted(implied_refcounts(ev, iv, g.nblocks))
+            if bad.size:
+                raise fmt.FormatError(
+                    f"refcount table undercounts {bad.size} block(s) in use (first: {bad[0]}); "
+                    "writing could overwrite files (run daxfs fsck --repair)")
         self.dirs = Directories(dv)
         isdir = (iv["mode"] & 0o170000) == stat.S_IFDIR
         if not isdir[fmt.ROOT_INO]:

@@ -38,6 +38,7 @@ from typing import Callable
 import numpy as np
 
 from . import format as fmt
+from .alloc import coverage as _coverage
 from .pmem import PMem
 
 log = logging.getLogger(__name__)
@@ -404,19 +405,6 @@ class Context:
         cov += np.bincount(xb, minlength=nb)[:nb]
         cov[:g.data_start] = fmt.REFCOUNT_RESERVED
         return cov
-
-
-def _coverage(pblk: np.ndarray, length: np.ndarray, nb: int) -> np.ndarray:
-    """How many of the runs [pblk, pblk+length) cover each block < nb (runs not wholly inside
-    the image are ignored)."""
-    pb = pblk.astype(np.uint64)
-    ln = length.astype(np.uint64)
-    nbu = np.uint64(nb)
-    ok = (pb <= nbu) & (ln <= nbu - np.minimum(pb, nbu))
-    p = pb[ok].astype(np.int64)
-    e = p + ln[ok].astype(np.int64)
-    d = np.bincount(p, minlength=nb + 1)[:nb + 1] - np.bincount(e, minlength=nb + 1)[:nb + 1]
-    return np.cumsum(d)[:nb]
 
 
 def _fmt_name(name: bytes) -> str:

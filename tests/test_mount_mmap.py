@@ -770,3 +770,54 @@ def test_mmap_store_into_shared_eof_block_then_grow_both_files(mounted, image, a
     assert_bytes(src.read_bytes(), smodel, "source after remount")
     assert_bytes(copy.read_bytes(), bytes(cmodel), "copy after remount")
     assert_clean_log(mounted)
+
+
+
+def test_o_direct_writes_reach_cached_descriptors_mappings_and_new_opens(mounted, image, agents):
+    """O_DIRECT handles get FOPEN_DIRECT_IO and bypass the kernel's page cache: what buffered
+    descriptors and mappings of the same file cached must not outlive such a write."""
+    p = mounted / "f"
+    data = os.urandom(16 * BS)
+    p.write_bytes(data)
+    model = bytearray(data)
+    rfd = os.open(p, os.O_RDONLY)
+    buf = mmap.mmap(-1, 2 * BS)                              # page-aligned for O_DIRECT
+    try:
+        assert pread_all(rfd, len(data)) == data             # warm page cache
+        a = agents(p)
+        assert a.read(3 * BS, BS) == data[3 * BS:4 * BS]
+        dfd = os.open(p, os.O_RDWR | os.O_DIRECT)
+        try:
+            new = os.urandom(2 * BS)
+            buf[:] = new
+            assert os.pwrite(dfd, buf, 3 * BS) == 2 * BS
+            apply(model, 3 * BS, new)
+            assert_bytes(pread_all(rfd, len(data)), bytes(model), "cached fd after O_DIRECT")
+            assert_bytes(a.read(3 * BS, 2 * BS), new, "mapping after O_DIRECT write")
+            # and the other way: a buffered write is what a direct read returns
+            with open(p, "r+b", buffering=0) as f:
+                f.seek(9 * BS + 1)
+                f.write(b"buffered")
+            apply(model, 9 * BS + 1, b"buffered")
+            buf[:BS] = b"\0" * BS
+            assert os.preadv(dfd, [memoryview(buf)[:BS]], 9 * BS) == BS
+            assert_bytes(bytes(buf[:BS]), bytes(model[9 * BS:10 * BS]), "O_DIRECT read")
+        finally:
+            os.close(dfd)
+        assert a.exit() == 0
+    finally:
+        os.close(rfd)
+    # no buffered handle open now: a direct write, then a new buffered open must not keep
+    # the cache it had before
+    rfd = os.open(p, os.O_RDONLY)
+    assert pread_all(rfd, len(data)) == bytes(model)
+    os.close(rfd)
+    dfd = os.open(p, os.O_WRONLY | os.O_DIRECT)
+    buf[:BS] = os.urandom(BS)
+    os.pwrite(dfd, memoryview(buf)[:BS], 12 * BS)
+    apply(model, 12 * BS, bytes(buf[:BS]))
+    os.close(dfd)
+    assert_bytes(p.read_bytes(), bytes(model), "new buffered open after O_DIRECT write")
+    remount(image, mounted)
+    assert_bytes(p.read_bytes(), bytes(model), "after remount")
+    assert_clean_log(mounted)

@@ -1,5 +1,6 @@
 /*
- * daxfs._fusehook -- add copy_file_range, lseek and fallocate to pyfuse3.
+ * daxfs._fusehook -- add copy_file_range, lseek and fallocate to pyfuse3,
+ * and serve read/write without pyfuse3's coroutine machinery.
  *
  * pyfuse3 3.5 builds its struct fuse_lowlevel_ops without these three slots
  * and offers no way to add them.  Instead of patching pyfuse3 we interpose
@@ -13,6 +14,18 @@
  * The C callbacks call synchronous Python handlers.  pyfuse3 calls
  * fuse_session_process_buf() with the GIL held, but PyGILState_Ensure() is
  * used so the callbacks stay correct if that ever changes.
+ *
+ * Fast path (read and write, when Python registers handlers for them): the
+ * callbacks reply at once, so a request costs one Python call instead of a
+ * coroutine, a trio task step and pyfuse3's bytes copy of the write data.
+ * After such a request the callback keeps serving: it polls the FUSE fd for
+ * up to `spin_us` microseconds and processes what arrives in place, as long as
+ * each request is again one answered synchronously (read, write, the
+ * capability getxattr, copy_file_range, lseek, fallocate).  The first request
+ * that goes to one of pyfuse3's asynchronous handlers ends the drain: pyfuse3
+ * keeps the coroutine that handler created and awaits it when we return, and
+ * it can hold only one.  A drain also ends after DRAIN_MAX requests, so trio
+ * (signals, other tasks) runs regularly under a steady stream.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -23,7 +36,10 @@
 
 #include <dlfcn.h>
 #include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 struct libfuse_version; /* only exists in libfuse >= 3.17 headers */
 
@@ -62,6 +78,16 @@ static int hooked;
 
 /* Python handlers (strong refs, protected by the GIL). */
 static PyObject *h_cfr, *h_lseek, *h_falloc;
+static PyObject *h_read, *h_write;      /* fast path; NULL: pyfuse3 serves them */
+
+/* the drain after a synchronously answered request */
+#define DRAIN_MAX 256
+static struct fuse_session *session;
+static long spin_ns;                    /* 0: no drain */
+static int draining;
+static int answered_sync;               /* set by every callback that replied in place */
+static struct fuse_buf drain_buf;
+static unsigned long long fast_requests, drained_requests;
 
 /* Connection settings requested from Python (-1 = leave alone). */
 static long long opt_max_readahead = -1, opt_max_write = -1,
@@ -172,6 +198,7 @@ static void hook_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t off_in
         fuse_reply_err(req, err);
     else
         fuse_reply_write(req, done);
+    answered_sync = 1;
 }
 
 static void hook_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
@@ -202,6 +229,7 @@ static void hook_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
         fuse_reply_err(req, err);
     else
         fuse_reply_lseek(req, (off_t)res);
+    answered_sync = 1;
 }
 
 static void hook_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
@@ -221,6 +249,118 @@ static void hook_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offse
     }
     PyGILState_Release(g);
     fuse_reply_err(req, err);
+    answered_sync = 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* read and write without a coroutine, then drain                      */
+
+static long long now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Serve requests that are already queued or arrive within spin_ns, in place
+ * (see the comment at the top).  Called with the GIL held, after a reply. */
+static void drain(void)
+{
+    if (draining || spin_ns <= 0 || !session)
+        return;
+    draining = 1;
+    struct pollfd pfd = {.fd = fuse_session_fd(session), .events = POLLIN};
+    long long deadline = now_ns() + spin_ns;
+    for (int n = 0; n < DRAIN_MAX && !fuse_session_exited(session);) {
+        int r = poll(&pfd, 1, 0);
+        if (r <= 0 || !(pfd.revents & POLLIN)) {
+            if (r < 0 || pfd.revents || now_ns() > deadline)
+                break;
+            continue;
+        }
+        int res = fuse_session_receive_buf(session, &drain_buf);
+        if (res == -EINTR || res == -EAGAIN)
+            continue;
+        if (res <= 0)
+            break;
+        answered_sync = 0;
+        fuse_session_process_buf(session, &drain_buf);
+        n++;
+        drained_requests++;
+        if (!answered_sync)
+            break;          /* went to pyfuse3: it awaits that coroutine when we return */
+        deadline = now_ns() + spin_ns;
+    }
+    draining = 0;
+}
+
+static void hook_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                      struct fuse_file_info *fi)
+{
+    int err = 0;
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *r = PyObject_CallFunction(h_read, "KLn", (unsigned long long)fi->fh,
+                                        (long long)off, (Py_ssize_t)size);
+    if (r) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(r, &view, PyBUF_CONTIG_RO) == 0) {
+            if ((size_t)view.len > size)
+                view.len = (Py_ssize_t)size;
+            fuse_reply_buf(req, view.buf, (size_t)view.len);
+            PyBuffer_Release(&view);
+        }
+        Py_DECREF(r);       /* a view of the image: dropped before the next request */
+    }
+    if (PyErr_Occurred()) {
+        err = exception_errno("read");
+        fuse_reply_err(req, err);
+    }
+    fast_requests++;
+    answered_sync = 1;
+    drain();
+    PyGILState_Release(g);
+}
+
+static void hook_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
+                       off_t off, struct fuse_file_info *fi)
+{
+    int err = 0;
+    size_t done = 0;
+    PyGILState_STATE g = PyGILState_Ensure();
+    /* zero-copy: the handler sees libfuse's request buffer and must not keep it */
+    PyObject *mv = PyMemoryView_FromMemory((char *)buf, (Py_ssize_t)size, PyBUF_READ);
+    PyObject *r = mv ? PyObject_CallFunction(h_write, "KLO", (unsigned long long)fi->fh,
+                                             (long long)off, mv) : NULL;
+    if (r) {
+        Py_ssize_t n = PyLong_AsSsize_t(r);
+        Py_DECREF(r);
+        if (!(n == -1 && PyErr_Occurred())) {
+            if (n < 0 || (size_t)n > size)
+                PyErr_Format(PyExc_ValueError, "write handler returned %zd for %zu bytes",
+                             n, size);
+            else
+                done = (size_t)n;
+        }
+    }
+    if (PyErr_Occurred())
+        err = exception_errno("write");   /* clears the traceback that may hold mv */
+    if (mv) {
+        PyObject *rel = PyObject_CallMethod(mv, "release", NULL);
+        if (!rel) {          /* still exported: a bug in the handler; never let it linger */
+            log_exception("write (buffer kept past the request)");
+            err = err ? err : EIO;
+        }
+        Py_XDECREF(rel);
+        Py_DECREF(mv);
+    }
+    if (err)
+        fuse_reply_err(req, err);
+    else
+        fuse_reply_write(req, done);
+    fast_requests++;
+    answered_sync = 1;
+    drain();
+    PyGILState_Release(g);
 }
 
 /* ------------------------------------------------------------------ */
@@ -274,6 +414,7 @@ static void hook_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size
 {
     if (!capability_xattrs && strcmp(name, "security.capability") == 0) {
         fuse_reply_err(req, ENODATA);
+        answered_sync = 1;
         return;
     }
     if (orig_getxattr)
@@ -307,6 +448,13 @@ static const struct fuse_lowlevel_ops *patch_ops(const struct fuse_lowlevel_ops 
         orig_init = o->init;
         o->init = hook_init;
     }
+    /* the fast path is chosen once, when the session is made */
+    if (h_read)
+        o->read = hook_read;
+    if (h_write) {
+        o->write = hook_write;
+        o->write_buf = NULL;    /* libfuse prefers write_buf when set */
+    }
     /* A caller built against older headers passes a smaller op_size; ours
      * must cover the slots we just filled. */
     *op_size = n > sizeof(struct fuse_lowlevel_ops) ? n : sizeof(struct fuse_lowlevel_ops);
@@ -315,6 +463,7 @@ static const struct fuse_lowlevel_ops *patch_ops(const struct fuse_lowlevel_ops 
 
 static void note_session(struct fuse_session *se)
 {
+    session = se;
     if (se && ops_copy.ops.copy_file_range && ops_copy.ops.lseek &&
         ops_copy.ops.fallocate)
         hooked = 1;
@@ -383,6 +532,28 @@ static PyObject *py_set_handlers(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_set_fast_path(PyObject *self, PyObject *args)
+{
+    PyObject *rd, *wr;
+    long spin_us;
+    if (!PyArg_ParseTuple(args, "OOl", &rd, &wr, &spin_us))
+        return NULL;
+    if (spin_us < 0 || spin_us > 1000000) {
+        PyErr_SetString(PyExc_ValueError, "spin_us must be in [0, 1000000]");
+        return NULL;
+    }
+    if (set_one(&h_read, rd, "read") || set_one(&h_write, wr, "write"))
+        return NULL;
+    spin_ns = spin_us * 1000;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_fast_stats(PyObject *self, PyObject *unused)
+{
+    return Py_BuildValue("{s:K,s:K}", "fast_requests", fast_requests,
+                         "drained_requests", drained_requests);
+}
+
 static PyObject *py_set_conn_options(PyObject *self, PyObject *args)
 {
     long long ra, mw, mb, ct, tg;
@@ -438,6 +609,8 @@ static PyObject *py_paths(PyObject *self, PyObject *unused)
 static PyMethodDef methods[] = {
     {"_set_handlers", py_set_handlers, METH_VARARGS, NULL},
     {"_set_conn_options", py_set_conn_options, METH_VARARGS, NULL},
+    {"_set_fast_path", py_set_fast_path, METH_VARARGS, NULL},
+    {"fast_stats", py_fast_stats, METH_NOARGS, NULL},
     {"hooked", py_hooked, METH_NOARGS, NULL},
     {"set_capability_xattrs", py_set_capability_xattrs, METH_O, NULL},
     {"conn_info", py_conn_info, METH_NOARGS, NULL},

@@ -116,6 +116,7 @@ class FileSystem:
         # every write (file_remove_privs) can be answered without a trip through Python
         self.capability_inodes = self._scan_capabilities()
         self.capability_listener = None     # callable(bool), set by the daemon
+        self.extra_stats: Callable[[], dict] | None = None     # the daemon's own counters
         self.dir_handles: dict[int, list[tuple[int, bytes, int]]] = {}
         self._next_fh = 1
         if not readonly:
@@ -932,6 +933,8 @@ class FileSystem:
         b = self.bufcache.stats
         out.update(clones=b.clones, cloned_blocks=b.cloned_blocks, cow_breaks=b.cow_breaks,
                    journal_commits=self.journal.commits)
+        if self.extra_stats:
+            out.update(self.extra_stats())
         return out
 
     def aliases_of(self, pblk: int) -> list[tuple[int, int]]:

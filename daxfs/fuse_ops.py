@@ -233,6 +233,19 @@ class Operations(pyfuse3.Operations):
     def fallocate(self, ino, fh, mode, off, length):
         _sync(self.fs.fallocate, ino, mode, off, length)
 
+    # the fast path (fusehook.set_fast_path): read/write called from C, replied at once
+    def read_sync(self, fh, off, size):
+        try:
+            return self.fs.read(fh, off, size, view=True)
+        except FsError as e:
+            raise OSError(e.errno, str(e)) from None
+
+    def write_sync(self, fh, off, data):
+        try:
+            return self.fs.write(fh, off, data)
+        except FsError as e:
+            raise OSError(e.errno, str(e)) from None
+
     def hook_handlers(self) -> dict:
         return {"copy_file_range": self.copy_file_range, "lseek": self.lseek,
                 "fallocate": self.fallocate}

@@ -47,7 +47,7 @@ if "pyfuse3" in sys.modules:
 
 from . import _fusehook  # noqa: E402  (must precede pyfuse3)
 
-__all__ = ["set_handlers", "set_conn_options", "hooked", "conn_info", "cap_names",
+__all__ = ["set_handlers", "set_fast_path", "fast_stats", "set_conn_options", "hooked", "conn_info", "cap_names",
            "CopyFileRange", "Lseek", "Fallocate"]
 
 # copy_file_range(ino_in, fh_in, off_in, ino_out, fh_out, off_out, length, flags) -> bytes copied
@@ -74,6 +74,28 @@ def set_handlers(*, copy_file_range: Optional[CopyFileRange] = None,
     handlers on every request.
     """
     _fusehook._set_handlers(copy_file_range, lseek, fallocate)
+
+
+def set_fast_path(*, read: Optional[Callable[[int, int, int], object]] = None,
+                  write: Optional[Callable[[int, int, memoryview], int]] = None,
+                  spin_us: int = 0) -> None:
+    """Serve FUSE read/write with these synchronous handlers, called from C (no coroutine,
+    no copy of the write data), instead of pyfuse3's async ``read``/``write``.
+
+    ``read(fh, off, size)`` returns a buffer (it may be a view of the image: it is replied
+    and dropped before the next request); ``write(fh, off, data)`` gets a memoryview of
+    libfuse's request buffer, valid only during the call, and returns bytes written. Errors
+    as for the other handlers. After each such request the hook polls the FUSE fd for up to
+    ``spin_us`` microseconds and serves what arrives in place (0: never). Must be called
+    before mounting: the operations table is patched when the session is created.
+    """
+    _fusehook._set_fast_path(read, write, int(spin_us))
+
+
+def fast_stats() -> dict:
+    """Requests served by the fast path, and how many of those (or others answered in C)
+    came in through a drain rather than through pyfuse3's loop."""
+    return _fusehook.fast_stats()
 
 
 def set_conn_options(**kw: Optional[int]) -> None:

@@ -122,7 +122,10 @@ def test_mount_options_parsing():
     assert "noexec" not in opts
     assert "noexec" in parse_mount_options(["user,noexec"]).fuse_options("/i")
     assert "noexec" not in parse_mount_options(["noexec,exec"]).fuse_options("/i")
-    for bad in ("bogus", "ro=1", "min_tasks=x", "min_tasks=0", "min_tasks=5,max_tasks=2", "log="):
+    assert parse_mount_options(None).spin_us == 50
+    assert parse_mount_options(["spin_us=0"]).spin_us == 0
+    for bad in ("bogus", "ro=1", "min_tasks=x", "min_tasks=0", "min_tasks=5,max_tasks=2", "log=",
+                "spin_us=-1", "spin_us=2000000", "spin_us=fast"):
         with pytest.raises(UsageError):
             parse_mount_options([bad])
 

@@ -67,7 +67,9 @@ def build_parser() -> Parser:
                     "running in the background until `daxfs umount` (or SIGTERM). Options for -o "
                     "(comma-separated): allow_other, ro, debug, noexec, default_permissions "
                     "(always on), log=FILE (daemon log; default /tmp/daxfs-<image name>.log), "
-                    "min_tasks=N, max_tasks=N (FUSE worker tasks, default 2 and 32); mount(8) "
+                    "min_tasks=N, max_tasks=N (FUSE worker tasks, default 2 and 32), spin_us=N "
+                    "(after each read/write, poll for the next request this long before "
+                    "returning to the event loop; default 50, 0 = off); mount(8) "
                     "options such as rw, exec, nosuid, nodev, auto, user, _netdev, nofail, "
                     "defaults, x-* are accepted and ignored (FUSE mounts are always nosuid,nodev).")
     s.add_argument("image", metavar="IMAGE")

@@ -17,7 +17,8 @@ ROWS = [("logical_bytes", "logical bytes (file sizes)"), ("physical_bytes", "phy
         ("free_bytes", "free bytes"), ("files", "inodes in use"),
         ("shared_blocks", "shared blocks (refcount > 1)"), ("aliases", "alias descriptors"),
         ("bytes_saved", "bytes saved by sharing"), ("clones", "clones (since mount)"),
-        ("cloned_blocks", "blocks cloned (since mount)"), ("cow_breaks", "COW breaks (since mount)")]
+        ("cloned_blocks", "blocks cloned (since mount)"), ("cow_breaks", "COW breaks (since mount)"),
+        ("fast_requests", "reads/writes answered in C"), ("drained_requests", "requests served by polling")]
 
 
 def read_stats(target: str) -> dict:

@@ -8,6 +8,7 @@ concurrent changes never repeats or skips surviving entries.
 from __future__ import annotations
 
 import errno
+import logging
 import struct
 
 import numpy as np
@@ -18,6 +19,7 @@ from .errors import FsError
 
 DIRENT_REC = struct.Struct("<IIB255s")
 assert DIRENT_REC.size == fmt.DIRENT_DTYPE.itemsize
+log = logging.getLogger(__name__)
 FREE_DIRENT = bytes(fmt.DIRENT_DTYPE.itemsize)
 
 
@@ -38,6 +40,11 @@ class Directories:
         for slot, parent, ino, name, nlen in zip(used.tolist(), recs["parent"].tolist(),
                                                  recs["ino"].tolist(), recs["name"].tolist(),
                                                  recs["namelen"].tolist()):
+            if not 0 < nlen <= len(name):
+                # numpy drops trailing NULs: a namelen past them means NULs inside the name
+                log.warning("dirent %d in directory %d: corrupt name %r (namelen %d), not "
+                            "served (run daxfs fsck)", slot, parent, name, nlen)
+                continue
             name = name[:nlen]            # namelen is the truth; bytes after it are not the name
             d = children.get(parent)
             if d is None:

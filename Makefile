@@ -8,7 +8,8 @@ SIZE    ?= 1G
 APT_PKGS := fuse3 libfuse3-dev pkg-config gcc fio attr python3-venv
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup system-packages run umount test bench bench-short clean crash-test fuzz-images
+.PHONY: setup system-packages run umount test bench bench-short clean crash-test fuzz-images \
+        kill-test
 
 setup: system-packages $(STAMP)
 
@@ -61,3 +62,9 @@ CASES   ?= 1000
 SEED    ?= 1
 fuzz-images: setup
 	$(PY) scripts/fuzz_images.py --cases $(CASES) --seed $(SEED)
+
+# kill -9 of the daemon at random moments of real workloads on a real mount (cp -a, fio, mmap,
+# reflink + COW), then recovery and checks; POINTS kill points (~4 s each), point i uses SEED+i
+POINTS  ?= 60
+kill-test: setup
+	$(PY) scripts/kill_explore.py --points $(POINTS) --seed $(SEED)

@@ -55,9 +55,16 @@ class Directories:
     def note_dir_parents(self, is_dir) -> None:
         """Fill `parent` for directories (`is_dir(ino)` tells which children are directories)."""
         for parent, entries in self.children.items():
-            for ino, _slot in entries.values():
-                if is_dir(ino):
-                    self.parent[ino] = parent
+            for name, (ino, slot) in list(entries.items()):
+                if not is_dir(ino):
+                    continue
+                if ino in self.parent or ino == parent or ino == fmt.ROOT_INO:
+                    # a second name for a directory (or itself): a loop, corrupt; serve one
+                    log.warning("dirent %d: directory %d has a second name %r in %d, not "
+                                "served (run daxfs fsck)", slot, ino, name, parent)
+                    del entries[name]
+                    continue
+                self.parent[ino] = parent
 
     def lookup(self, d: int, name: bytes) -> int | None:
         e = self.children.get(d)

@@ -12,9 +12,9 @@ import errno
 import hashlib
 import os
 import random
-import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +22,10 @@ import pytest
 
 from conftest import (check_fsck, daemon_log, daxfs_cli, force_cleanup, have_fuse,
                       is_mounted, mount, sha256, umount, wait_unlocked)
-from daxfs.daemon import lock_holder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from kill_explore import (check_partial_copy, fsck_crashed, fsync_path,  # noqa: E402
+                          image_clean_flag, kill9, lazy_umount, make_small_tree, write_fsync)
 
 pytestmark = pytest.mark.skipif(not have_fuse(), reason="needs /dev/fuse and fusermount3")
 
@@ -30,108 +33,8 @@ MiB = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers
-
-def _fd_targets(pid: int) -> set[str]:
-    out = set()
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return out
-    for fd in fds:
-        try:
-            out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except OSError:
-            pass
-    return out
-
-
-def daemon_pid(image) -> int:
-    """Pid of the daemon serving `image`: the flock holder, which must have the image and
-    /dev/fuse open. Falls back to a /proc scan if /proc/locks names nobody."""
-    image = os.path.realpath(image)
-    pid = lock_holder(image)
-    if pid is not None:
-        fds = _fd_targets(pid)
-        assert image in fds and "/dev/fuse" in fds, (
-            f"pid {pid} holds the lock of {image} but has open: {sorted(fds)}")
-    else:
-        hits = [int(p) for p in os.listdir("/proc") if p.isdigit()
-                and {image, "/dev/fuse"} <= _fd_targets(int(p))]
-        assert len(hits) == 1, f"daemon of {image}: candidates {hits}"
-        pid = hits[0]
-    assert pid != os.getpid()
-    return pid
-
-
-def wait_stale(mnt, timeout: float = 10.0) -> None:
-    """Wait until the dead mount answers ENOTCONN."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            os.stat(mnt)
-        except OSError as e:
-            if e.errno == errno.ENOTCONN:
-                return
-            raise
-        assert time.monotonic() < deadline, f"{mnt} did not go stale after the daemon died"
-        time.sleep(0.02)
-
-
-def kill9(image, mnt) -> int:
-    """SIGKILL the daemon of `image`; returns once it is gone and `mnt` is stale."""
-    pid = daemon_pid(image)
-    os.kill(pid, signal.SIGKILL)
-    assert wait_unlocked(image, 15), f"pid {pid} still holds {image} after SIGKILL"
-    wait_stale(mnt)
-    return pid
-
-
-def lazy_umount(mnt) -> None:
-    p = subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, text=True,
-                       timeout=30)
-    assert p.returncode == 0, p.stderr
-    assert not is_mounted(mnt)
-
-
-def image_clean_flag(image) -> bool:
-    out = daxfs_cli("info", image).stdout
-    assert "state:" in out, out
-    return "state:          clean" in out
-
-
-def fsck_crashed(image) -> subprocess.CompletedProcess:
-    """fsck of an image whose daemon was killed, before it is mounted again: the journal makes
-    such an image consistent, so the check (which replays the journal into a private mapping and
-    never writes) must find no error: exit 0 (pending replay and the clean flag are notes).
-    The image bytes must be unchanged by a plain check."""
-    before = sha256(image)
-    p = daxfs_cli("fsck", image, check=False)
-    assert p.returncode == 0, f"fsck of the crashed image: {p.returncode}\n{p.stdout}{p.stderr}"
-    assert "Traceback" not in p.stderr
-    assert sha256(image) == before, "a plain fsck modified the image"
-    return p
-
-
-def fsync_path(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_fsync(path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view[:256 * 1024])
-            view = view[n:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
+# helpers: daemon_pid, kill9, lazy_umount, fsck_crashed, ... live in scripts/kill_explore.py
+# (imported above), shared with tests/test_mount_kill.py
 
 @pytest.fixture
 def mnt(image, tmp_path):
@@ -282,54 +185,6 @@ def sha256_bytes(b: bytes) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # kill -9 in the middle of cp -a
-
-def make_small_tree(root: Path, rng: random.Random, dirs: int = 30, per_dir: int = 100) -> int:
-    n = 0
-    for d in range(dirs):
-        (root / f"d{d:02}/sub").mkdir(parents=True)
-        for i in range(per_dir):
-            rel = f"d{d:02}/{'sub/' if i % 3 == 0 else ''}f{i:03}"
-            (root / rel).write_bytes(rng.randbytes(rng.choice([0, 1, 100, 4095, 4097, 9000])))
-            n += 1
-        os.symlink(f"f{per_dir - 1:03}", root / f"d{d:02}/link")
-        os.link(root / f"d{d:02}/f001", root / f"d{d:02}/hard")
-    return n
-
-
-def check_partial_copy(src: Path, dst: Path) -> tuple[int, int, int]:
-    """Everything under `dst` (a copy interrupted by a crash) is listable and readable, exists in
-    `src` with the same type, and each regular file holds a prefix of its source (the whole of it
-    when the sizes match). Returns (complete files, partial files, directories)."""
-    complete = partial = ndirs = 0
-
-    def onerror(e):
-        raise e
-
-    for dirpath, dirnames, filenames in os.walk(dst, onerror=onerror):
-        ndirs += 1
-        rel_dir = os.path.relpath(dirpath, dst)
-        assert (src / rel_dir).is_dir(), f"{rel_dir}: a directory that the source does not have"
-        for name in filenames + dirnames:
-            d = Path(dirpath) / name
-            s = src / rel_dir / name
-            rel = os.path.relpath(d, dst)
-            assert os.path.lexists(s), f"{rel}: a name the source does not have"
-            ds, ss = os.lstat(d), os.lstat(s)
-            assert stat.S_IFMT(ds.st_mode) == stat.S_IFMT(ss.st_mode), rel
-            if stat.S_ISLNK(ds.st_mode):
-                assert os.readlink(d) == os.readlink(s), rel
-            elif stat.S_ISREG(ds.st_mode):
-                got, want = d.read_bytes(), s.read_bytes()
-                assert len(got) == ds.st_size, f"{rel}: read {len(got)} bytes, st_size {ds.st_size}"
-                assert len(got) <= len(want), f"{rel}: longer than its source"
-                assert got == want[:len(got)], (
-                    f"{rel}: {len(got)} of {len(want)} bytes, not a prefix of the source")
-                if len(got) == len(want):
-                    complete += 1
-                else:
-                    partial += 1
-    return complete, partial, ndirs
-
 
 def test_kill9_during_cp_a(image, mnt, tmp_path):
     seed = int(os.environ.get("DAXFS_CRASH_SEED", random.randrange(1 << 30)))

@@ -98,8 +98,10 @@ class BlockAllocator:
 
     def _fits(self, start: int, n: int) -> bool:
         g = self.g
-        return g.data_start <= start and start + n <= g.nblocks and \
-            not self.rc[start:start + n].any() and not self._in_quarantine(start, n)
+        if not (g.data_start <= start and start + n <= g.nblocks):
+            return False
+        busy = self.rc[start] if n == 1 else self.rc[start:start + n].any()
+        return not busy and not self._in_quarantine(start, n)
 
     def _search(self, n: int) -> list[tuple[int, int]]:
         g = self.g

@@ -76,14 +76,21 @@ class BufCache:
         return b"".join(parts)
 
     # -- write -------------------------------------------------------------------------------------
-    def write(self, txn, node: Inode, off: int, data) -> int:
-        """Store `data` at `off`; returns bytes written (short only when space ran out)."""
+    def overwrite(self, seg: tuple[int, int, int], off: int, data) -> None:
+        """Store `data` in place into blocks this inode alone maps: `seg` is the one segment
+        (lblk, n, pblk) of extents.segments() covering it, and no block in it is shared."""
+        self._store(seg[0], seg[1], seg[2], off, memoryview(data).cast("B"))
+
+    def write(self, txn, node: Inode, off: int, data, segs=None) -> int:
+        """Store `data` at `off`; returns bytes written (short only when space ran out).
+        `segs`: the caller's extents.segments() of the range, if it has them already."""
         mv = memoryview(data).cast("B")
         end = off + mv.nbytes
         if end > node.size:
             self.zero_tail(txn, node)
+            segs = None                 # zero_tail may have broken a shared tail block
         l0, l1 = off >> SHIFT, (end + BS - 1) >> SHIFT
-        for l, n, p in node.extents.segments(l0, l1):
+        for l, n, p in segs or node.extents.segments(l0, l1):
             if p != HOLE:
                 done = self._write_mapped(txn, node, l, n, p, off, mv)
             else:
@@ -100,12 +107,14 @@ class BufCache:
 
     def _write_mapped(self, txn, node: Inode, l: int, n: int, p: int, off: int, mv) -> int:
         """Returns how many of the n blocks were written (fewer only when space ran out)."""
-        rc = self.alloc.rc[p:p + n]
-        if not (rc > 1).any():
+        shared_mask = self.alloc.rc[p:p + n] > 1
+        if not shared_mask.any():
             self._store(l, n, p, off, mv)
             return n
+        if n == 1 or shared_mask.all():
+            return self._write_new(txn, node, l, n, p, off, mv)
         # split into runs of unshared (write in place) and shared (break) blocks
-        shared = (rc > 1).tolist()
+        shared = shared_mask.tolist()
         i = 0
         while i < n:
             j = i

@@ -128,6 +128,10 @@ class ExtentMap:
     # -- mutation --------------------------------------------------------------------------------
     def remap(self, l0: int, n: int, p0: int, take_slot) -> RemapResult:
         """Map [l0, l0+n) to [p0, p0+n) (p0 == HOLE: unmap). `take_slot()` gives a free record."""
+        if p0 != HOLE and self.leaves:
+            res = self._split_inside(l0, n, p0, take_slot)
+            if res is not None:
+                return res
         l1 = l0 + n
         # the leaves holding extents that touch or adjoin [l0, l1) (adjoining ones may merge)
         i = self._leaf_of(l0 - 1) if l0 > 0 else 0
@@ -145,6 +149,40 @@ class ExtentMap:
         self._replace(i, j, lb, pb, ln, sl)
         self.mapped += (n if p0 != HOLE else 0) - sum(r[1] for r in res.removed)
         return res
+
+
+    def _split_inside(self, l0: int, n: int, p0: int, take_slot) -> RemapResult | None:
+        """The COW break's common case, without the general merge: [l0, l0+n) lies strictly
+        inside one extent, so it splits in three. Nothing can merge: the new run cannot
+        continue the old pieces physically, their blocks being still allocated. None when
+        the case does not apply."""
+        li = self._leaf_of(l0)
+        leaf = self.leaves[li]
+        lb = leaf.lblk
+        a = int(lb.searchsorted(l0, "right")) - 1
+        if a < 0:
+            return None
+        s = int(lb[a])
+        e = s + int(leaf.length[a])
+        l1 = l0 + n
+        if not (s < l0 and l1 < e):
+            return None
+        p = int(leaf.pblk[a])
+        s1, s2 = take_slot(), take_slot()
+        k = a + 1
+        nlb = np.concatenate((lb[:k], np.array((l0, l1), _I64), lb[k:]))
+        npb = np.concatenate((leaf.pblk[:k], np.array((p0, p + l1 - s), _I64), leaf.pblk[k:]))
+        nln = np.concatenate((leaf.length[:k], np.array((n, e - l1), _U32), leaf.length[k:]))
+        nln[a] = l0 - s
+        nsl = np.concatenate((leaf.slot[:k], np.array((s1, s2), _U32), leaf.slot[k:]))
+        if nlb.size > LEAF:
+            self._replace(li, li + 1, nlb, npb, nln, nsl)
+        else:
+            self.leaves[li] = _Leaf(nlb, npb, nln, nsl)
+            self.count += 2
+        return RemapResult([(p + l0 - s, n)],
+                           [(int(leaf.slot[a]), s, p, l0 - s), (s1, l0, p0, n),
+                            (s2, l1, p + l1 - s, e - l1)], [])
 
 
 def _remap_flat(lb, pb, ln, sl, l0: int, n: int, p0: int, take_slot):

@@ -638,19 +638,18 @@ class FileSystem:
             return 0
         if (off + len(data) + BS - 1) // BS >= 1 << 40:
             raise FsError(errno.EFBIG)
-        em = node.extents
         l0, l1 = off // BS, (off + len(data) + BS - 1) // BS
-        segs = em.segments(l0, l1)
+        segs = node.extents.segments(l0, l1)
         if len(segs) == 1 and segs[0][2] >= 0 and off + len(data) <= node.size \
                 and not self.alloc.any_shared(segs[0][2], segs[0][1]) and not self.readonly \
                 and not self.failed:
             # overwrite of owned blocks: no metadata but timestamps, no transaction
-            self.bufcache._store(segs[0][0], segs[0][1], segs[0][2], off, memoryview(data).cast("B"))
+            self.bufcache.overwrite(segs[0], off, data)
             node.mtime = node.ctime = now_ns()
             self.dirty_times[ino] = node
             return len(data)
         with self._txn() as t:
-            n = self.bufcache.write(t, node, off, data)
+            n = self.bufcache.write(t, node, off, data, segs)
             node.touch(m=True)
             t.inode(node)
         return n

@@ -473,9 +473,15 @@ class FileSystem:
 
     def _maybe_reclaim(self, node: Inode) -> None:
         # IFLAG_ORPHAN, not just nlink 0: a damaged link count must never delete a named file
-        if node.nlink == 0 and node.flags & fmt.IFLAG_ORPHAN and not node.in_use and not self.readonly and not self.failed \
-                and node.ino in self.inodes.cache:
+        if not (node.nlink == 0 and node.flags & fmt.IFLAG_ORPHAN and not self.readonly
+                and not self.failed and node.ino in self.inodes.cache):
+            return
+        if not node.in_use:
             self._reclaim(node)
+        elif node.opens == 0 and node.has_data:
+            # only the kernel's lookup reference is left (it forgets a few ms later): nobody
+            # can read the data any more, so give the space back now and `df` is exact at once
+            self._punch_chunked(node, 0)
 
     def _reclaim(self, node: Inode) -> None:
         """Free an orphan: its blocks (in bounded transactions), xattr block, then the slot."""

@@ -94,9 +94,9 @@ def free(mnt) -> tuple[int, int]:
 
 
 def wait_room(mnt, timeout: float = 10.0) -> None:
-    """Wait until statvfs shows free blocks again after an unlink: daxfs frees an unlinked
-    file's blocks when the kernel forgets the inode (FUSE_FORGET), a few ms after unlink(2)
-    returned, so a write right after the unlink can still get ENOSPC."""
+    """Wait until statvfs shows free blocks again after an unlink: the blocks of an unlinked
+    file come back when its last handle is released, and FUSE sends RELEASE after close(2)
+    of a writer's fd returned (asynchronously), so a write right after can still get ENOSPC."""
     deadline = time.monotonic() + timeout
     while os.statvfs(mnt).f_bavail == 0:
         assert time.monotonic() < deadline, f"no free block {timeout} s after the unlink"
@@ -253,3 +253,27 @@ def test_image_fills_during_cow_breaks_of_a_clone(mounted, image):
     os.unlink(m / "src")
     wait_free(m, fresh)
     assert_clean_log(m)
+
+
+def test_unlink_gives_space_back_before_the_kernel_forgets(mounted, image):
+    """df is exact right after unlink(2)/close(2) returns: the kernel's lookup reference lives
+    a few ms longer (until FUSE_FORGET), but with no open handle the data is unreachable, so
+    its blocks are freed at once; an open handle keeps them until its close."""
+    m = mounted
+    fresh = free(m)[0]
+    for name in ("a", "b"):
+        write_fsync(m / name, os.urandom(4 << 20))
+    used = fresh - free(m)[0]
+    assert used >= 2048
+    os.unlink(m / "a")
+    assert fresh - free(m)[0] <= used - 1024, "unlink of a closed file freed nothing yet"
+    fd = os.open(m / "b", os.O_RDONLY)
+    os.unlink(m / "b")
+    assert fresh - free(m)[0] >= 1024, "an open file's blocks were freed before its close"
+    assert len(os.pread(fd, 4096, 0)) == 4096
+    os.close(fd)
+    # FUSE sends RELEASE asynchronously after close(2) returns: allow it a moment
+    deadline = time.monotonic() + 5
+    while free(m)[0] < fresh - 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert free(m)[0] >= fresh - 4, "close of the last handle of an unlinked file freed nothing"

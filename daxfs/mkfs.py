@@ -1,6 +1,8 @@
 """Create a fresh daxfs image (the engine of `daxfs mkfs`)."""
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import stat
 import time
@@ -10,6 +12,8 @@ import numpy as np
 
 from . import format as fmt
 from .errors import UsageError
+
+log = logging.getLogger(__name__)
 
 
 def parse_size(text: str) -> int:
@@ -32,10 +36,25 @@ def is_daxfs_image(path: str) -> bool:
         return False
 
 
+def _reserve(fd: int, path: str, size: int, created: bool) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            log.warning("%s: cannot reserve space (%s); the image stays sparse", path, e.strerror)
+            return
+        os.ftruncate(fd, 0)          # give back what was reserved before it ran out
+        if created:
+            os.unlink(path)
+        raise UsageError(f"cannot reserve {size} bytes for {path}: {e.strerror}") from None
+
+
 def make_image(path: str, size: int, *, force: bool = False, inode_count: int | None = None,
-               extent_count: int | None = None) -> fmt.Geometry:
-    """Format `path` as an empty daxfs of `size` bytes (sparse). Refuses to overwrite data
-    (a daxfs image or any non-empty file) unless `force`."""
+               extent_count: int | None = None, sparse: bool = True) -> fmt.Geometry:
+    """Format `path` as an empty daxfs of `size` bytes. Refuses to overwrite data (a daxfs
+    image or any non-empty file) unless `force`. Unless `sparse`, the file's space is
+    reserved (posix_fallocate) first: the daemon stores into the image through a mapping, and
+    a store into a hole the host filesystem has no room for is a SIGBUS, not an ENOSPC."""
     size -= size % fmt.BLOCK_SIZE
     try:
         g = fmt.Geometry.for_size(size, inode_count, extent_count)
@@ -46,6 +65,7 @@ def make_image(path: str, size: int, *, force: bool = False, inode_count: int | 
         if stat.S_ISREG(st.st_mode) and st.st_size > 0:
             what = "a daxfs image" if is_daxfs_image(path) else "a non-empty file"
             raise UsageError(f"{path} is {what}; use --force to overwrite it")
+    created = not os.path.lexists(path)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
@@ -58,6 +78,8 @@ def make_image(path: str, size: int, *, force: bool = False, inode_count: int | 
         os.pwrite(fd, bytes(fmt.BLOCK_SIZE), 0)
         os.ftruncate(fd, 0)
         os.ftruncate(fd, size)
+        if not sparse:
+            _reserve(fd, path, size, created)
         now = time.time_ns()
         jh = np.zeros(1, fmt.JOURNAL_HEADER_DTYPE)
         jh["magic"] = fmt.JOURNAL_MAGIC

@@ -228,6 +228,30 @@ def test_mkfs_read_only_filesystem(tmp_path):
         subprocess.run(["umount", str(ro)], check=True)
 
 
+@needs_root
+def test_mkfs_reserves_the_space_and_says_when_the_host_has_too_little(tmp_path):
+    """A store into a hole the host filesystem cannot fill is a SIGBUS in the daemon, so mkfs
+    reserves the whole image; where that does not fit it says so and leaves nothing behind."""
+    small = tmp_path / "small"
+    small.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M", "tmpfs", str(small)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {p.stderr.strip()}")
+    try:
+        one_line_error(daxfs_cli("mkfs", small / "big.img", "--size", "64M", check=False),
+                       "cannot reserve", "No space left on device")
+        assert not (small / "big.img").exists()
+        assert os.statvfs(small).f_bfree * os.statvfs(small).f_frsize >= 15 << 20
+        daxfs_cli("mkfs", small / "fits.img", "--size", "8M")
+        assert os.stat(small / "fits.img").st_blocks * 512 >= 8 << 20      # reserved
+        os.unlink(small / "fits.img")
+        daxfs_cli("mkfs", small / "sparse.img", "--size", "64M", "--sparse")
+        assert os.stat(small / "sparse.img").st_blocks * 512 < 1 << 20
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
 def test_mkfs_permission_denied_sysfs():
     # /sys refuses file creation even for root
     one_line_error(daxfs_cli("mkfs", "/sys/daxfs-test.img", "--size", "16M", check=False),

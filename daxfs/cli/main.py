@@ -60,6 +60,9 @@ def build_parser() -> Parser:
     s.add_argument("--extents", type=int, metavar="N",
                    help="extent records (default: one per block; reflinking fragmented files "
                         "needs more)")
+    s.add_argument("--sparse", action="store_true",
+                   help="do not reserve the image's space on the host filesystem (the daemon "
+                        "then dies of SIGBUS if that filesystem fills up)")
 
     s = sub.add_parser(
         "mount", parents=[common], help="mount an image (daemon in the background)",
@@ -150,7 +153,8 @@ def cmd_mkfs(a) -> int:
             locked = False
         if locked:
             raise UsageError(daemon.describe_lock(a.image) + "; unmount it first")
-    g = make_image(a.image, size, force=a.force, inode_count=a.inodes, extent_count=a.extents)
+    g = make_image(a.image, size, force=a.force, inode_count=a.inodes, extent_count=a.extents,
+                   sparse=a.sparse)
     from ..format import BLOCK_SIZE
     print(f"daxfs: created {a.image}: {g.nblocks * BLOCK_SIZE} bytes, {g.nblocks} blocks of "
           f"{BLOCK_SIZE}, {g.data_blocks} data blocks, {g.inode_count - 1} inodes")

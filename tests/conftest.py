@@ -126,22 +126,25 @@ def check_fsck(image) -> None:
                                f"--- stdout:\n{p.stdout}--- stderr:\n{p.stderr}")
 
 
-@pytest.fixture
-def image(tmp_path_factory):
-    """Path (str) of a fresh 256 MiB daxfs image on /dev/shm; removed afterwards."""
+def fresh_image(tmp_path_factory, size: str = IMAGE_SIZE, tag: str = "test"):
+    """Generator for image fixtures: yields the path (str) of a new image made by `daxfs mkfs`
+    on /dev/shm (else a temp dir); afterwards stops whatever still serves it and removes it."""
     base = SHM if SHM.is_dir() and os.access(SHM, os.W_OK) else tmp_path_factory.mktemp("img")
-    path = base / f"daxfs-test-{os.getpid()}-{uuid.uuid4().hex[:12]}.img"
-    daxfs_cli("mkfs", path, "--size", IMAGE_SIZE)
+    path = base / f"daxfs-{tag}-{os.getpid()}-{uuid.uuid4().hex[:12]}.img"
+    daxfs_cli("mkfs", path, "--size", size)
     try:
         yield str(path)
     finally:
         try:
             force_cleanup(str(path))
         finally:
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
+            path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def image(tmp_path_factory):
+    """Path (str) of a fresh 256 MiB daxfs image on /dev/shm; removed afterwards."""
+    yield from fresh_image(tmp_path_factory)
 
 
 @pytest.fixture

@@ -19,12 +19,11 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import SHM, daemon_log, daxfs_cli, force_cleanup, have_fuse
+from conftest import daemon_log, fresh_image, have_fuse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from kill_explore import fsync_path, log_problems, wait_free, write_fsync  # noqa: E402
@@ -76,16 +75,7 @@ def cow_block(seed: int, b: int) -> bytes:
 @pytest.fixture
 def image(tmp_path_factory):
     """A fresh 64 MiB image (overrides conftest's 256 MiB one, so `mounted` mounts it)."""
-    base = SHM if SHM.is_dir() and os.access(SHM, os.W_OK) else tmp_path_factory.mktemp("img")
-    path = base / f"daxfs-full-{os.getpid()}-{uuid.uuid4().hex[:12]}.img"
-    daxfs_cli("mkfs", path, "--size", IMAGE_SIZE)
-    try:
-        yield str(path)
-    finally:
-        try:
-            force_cleanup(str(path))
-        finally:
-            path.unlink(missing_ok=True)
+    yield from fresh_image(tmp_path_factory, IMAGE_SIZE, "full")
 
 
 def free(mnt) -> tuple[int, int]:

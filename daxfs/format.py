@@ -17,7 +17,10 @@ the image equals "tables as of the last checkpoint + every committed transaction
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 
@@ -218,3 +221,22 @@ def parse_superblock(raw: bytes, file_size: int) -> tuple[np.void, Geometry]:
     if expect != g:
         raise FormatError("superblock geometry inconsistent (image corrupt)")
     return sb, g
+
+
+def open_regular(path: str, flags: int, *, open_error: Callable[[OSError], Exception],
+                 not_regular: Exception, mode: int = 0o644) -> tuple[int, os.stat_result]:
+    """Open an image file: (fd, fstat) of `path` opened with `flags | O_CLOEXEC`; the caller
+    closes the fd. The caller's own errors: `open_error(e)` is raised when os.open fails,
+    `not_regular` (fd closed) when `path` is not a regular file."""
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC, mode)
+    except OSError as e:
+        raise open_error(e) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise not_regular
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st

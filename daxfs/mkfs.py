@@ -66,14 +66,10 @@ def make_image(path: str, size: int, *, force: bool = False, inode_count: int | 
             what = "a daxfs image" if is_daxfs_image(path) else "a non-empty file"
             raise UsageError(f"{path} is {what}; use --force to overwrite it")
     created = not os.path.lexists(path)
+    fd, _ = fmt.open_regular(path, os.O_RDWR | os.O_CREAT, mode=0o644,
+                             open_error=lambda e: UsageError(f"cannot create {path}: {e.strerror}"),
+                             not_regular=UsageError(f"{path} is not a regular file"))
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise UsageError(f"cannot create {path}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{path} is not a regular file")
         # Wipe the old superblock first so a half-made image is never taken for a valid one.
         os.pwrite(fd, bytes(fmt.BLOCK_SIZE), 0)
         os.ftruncate(fd, 0)

@@ -6,7 +6,6 @@ import datetime
 import json
 import mmap
 import os
-import stat
 import uuid as uuidlib
 
 import numpy as np
@@ -17,16 +16,11 @@ from ..errors import UsageError
 
 
 def gather(image: str) -> dict:
+    fd, st = fmt.open_regular(image, os.O_RDONLY, open_error=lambda e: UsageError(
+        f"{image}: no such image file" if isinstance(e, FileNotFoundError)
+        else f"cannot open {image}: {e.strerror}"),
+        not_regular=UsageError(f"{image} is not a regular file"))
     try:
-        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise UsageError(f"{image}: no such image file") from None
-    except OSError as e:
-        raise UsageError(f"cannot open {image}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{image} is not a regular file")
         raw = os.pread(fd, fmt.BLOCK_SIZE, 0)
         try:
             sb, g = fmt.parse_superblock(raw, st.st_size)

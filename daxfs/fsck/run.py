@@ -102,14 +102,10 @@ def _write_back(ctx: Context) -> bool:
 
 
 def _open(path: str, repair: bool) -> tuple[int, os.stat_result, bool]:
+    fd, st = fmt.open_regular(path, os.O_RDWR if repair else os.O_RDONLY,
+                              open_error=lambda e: FsckError(f"{path}: cannot open: {e.strerror}"),
+                              not_regular=FsckError(f"{path}: not a regular file"))
     try:
-        fd = os.open(path, (os.O_RDWR if repair else os.O_RDONLY) | os.O_CLOEXEC)
-    except OSError as e:
-        raise FsckError(f"{path}: cannot open: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FsckError(f"{path}: not a regular file")
         in_use = False
         try:
             if repair:

@@ -1,0 +1,105 @@
+"""Mount options: `-o` parsing into MountOptions, the options handed to libfuse, and the
+constants they share (FSTYPE, SUBTYPE, DEFAULT_*, IGNORED_OPTIONS)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from ..errors import UsageError
+
+FSTYPE = "fuse.daxfs"
+SUBTYPE = "daxfs"
+DEFAULT_MIN_TASKS = 2
+DEFAULT_MAX_TASKS = 32
+# After a read or write, the C hook keeps polling /dev/fuse this long and serves what comes in
+# place, skipping a trio round trip per request (2-3x the 4 KiB IOPS). Costs at most this much
+# CPU per request, nothing while idle. `-o spin_us=0` turns it off.
+DEFAULT_SPIN_US = 50
+
+# Options mount(8)/mount.fuse3 may hand us that are accepted and ignored (a FUSE mount is always
+# nosuid,nodev; `noexec` / `exec` are honoured, see MountOptions.noexec).
+IGNORED_OPTIONS = frozenset({
+    "rw", "dev", "suid", "nodev", "nosuid", "auto", "noauto", "user", "nouser",
+    "users", "_netdev", "nofail", "defaults", "default_permissions",
+})
+
+
+@dataclasses.dataclass
+class MountOptions:
+    allow_other: bool = False
+    ro: bool = False
+    debug: bool = False
+    default_permissions: bool = True
+    noexec: bool = False
+    log: str | None = None          # None: default_log_path(image) when daemonized, stderr with -f
+    min_tasks: int = DEFAULT_MIN_TASKS
+    max_tasks: int = DEFAULT_MAX_TASKS
+    spin_us: int = DEFAULT_SPIN_US
+
+    def fuse_options(self, image: str) -> set[str]:
+        opts = {f"fsname={fuse_opt_escape(image)}", f"subtype={SUBTYPE}"}
+        if self.default_permissions:
+            opts.add("default_permissions")
+        if self.allow_other:
+            opts.add("allow_other")
+        if self.ro:
+            opts.add("ro")
+        if self.debug:
+            opts.add("debug")
+        if self.noexec:
+            opts.add("noexec")
+        return opts
+
+
+def parse_mount_options(groups: list[str] | None, *, debug: bool = False) -> MountOptions:
+    """`-o a,b=c` groups (possibly several) -> MountOptions; UsageError on anything unknown."""
+    mo = MountOptions(debug=debug)
+    for group in groups or ():
+        for opt in group.split(","):
+            opt = opt.strip()
+            if not opt:
+                continue
+            key, eq, value = opt.partition("=")
+            if key == "allow_other" and not eq:
+                mo.allow_other = True
+            elif key == "ro" and not eq:
+                mo.ro = True
+            elif key == "debug" and not eq:
+                mo.debug = True
+            elif key in ("noexec", "exec") and not eq:
+                mo.noexec = key == "noexec"
+            elif key == "nodefault_permissions" and not eq:
+                mo.default_permissions = False
+            elif key == "log" and eq:
+                if not value:
+                    raise UsageError("mount option log= needs a file name")
+                mo.log = os.path.abspath(value)
+            elif key in ("min_tasks", "max_tasks", "spin_us") and eq:
+                try:
+                    n = int(value)
+                except ValueError:
+                    raise UsageError(f"mount option {key} needs a number, not {value!r}") from None
+                lo, hi = (0, 1_000_000) if key == "spin_us" else (1, 1 << 20)
+                if not lo <= n <= hi:
+                    raise UsageError(f"mount option {key} must be between {lo} and {hi}")
+                setattr(mo, key, n)
+            elif (key in IGNORED_OPTIONS and not eq) or key.startswith("x-") or key == "comment":
+                continue
+            else:
+                raise UsageError(f"unknown mount option {opt!r} (known: allow_other, ro, debug, "
+                                 f"noexec, default_permissions, log=FILE, min_tasks=N, "
+                                 f"max_tasks=N, spin_us=N)")
+    if mo.min_tasks > mo.max_tasks:
+        raise UsageError(f"mount option min_tasks={mo.min_tasks} exceeds max_tasks={mo.max_tasks}")
+    return mo
+
+
+def fuse_opt_escape(text: str) -> str:
+    """Escape a value for libfuse's option parser (',' and '\\' and non-ASCII as \\ooo)."""
+    out = []
+    for b in os.fsencode(text):
+        if b < 0x20 or b >= 0x7F or b in b",\\":
+            out.append("\\%03o" % b)
+        else:
+            out.append(chr(b))
+    return "".join(out)

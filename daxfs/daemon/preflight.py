@@ -1,0 +1,65 @@
+"""Checks before mounting, made by the CLI process before it forks: the image is a daxfs image
+nobody holds, the mountpoint an empty directory (a stale FUSE mount on it is cleaned up)."""
+from __future__ import annotations
+
+import os
+import stat
+
+from .. import format as fmt
+from ..errors import UsageError
+from .mounttab import describe_lock, find_mount, is_locked, is_stale, notice, run_fusermount
+from .options import FSTYPE
+
+
+def check_image(image: str) -> None:
+    """UsageError unless `image` is a daxfs image we could mount now (FormatError -> UsageError)."""
+    try:
+        st = os.stat(image)
+    except FileNotFoundError:
+        raise UsageError(f"{image}: no such image file") from None
+    except OSError as e:
+        raise UsageError(f"{image}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{image} is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{image} is not a regular file")
+    try:
+        with open(image, "rb") as f:
+            raw = f.read(fmt.BLOCK_SIZE)
+    except OSError as e:
+        raise UsageError(f"cannot read {image}: {e.strerror}") from None
+    try:
+        fmt.parse_superblock(raw, st.st_size)
+    except fmt.FormatError as e:
+        raise UsageError(f"{image}: {e}") from None
+    if is_locked(image):
+        raise UsageError(describe_lock(image))
+
+
+def check_mountpoint(mountpoint: str) -> str:
+    """Validate the mountpoint (cleaning up a stale FUSE mount on it): its absolute path."""
+    mnt = os.path.realpath(mountpoint)
+    if is_stale(mnt):
+        ok, err = run_fusermount(mnt, lazy=True)
+        if not ok:
+            raise UsageError(f"{mountpoint} is a stale FUSE mount and cleaning it up failed: {err}")
+        notice(f"{mountpoint} was a stale FUSE mount (its daemon is gone); lazily unmounted it")
+    try:
+        st = os.stat(mnt)
+    except FileNotFoundError:
+        raise UsageError(f"mountpoint {mountpoint} does not exist") from None
+    except OSError as e:
+        raise UsageError(f"mountpoint {mountpoint}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"mountpoint {mountpoint} is not a directory")
+    entry = find_mount(mnt)
+    if entry is not None and entry.fstype == FSTYPE:
+        raise UsageError(f"{mountpoint} is already a daxfs mount point (of {entry.source})")
+    try:
+        with os.scandir(mnt) as it:
+            nonempty = any(True for _ in it)
+    except OSError as e:
+        raise UsageError(f"mountpoint {mountpoint}: {e.strerror}") from None
+    if nonempty:
+        raise UsageError(f"mountpoint {mountpoint} is not empty")
+    return mnt

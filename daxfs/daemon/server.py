@@ -1,0 +1,225 @@
+"""The FUSE daemon proper (`Server`): take the image lock, open the engine, import
+daxfs.fusehook and then pyfuse3 (only here, in the daemon), mount, serve under trio until
+unmounted or signalled, and shut down cleanly."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import tempfile
+
+from .. import format as fmt
+from ..errors import FsError, UsageError
+from .mounttab import describe_lock, try_lock
+from .options import MountOptions
+
+log = logging.getLogger("daxfs.daemon")
+
+
+class Server:
+    """The FUSE daemon proper: start() mounts (UsageError on failure), run() serves until
+    unmounted or signalled and shuts down cleanly (returns the exit code)."""
+
+    def __init__(self, image: str, mountpoint: str, opts: MountOptions, display_image: str = ""):
+        self.image = image
+        self.display = display_image or image
+        self.mountpoint = mountpoint
+        self.opts = opts
+        self.lock_fd: int | None = None
+        self.fs = None
+        self.pyfuse3 = None
+        self.fusehook = None
+        self.mounted = False
+        self.pending_signal: int | None = None
+        self._old_handlers: dict[int, object] = {}
+
+    # signals that arrive before trio runs are remembered and acted on once it does
+    def _early_signal(self, signum, frame):         # noqa: ARG002
+        log.info("got signal %d during startup", signum)
+        self.pending_signal = signum
+
+    def start(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self._old_handlers[sig] = signal.signal(sig, self._early_signal)
+        try:
+            self._start()
+        except BaseException:
+            self._abort()
+            raise
+
+    def _start(self) -> None:
+        try:
+            fd = try_lock(self.image)
+        except OSError as e:
+            raise UsageError(f"cannot open {self.display}: {e.strerror}") from None
+        if fd is None:
+            raise UsageError(describe_lock(self.display))
+        self.lock_fd = fd
+        # the lock is ours: from here on nobody else touches the image
+        from ..fs import FileSystem
+        try:
+            self.fs = FileSystem.open(self.image, readonly=self.opts.ro)
+        except fmt.FormatError as e:
+            raise UsageError(f"{self.display}: {e}") from None
+        except FsError as e:
+            raise UsageError(f"{self.display}: cannot open the filesystem: {e} "
+                             f"(run daxfs fsck)") from None
+        except OSError as e:
+            raise UsageError(f"cannot open {self.display}: {e.strerror or e}") from None
+        log.info("opened %s%s", self.image, " read-only" if self.opts.ro else "")
+        try:
+            from .. import fusehook          # must precede pyfuse3: it wraps fuse_session_new
+        except ImportError as e:
+            fusehook = None
+            log.warning("daxfs.fusehook not available (%s): no copy_file_range (reflink), "
+                        "lseek or fallocate", e)
+        import pyfuse3
+        self.pyfuse3 = pyfuse3
+        self.fusehook = fusehook
+        from ..fuse_ops import Operations
+        ops = Operations(self.fs)
+        if fusehook is not None:
+            fusehook.set_handlers(**ops.hook_handlers())
+            fusehook.set_fast_path(read=ops.read_sync, write=ops.write_sync,
+                                   spin_us=self.opts.spin_us)
+            self.fs.extra_stats = fusehook.fast_stats
+            fusehook.set_capability_xattrs(bool(self.fs.capability_inodes))
+            self.fs.capability_listener = fusehook.set_capability_xattrs
+        options = self.opts.fuse_options(self.image)
+        log.debug("pyfuse3.init(%s, %s)", self.mountpoint, sorted(options))
+        failure = None
+        with _CaptureStderr() as cap:
+            try:
+                pyfuse3.init(ops, self.mountpoint, options)
+            except Exception as e:              # RuntimeError('fuse_session_mount failed') etc.
+                failure = e
+        if failure is not None:
+            detail = cap.last_line() or str(failure)
+            raise UsageError(f"cannot mount {self.display} on {self.mountpoint}: "
+                             f"{detail.removeprefix('fuse: ')}")
+        self.mounted = True
+        log.info("mounted %s on %s", self.image, self.mountpoint)
+        if fusehook is not None:
+            if fusehook.hooked():
+                log.info("libfuse hook active: copy_file_range (reflink), lseek, fallocate")
+            else:
+                log.warning("libfuse hook did not take effect: cp will copy bytes, not share")
+
+    def run(self) -> int:
+        import trio
+        pyfuse3 = self.pyfuse3
+
+        async def watch_signals(cancel_scope):
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                if self.pending_signal is None:
+                    async for signum in sigs:
+                        self.pending_signal = signum
+                        break
+                log.info("signal %d: unmounting", self.pending_signal)
+                pyfuse3.terminate()
+
+        async def log_conn():
+            # the kernel's INIT arrives once the loop runs; report what was negotiated
+            await trio.sleep(1)
+            if self.fusehook is not None and self.fusehook.conn_info():
+                info = self.fusehook.conn_info()
+                log.info("negotiated: max_write=%d max_readahead=%d proto=%s.%s",
+                         info["max_write"], info["max_readahead"], info.get("proto_major"),
+                         info.get("proto_minor"))
+
+        async def serve():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_signals, nursery.cancel_scope)
+                nursery.start_soon(log_conn)
+                await pyfuse3.main(min_tasks=self.opts.min_tasks, max_tasks=self.opts.max_tasks)
+                nursery.cancel_scope.cancel()
+
+        code = 0
+        try:
+            trio.run(serve)
+            log.info("main loop ended")
+        except BaseException:                       # noqa: BLE001
+            log.exception("FUSE main loop failed")
+            code = 1
+        return self._shutdown(code)
+
+    def _shutdown(self, code: int) -> int:
+        if self.mounted:
+            try:
+                self.pyfuse3.close(unmount=True)
+                log.info("unmounted %s", self.mountpoint)
+            except BaseException:                   # noqa: BLE001
+                log.exception("pyfuse3.close failed")
+                code = code or 1
+            self.mounted = False
+        if self.fs is not None:
+            try:
+                self.fs.close()
+                log.info("closed %s cleanly", self.image)
+            except BaseException:                   # noqa: BLE001
+                log.exception("closing the filesystem failed: the image is left dirty and will "
+                              "be recovered at the next mount")
+                code = code or 3
+            self.fs = None
+        self._release()
+        log.info("daemon exiting with status %d", code)
+        return code
+
+    def _abort(self) -> None:
+        """Undo a partial start()."""
+        if self.mounted:
+            try:
+                self.pyfuse3.close(unmount=True)
+            except BaseException:                   # noqa: BLE001
+                log.exception("pyfuse3.close failed")
+            self.mounted = False
+        if self.fs is not None:
+            try:
+                self.fs.close()
+            except BaseException:                   # noqa: BLE001
+                log.exception("closing the filesystem failed")
+            self.fs = None
+        self._release()
+
+    def _release(self) -> None:
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+        for sig, h in self._old_handlers.items():
+            try:
+                signal.signal(sig, h)
+            except (TypeError, ValueError):
+                pass
+        self._old_handlers.clear()
+
+
+class _CaptureStderr:
+    """Temporarily point fd 2 at a temp file (libfuse reports mount errors there); the text is
+    copied to the real stderr afterwards."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.tmp = tempfile.TemporaryFile()
+        self.saved = os.dup(2)
+        os.dup2(self.tmp.fileno(), 2)
+        self.text = ""
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            sys.stderr.flush()
+        except Exception:                           # noqa: BLE001
+            pass
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.tmp.seek(0)
+        self.text = self.tmp.read().decode("utf-8", "replace")
+        self.tmp.close()
+        if self.text:
+            os.write(2, self.text.encode())
+        return False
+
+    def last_line(self) -> str:
+        lines = [ln.strip() for ln in self.text.splitlines() if ln.strip()]
+        return lines[-1] if lines else ""

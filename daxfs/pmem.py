@@ -19,6 +19,7 @@ import ctypes.util
 import logging
 import mmap
 import os
+import threading
 from typing import Callable
 
 import numpy as np
@@ -44,6 +45,8 @@ def _load_libpmem():
 
 
 _RAM_FS_MAGIC = (0x01021994, 0x858458F6)     # tmpfs, ramfs
+_MADV_POPULATE_WRITE = 23                    # Linux >= 5.14
+_PREFAULT_CHUNK = 32 << 20
 
 
 def _on_ram_fs(fd: int) -> bool:
@@ -144,12 +147,49 @@ class PMem:
         self.persist(0, self.size)
         self.fence()
 
+    def prefault(self, offset: int, length: int) -> bool:
+        """Map the pages of [offset, offset+length) writable ahead of use, from a thread.
+
+        A first store into a page of the mapping costs a fault (≈ 3.5 µs here, most of a COW
+        break's copy and of a fresh sequential write); populating costs the same but off the
+        request path. Only for images whose space is reserved: populating a sparse one would
+        allocate it all. ctypes drops the GIL around madvise, so requests go on meanwhile.
+        Returns whether it started."""
+        if self.readonly or self.dax or os.fstat(self.fd).st_blocks * 512 < self.size:
+            return False
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        ptr = ctypes.c_char.from_buffer(self.mm, offset)
+        base = ctypes.addressof(ptr)
+        del ptr                                   # an export would block munmap
+        end = min(self.size, offset + length)
+        self._prefault_stop = threading.Event()
+
+        def run() -> None:
+            for at in range(0, end - offset, _PREFAULT_CHUNK):
+                if self._prefault_stop.is_set():
+                    return
+                if libc.madvise(base + at, min(_PREFAULT_CHUNK, end - offset - at),
+                                _MADV_POPULATE_WRITE) != 0:
+                    log.debug("prefault stopped: %s", os.strerror(ctypes.get_errno()))
+                    return
+            log.debug("prefaulted %d bytes", end - offset)
+
+        self._prefault_thread = threading.Thread(target=run, name="daxfs-prefault", daemon=True)
+        self._prefault_thread.start()
+        return True
+
     def close(self) -> None:
         if self.mm is not None:
             self.unmap(flush=not self.readonly)
             os.close(self.fd)
 
     def unmap(self, flush: bool) -> None:
+        thread = getattr(self, "_prefault_thread", None)
+        if thread is not None:                    # never munmap under a running madvise
+            self._prefault_stop.set()
+            thread.join()
+            self._prefault_thread = None
         if flush:
             self.mm.flush()
         self.u8 = None

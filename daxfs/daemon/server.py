@@ -100,6 +100,11 @@ class Server:
                              f"{detail.removeprefix('fuse: ')}")
         self.mounted = True
         log.info("mounted %s on %s", self.image, self.mountpoint)
+        if not self.opts.ro:
+            data = self.fs.g.data_start * fmt.BLOCK_SIZE
+            if self.fs.pm.prefault(data, self.fs.pm.size - data):
+                log.info("mapping the data area's pages in the background (first writes "
+                         "then take no page faults)")
         if fusehook is not None:
             if fusehook.hooked():
                 log.info("libfuse hook active: copy_file_range (reflink), lseek, fallocate")

@@ -152,10 +152,12 @@ class PMem:
 
         A first store into a page of the mapping costs a fault (≈ 3.5 µs here, most of a COW
         break's copy and of a fresh sequential write); populating costs the same but off the
-        request path. Only for images whose space is reserved: populating a sparse one would
-        allocate it all. ctypes drops the GIL around madvise, so requests go on meanwhile.
-        Returns whether it started."""
-        if self.readonly or self.dax or os.fstat(self.fd).st_blocks * 512 < self.size:
+        request path. Only for reserved images in RAM (tmpfs): populating a sparse one would
+        allocate it all, and on a disk filesystem write faults dirty every page, i.e. write
+        the whole image back. ctypes drops the GIL around madvise, so requests go on
+        meanwhile. Returns whether it started."""
+        if self.readonly or self.dax or not self.volatile or \
+                os.fstat(self.fd).st_blocks * 512 < self.size:
             return False
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]

@@ -40,7 +40,8 @@ def test_prefault_keeps_the_bytes_and_only_runs_on_reserved_images(img_path):
         assert f.read(MiB) == pattern
         f.seek(50 * MiB)
         assert f.read(5) == b"after"
-    # a sparse image is never populated (that would allocate all of it)
+    # a sparse image is never populated (that would allocate all of it), nor one on disk
+    # (write faults would dirty, i.e. write back, every page)
     make_image(img_path, 64 * MiB, force=True, sparse=True)
     pm = PMem(img_path)
     try:
@@ -48,6 +49,18 @@ def test_prefault_keeps_the_bytes_and_only_runs_on_reserved_images(img_path):
     finally:
         pm.close()
     assert os.stat(img_path).st_blocks * 512 < 8 * MiB
+
+
+def test_no_prefault_on_a_disk_filesystem(tmp_path):
+    path = str(tmp_path / "disk.img")
+    make_image(path, 16 * MiB, force=True, sparse=False)
+    pm = PMem(path)
+    try:
+        if pm.volatile:
+            pytest.skip("the temp directory is itself on tmpfs")
+        assert not pm.prefault(0, pm.size)
+    finally:
+        pm.close()
 
 
 def test_close_stops_a_running_prefault(img_path):

@@ -626,7 +626,7 @@ class FileSystem:
         node.opens = max(0, node.opens - 1)
         self._maybe_reclaim(node)
 
-    def read(self, ino: int, off: int, size: int, *, view: bool = False):
+    def read(self, ino: int, off: int, size: int, view: bool = False):
         """File bytes; `view=True` may return a zero-copy memoryview of the image (the FUSE
         reply path), valid only until the next mutating call."""
         node = self._node(ino)

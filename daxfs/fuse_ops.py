@@ -133,17 +133,18 @@ class Operations(pyfuse3.Operations):
         return self._entry(self.fs.link(inode, new_parent_inode, new_name))
 
     # -- files ----------------------------------------------------------------------------------
+    def _open(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+        self.fs.open_file(ino)
+        return pyfuse3.FileInfo(fh=ino, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
+
     @_errors
     async def open(self, inode, flags, ctx):
-        self.fs.open_file(inode)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
+        return self._open(inode, flags)
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         a = self.fs.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
-        self.fs.open_file(a.ino)
-        fi = pyfuse3.FileInfo(fh=a.ino, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
-        return fi, self._entry(a)
+        return self._open(a.ino, flags), self._entry(a)
 
     @_errors
     async def read(self, fh, off, size):
@@ -235,16 +236,10 @@ class Operations(pyfuse3.Operations):
 
     # the fast path (fusehook.set_fast_path): read/write called from C, replied at once
     def read_sync(self, fh, off, size):
-        try:
-            return self.fs.read(fh, off, size, view=True)
-        except FsError as e:
-            raise OSError(e.errno, str(e)) from None
+        return _sync(self.fs.read, fh, off, size, True)
 
     def write_sync(self, fh, off, data):
-        try:
-            return self.fs.write(fh, off, data)
-        except FsError as e:
-            raise OSError(e.errno, str(e)) from None
+        return _sync(self.fs.write, fh, off, data)
 
     def hook_handlers(self) -> dict:
         return {"copy_file_range": self.copy_file_range, "lseek": self.lseek,

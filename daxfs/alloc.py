@@ -43,11 +43,12 @@ def coverage(pblk: np.ndarray, length: np.ndarray, nb: int) -> np.ndarray:
     return np.cumsum(d)[:nb]
 
 
-def implied_refcounts(extents: np.ndarray, inodes: np.ndarray, nb: int) -> np.ndarray:
-    """Per block, the references the tables hold: extent records in use plus the xattr block
-    of each inode in use (what the refcount table must say, below data_start aside)."""
-    e = extents[extents["ino"] != 0]
-    cov = coverage(e["pblk"], e["length"], nb)
+def implied_refcounts(pblk: np.ndarray, length: np.ndarray, inodes: np.ndarray,
+                      nb: int) -> np.ndarray:
+    """Per block, the references the tables hold: the extent runs given (the records in use)
+    plus the xattr block of each inode in use; what the refcount table must say, below
+    data_start aside. Runs or blocks outside the image are not counted."""
+    cov = coverage(pblk, length, nb)
     xb = inodes["xattr_blk"][(inodes["mode"] != 0) & (inodes["xattr_blk"] != 0)]
     xb = xb[xb < np.uint64(nb)].astype(np.int64)
     return cov + np.bincount(xb, minlength=nb)[:nb]

@@ -156,7 +156,9 @@ class FileSystem:
         self.inodes = InodeTable(iv, ev, g)
         self.inodes.on_corruption = self._fail
         if not self.readonly:
-            bad = self.alloc.undercounted(implied_refcounts(ev, iv, g.nblocks))
+            e = ev[ev["ino"] != 0]
+            bad = self.alloc.undercounted(implied_refcounts(e["pblk"], e["length"], iv,
+                                                            g.nblocks))
             if bad.size:
                 raise fmt.FormatError(
                     f"refcount table undercounts {bad.size} block(s) in use (first: {bad[0]}); "

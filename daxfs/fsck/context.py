@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from .. import format as fmt
-from ..alloc import coverage as _coverage
+from ..alloc import coverage as _coverage, implied_refcounts
 from ..pmem import PMem
 from .report import ERROR, INFO, TYPE_NAMES, Problem
 
@@ -295,18 +295,12 @@ class Context:
     def expected_refcounts(self, original: bool = False) -> np.ndarray:
         """Refcounts implied by the working copies, or (`original`) by the tables as found
         (records that cannot be counted, being out of range, left out)."""
-        g = self.g
-        nb = g.nblocks
         if original:
             e = self.v_extents[self.eslot]
-            cov = _coverage(e["pblk"], e["length"], nb)
-            used = self.v_inodes["mode"] != 0
-            xb = self.v_inodes["xattr_blk"]
+            cov = implied_refcounts(e["pblk"], e["length"], self.v_inodes, self.g.nblocks)
         else:
-            cov = self.coverage()
-            used = self.used()
-            xb = self.inodes["xattr_blk"]
-        xb = xb[used & (xb != 0) & (xb < np.uint64(nb))].astype(np.int64)
-        cov += np.bincount(xb, minlength=nb)[:nb]
-        cov[:g.data_start] = fmt.REFCOUNT_RESERVED
+            a = self.alive_e()
+            cov = implied_refcounts(self.extents["pblk"][a], self.extents["length"][a],
+                                    self.inodes, self.g.nblocks)
+        cov[:self.g.data_start] = fmt.REFCOUNT_RESERVED
         return cov

@@ -2,6 +2,7 @@
 status and leaves the image bytes alone; mount/umount/SIGTERM/stale-mount/mount(8) work for real."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -213,32 +214,32 @@ def test_mkfs_onto_directory(tmp_path):
     one_line_error(daxfs_cli("mkfs", tmp_path, "--size", "16M", check=False), str(tmp_path))
 
 
-@needs_root
-def test_mkfs_read_only_filesystem(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(ro)],
+@contextlib.contextmanager
+def tmpfs_at(path: Path, options: str):
+    """A tmpfs mounted at `path` (created) for the duration; skips the test where it cannot."""
+    path.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                        capture_output=True, text=True)
     if p.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {p.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs ({options}) here: {p.stderr.strip()}")
     try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@needs_root
+def test_mkfs_read_only_filesystem(tmp_path):
+    with tmpfs_at(tmp_path / "ro", "ro,size=1M") as ro:
         one_line_error(daxfs_cli("mkfs", ro / "x.img", "--size", "16M", check=False),
                        "Read-only file system", str(ro / "x.img"))
-    finally:
-        subprocess.run(["umount", str(ro)], check=True)
 
 
 @needs_root
 def test_mkfs_reserves_the_space_and_says_when_the_host_has_too_little(tmp_path):
     """A store into a hole the host filesystem cannot fill is a SIGBUS in the daemon, so mkfs
     reserves the whole image; where that does not fit it says so and leaves nothing behind."""
-    small = tmp_path / "small"
-    small.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M", "tmpfs", str(small)],
-                       capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {p.stderr.strip()}")
-    try:
+    with tmpfs_at(tmp_path / "small", "size=16M") as small:
         one_line_error(daxfs_cli("mkfs", small / "big.img", "--size", "64M", check=False),
                        "cannot reserve", "No space left on device")
         assert not (small / "big.img").exists()
@@ -248,8 +249,6 @@ def test_mkfs_reserves_the_space_and_says_when_the_host_has_too_little(tmp_path)
         os.unlink(small / "fits.img")
         daxfs_cli("mkfs", small / "sparse.img", "--size", "64M", "--sparse")
         assert os.stat(small / "sparse.img").st_blocks * 512 < 1 << 20
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_mkfs_permission_denied_sysfs():

@@ -33,6 +33,8 @@ MAX_NAME = 255
 ROOT_INO = 1            # FUSE's root inode number; inode 0 is never used
 REFCOUNT_RESERVED = 0xFFFFFFFF   # refcount of metadata blocks: never allocatable
 MAX_REFCOUNT = 0xFFFFFFF0        # clone refuses (EMLINK-like) beyond this
+MAX_FILE_BLOCKS = 1 << 40        # file blocks [0, 2**40) are addressable (4 PiB); EFBIG past it,
+                                 #   and an extent reaching past it is corrupt
 
 SUPERBLOCK_DTYPE = np.dtype([
     ("magic", "S8"),            # == MAGIC

@@ -282,7 +282,7 @@ class FileSystem:
         return self.inodes.get(ino)
 
     def attr(self, node: Inode) -> Attr:
-        blocks = node.extents.mapped if node.has_data else 0
+        blocks = self.inodes.mapped_blocks(node) if node.has_data else 0
         if node.xattr_blk:
             blocks += 1
         return Attr(node.ino, node.mode, node.nlink, node.uid, node.gid, node.rdev, node.size,
@@ -644,7 +644,7 @@ class FileSystem:
             raise FsError(errno.EINVAL)
         if not len(data):
             return 0
-        if (off + len(data) + BS - 1) // BS >= 1 << 40:
+        if (off + len(data) + BS - 1) // BS >= fmt.MAX_FILE_BLOCKS:
             raise FsError(errno.EFBIG)
         l0, l1 = off // BS, (off + len(data) + BS - 1) // BS
         segs = node.extents.segments(l0, l1)
@@ -665,7 +665,7 @@ class FileSystem:
     def truncate(self, node: Inode, size: int) -> None:
         if size < 0:
             raise FsError(errno.EINVAL)
-        if size // BS >= 1 << 40:
+        if size // BS >= fmt.MAX_FILE_BLOCKS:
             raise FsError(errno.EFBIG)
         if size >= node.size:
             with self._txn() as t:
@@ -708,7 +708,7 @@ class FileSystem:
             return 0
         if src is dst and off_in < off_out + length and off_out < off_in + length:
             raise FsError(errno.EINVAL)
-        if (off_out + length + BS - 1) // BS >= 1 << 40:
+        if (off_out + length + BS - 1) // BS >= fmt.MAX_FILE_BLOCKS:
             raise FsError(errno.EFBIG)
         end_in = off_in + length
         if (off_in - off_out) % BS:
@@ -782,7 +782,7 @@ class FileSystem:
         if mode & FALLOC_PUNCH_HOLE and not mode & FALLOC_KEEP_SIZE:
             raise FsError(errno.EINVAL)
         end = off + length
-        if (end + BS - 1) // BS >= 1 << 40:
+        if (end + BS - 1) // BS >= fmt.MAX_FILE_BLOCKS:
             raise FsError(errno.EFBIG)
         if mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE):
             keep = bool(mode & FALLOC_KEEP_SIZE)

@@ -35,6 +35,12 @@ def now_ns() -> int:
     return time.time_ns()
 
 
+# InodeTable.get builds an Inode from the first 13 fields of a record, in this order
+_RECORD_FIELDS = ("mode", "uid", "gid", "nlink", "size", "atime", "mtime", "ctime", "btime",
+                  "generation", "flags", "xattr_blk", "rdev")
+assert fmt.INODE_DTYPE.names[:13] == _RECORD_FIELDS
+
+
 class Inode:
     __slots__ = ("ino", "mode", "uid", "gid", "nlink", "size", "atime", "mtime", "ctime", "btime",
                  "generation", "flags", "xattr_blk", "rdev", "_extents", "lookups", "opens",
@@ -106,13 +112,17 @@ class InodeTable:
         self._ext_pblk = recs["pblk"][order].astype(np.int64)
         self._ext_len = recs["length"][order].astype(np.uint32)
         self._ext_slot = used[order].astype(np.uint32)
+        # blocks each inode maps as of mount: st_blocks without building its extent map
+        ok = self._ext_ino < view.size
+        self._mapped0 = np.bincount(self._ext_ino[ok], weights=self._ext_len[ok],
+                                    minlength=view.size).astype(np.int64)
         self.extent_pool = SlotPool(np.flatnonzero(extent_view["ino"] == 0), "extent records")
 
     def load_extents(self, ino: int) -> ExtentMap:
         a = int(np.searchsorted(self._ext_ino, ino, "left"))
         b = int(np.searchsorted(self._ext_ino, ino, "right"))
         lb, pb, ln = self._ext_lblk[a:b], self._ext_pblk[a:b], self._ext_len[a:b].astype(np.int64)
-        if b > a and ((ln < 1).any() or (lb < 0).any() or (lb + ln > 1 << 40).any()
+        if b > a and ((ln < 1).any() or (lb < 0).any() or (lb + ln > fmt.MAX_FILE_BLOCKS).any()
                       or (pb < self.data_start).any() or (pb + ln > self.nblocks).any()
                       or (lb[1:] < lb[:-1] + ln[:-1]).any()):
             self.corrupt(f"inode {ino}: extent map out of bounds or overlapping")
@@ -128,15 +138,20 @@ class InodeTable:
         rec = self.view[ino]
         if rec["mode"] == 0:
             raise FsError(errno.ENOENT)
-        node = Inode(self, ino, tuple(int(rec[f]) for f in (
-            "mode", "uid", "gid", "nlink", "size", "atime", "mtime", "ctime", "btime",
-            "generation", "flags", "xattr_blk", "rdev")))
+        node = Inode(self, ino, rec.item()[:len(_RECORD_FIELDS)])
         kind = node.mode & 0o170000
         if kind not in _KINDS or (kind == stat.S_IFREG and node.size >= 1 << 52) or \
                 (kind == stat.S_IFLNK and not 0 < node.size < fmt.BLOCK_SIZE):
             self.corrupt(f"inode {ino}: bad mode {node.mode:o} or size {node.size}")
         self.cache[ino] = node
         return node
+
+    def mapped_blocks(self, node: Inode) -> int:
+        """Blocks `node` maps. An inode whose map was never built has not changed since mount
+        (the cache keeps every inode it loads), so the count taken at mount still holds."""
+        if node._extents is not None:
+            return node._extents.mapped
+        return int(self._mapped0[node.ino])
 
     def corrupt(self, detail: str):
         """Corrupt metadata met at run time: the engine turns read-only, the caller gets EIO."""

@@ -155,3 +155,30 @@ def test_enospc_is_clean(tmp_image_small):
     assert fs.statfs().bfree == fs.statfs().blocks
     fs.close()
     fsck_clean(tmp_image_small)
+
+
+def test_st_blocks_after_remount_without_loading_maps(tmp_image):
+    """getattr after a mount takes st_blocks from a per-inode count made at mount, not from
+    the extent map (built only when the file is read or written): both must agree."""
+    fs = FileSystem.open(tmp_image)
+    want, block0 = {}, {}
+    for i, layout in enumerate([[(0, 3)], [(0, 1), (5, 2), (100, 7)], [], [(2, 1)]]):
+        ino = fs.create(1, b"f%d" % i, 0o644, 0, 0).ino
+        for blk, n in layout:
+            fs.write(ino, blk * 4096, b"x" * (n * 4096))
+        if i == 3:
+            fs.setxattr(ino, b"user.k", b"v")                   # its block counts too
+        want[ino] = (sum(n for _b, n in layout) + (i == 3)) * 8
+        block0[ino] = any(b == 0 for b, _n in layout)
+    fs.close()
+    fs = FileSystem.open(tmp_image)
+    try:
+        for ino, blocks in want.items():
+            assert fs.getattr(ino).blocks == blocks
+            assert fs.inodes.get(ino)._extents is None          # the map was not built
+        for ino, blocks in want.items():
+            fs.write(ino, 0, b"y")                               # builds the map
+            assert fs.getattr(ino).blocks == blocks + (0 if block0[ino] else 8)
+    finally:
+        fs.close()
+    fsck_clean(tmp_image)

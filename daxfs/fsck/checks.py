@@ -13,7 +13,7 @@ from .report import ERROR, INFO, TYPE_NAMES, Problem
 
 _VALID_TYPES = np.array(sorted(TYPE_NAMES), np.uint32)
 _KNOWN_FLAGS = fmt.IFLAG_ORPHAN | fmt.IFLAG_TRIM
-MAX_LBLK = 1 << 52          # file blocks addressable by a u64 byte size
+MAX_LBLK = fmt.MAX_FILE_BLOCKS     # what the engine addresses (and refuses past)
 
 
 def _fmt_name(name: bytes) -> str:

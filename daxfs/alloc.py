@@ -18,6 +18,13 @@ from . import format as fmt
 from .errors import FsError
 
 _SCAN_WINDOW = 1 << 16
+_ROOM = 256          # blocks of room to grow a file's new run is placed to have (1 MiB)
+
+
+def _spread(ino: int) -> int:
+    """64 well-mixed bits of an inode number (Fibonacci hashing): consecutive inodes land
+    far apart, in a sequence that fills the space evenly."""
+    return (ino * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
 
 
 def runs_of(idx: np.ndarray) -> list[tuple[int, int]]:
@@ -76,19 +83,53 @@ class BlockAllocator:
     def any_shared(self, pblk: int, n: int) -> bool:
         return bool((self.rc[pblk:pblk + n] > 1).any())
 
+    def shared_count(self, pblk: int, n: int) -> int:
+        """How many blocks of the run have more than one reference."""
+        if n == 1:
+            return int(self.rc[pblk] > 1)
+        return int(np.count_nonzero(self.rc[pblk:pblk + n] > 1))
+
+    def max_count(self, pblk: int, n: int) -> int:
+        return int(self.rc[pblk:pblk + n].max()) if n else 0
+
     # -- allocation ------------------------------------------------------------------------------
-    def alloc(self, n: int, goal: int = 0) -> list[tuple[int, int]]:
-        """Allocate n blocks (count 0 -> 1), preferring one run starting at `goal`."""
+    def home(self, ino: int) -> int:
+        """Where inode `ino` starts looking for space when its goal is taken: spread over the
+        data area by a multiplicative hash, so files written side by side (eight writers, one
+        cursor) each stay contiguous instead of taking every eighth block; fragmentation is
+        what uses up extent records."""
+        g = self.g
+        return g.data_start + (_spread(ino) * (g.nblocks - g.data_start) >> 64)
+
+    def plan(self, n: int, goal: int = 0, home: int = 0) -> list[tuple[int, int]]:
+        """The runs `alloc` would hand out, without taking them (so a caller can count the
+        extent records they need before its transaction starts)."""
         if n <= 0:
             return []
         if n > self.available():
             raise FsError(errno.ENOSPC)
-        for start in (goal, self.cursor):       # contiguous with the file, or where we left off
-            if self._fits(start, n):
-                runs = [(start, n)]
-                break
-        else:
-            runs = self._search(n)
+        if self._fits(goal, n):
+            return [(goal, n)]
+        if home and goal:
+            # the file ran into another one (its next block is taken): move it to a free run
+            # with room to grow, first right at its home (one slice test), else the next one
+            # a scan finds; new files and holes without a goal pack densely at the cursor
+            want = max(n, _ROOM)
+            start = self.home(home) // _ROOM * _ROOM
+            if not self._fits(start, want):
+                start = self._free_run(start, want, _spread(home))
+            if start is not None:
+                return [(start, n)]
+        if self._fits(self.cursor, n):
+            return [(self.cursor, n)]
+        return self._search(n)
+
+    def alloc(self, n: int, goal: int = 0, home: int = 0) -> list[tuple[int, int]]:
+        """Allocate n blocks (count 0 -> 1), preferring one run starting at `goal`, then a run
+        at the home of inode `home` (if given), then the shared cursor."""
+        runs = self.plan(n, goal, home)
+        if not runs:
+            return runs
         for s, ln in runs:
             self.rc[s:s + ln] = 1
             self.dirty.append((s, s + ln))
@@ -103,6 +144,25 @@ class BlockAllocator:
             return False
         busy = self.rc[start] if n == 1 else self.rc[start:start + n].any()
         return not busy and not self._in_quarantine(start, n)
+
+    def _free_run(self, start: int, want: int, pick: int) -> int | None:
+        """A block that begins `want` free blocks: in the first free run at or after `start`
+        (within one scan window, wrapping to the data area's start once) that is long enough,
+        at one of its `want`-aligned offsets chosen by `pick`, so that files meeting in one
+        large run spread over it instead of taking turns block by block. None if none."""
+        g = self.g
+        for lo in (start, g.data_start):
+            hi = min(g.nblocks, lo + max(_SCAN_WINDOW, 2 * want))
+            free = np.concatenate(([False], self.rc[lo:hi] == 0, [False]))
+            edges = np.flatnonzero(free[1:] != free[:-1])      # run starts, ends alternate
+            starts, ends = edges[0::2], edges[1::2]
+            ok = np.flatnonzero(ends - starts >= want)
+            for i in ok.tolist():
+                slots = int(ends[i] - starts[i]) // want
+                s = int(starts[i]) + lo + (pick % slots) * want
+                if not self._in_quarantine(s, want):
+                    return s
+        return None
 
     def _search(self, n: int) -> list[tuple[int, int]]:
         g = self.g

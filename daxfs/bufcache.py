@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import errno
 
+import numpy as np
+
 from . import format as fmt
 from .alloc import BlockAllocator
 from .errors import FsError
@@ -82,7 +84,8 @@ class BufCache:
         self._store(seg[0], seg[1], seg[2], off, memoryview(data).cast("B"))
 
     def write(self, txn, node: Inode, off: int, data, segs=None) -> int:
-        """Store `data` at `off`; returns bytes written (short only when space ran out).
+        """Store all of `data` at `off`; returns its length. The caller reserved the space
+        (`write_needs` or `fit_write`, then `reserve`), so this never stops half way.
         `segs`: the caller's extents.segments() of the range, if it has them already."""
         mv = memoryview(data).cast("B")
         end = off + mv.nbytes
@@ -92,27 +95,22 @@ class BufCache:
         l0, l1 = off >> SHIFT, (end + BS - 1) >> SHIFT
         for l, n, p in segs or node.extents.segments(l0, l1):
             if p != HOLE:
-                done = self._write_mapped(txn, node, l, n, p, off, mv)
+                self._write_mapped(txn, node, l, n, p, off, mv)
             else:
-                done = self._write_new(txn, node, l, n, HOLE, off, mv)
-            if done < n:                         # out of space: a short write, if any
-                end = max(off, min(end, (l + done) << SHIFT))
-                if end == off:
-                    raise FsError(errno.ENOSPC)
-                break
+                self._write_new(txn, node, l, n, HOLE, off, mv)
         if end > node.size:
             node.size = end
             txn.inode(node)
         return end - off
 
-    def _write_mapped(self, txn, node: Inode, l: int, n: int, p: int, off: int, mv) -> int:
-        """Returns how many of the n blocks were written (fewer only when space ran out)."""
+    def _write_mapped(self, txn, node: Inode, l: int, n: int, p: int, off: int, mv) -> None:
         shared_mask = self.alloc.rc[p:p + n] > 1
         if not shared_mask.any():
             self._store(l, n, p, off, mv)
-            return n
+            return
         if n == 1 or shared_mask.all():
-            return self._write_new(txn, node, l, n, p, off, mv)
+            self._write_new(txn, node, l, n, p, off, mv)
+            return
         # split into runs of unshared (write in place) and shared (break) blocks
         shared = shared_mask.tolist()
         i = 0
@@ -121,13 +119,10 @@ class BufCache:
             while j < n and shared[j] == shared[i]:
                 j += 1
             if shared[i]:
-                done = self._write_new(txn, node, l + i, j - i, p + i, off, mv)
-                if done < j - i:
-                    return i + done
+                self._write_new(txn, node, l + i, j - i, p + i, off, mv)
             else:
                 self._store(l + i, j - i, p + i, off, mv)
             i = j
-        return n
 
     def _store(self, l: int, n: int, p: int, off: int, mv) -> None:
         """Write the part of the request that falls in file blocks [l, l+n) into blocks at p."""
@@ -135,19 +130,15 @@ class BufCache:
         fb = min(off + mv.nbytes, (l + n) << SHIFT)
         self.pm.store((p << SHIFT) + fa - (l << SHIFT), mv[fa - off:fb - off])
 
-    def _write_new(self, txn, node: Inode, l: int, n: int, old_p: int, off: int, mv) -> int:
+    def _write_new(self, txn, node: Inode, l: int, n: int, old_p: int, off: int, mv) -> None:
         """Give file blocks [l, l+n) fresh blocks holding old contents (old_p) or zeros (HOLE)
-        overlaid with the request's bytes: the COW break / hole fill. Returns blocks done:
-        fewer than n when the image is nearly full."""
+        overlaid with the request's bytes: the COW break / hole fill.
+
+        Contract: the caller settled the space first (`write_needs` + `reserve`), so the
+        allocation and the extent records cannot run out half way through a transaction."""
         goal = node.extents.lookup(l - 1) + 1 if l > 0 else 0
         end = off + mv.nbytes
-        # each allocated run may add two extent records (a split around it): never start a
-        # remap that cannot finish, so an exhausted extent table is a short write, not damage
-        n = min(n, self.alloc.available(), (len(self.inodes.extent_pool) - 2) // 2)
-        if n <= 0:
-            return 0
-        start = l
-        for q, k in self.alloc.alloc(n, goal if goal > 0 else 0):
+        for q, k in self.alloc.alloc(n, goal if goal > 0 else 0, home=node.ino):
             first, last = l, l + k - 1
             for b in {first, last}:
                 # a block the request covers only partly: initialise the uncovered bytes
@@ -164,7 +155,6 @@ class BufCache:
                 self.stats.cow_breaks += k
                 old_p += k
             l += k
-        return l - start
 
     # -- mapping changes ---------------------------------------------------------------------------
     def remap(self, txn, node: Inode, l: int, n: int, p: int) -> None:
@@ -187,6 +177,87 @@ class BufCache:
         if len(self.inodes.extent_pool) < n:
             raise FsError(errno.ENOSPC, "no free extent records (mkfs --extents)")
 
+    # -- settling space before a transaction ------------------------------------------------------
+    # A transaction records changes as it goes and cannot be rolled back in memory, so running
+    # out of blocks or extent records half way would leave memory and image apart (failsafe:
+    # read-only for everyone). Every mutating operation therefore adds up what it needs first
+    # and calls `reserve`, which refuses with ENOSPC while nothing has changed yet.
+
+    def write_needs(self, node: Inode, off: int, end: int, segs=None) -> tuple[int, int]:
+        """(blocks, extent records) that writing bytes [off, end) of `node` may take: a fresh
+        block for every hole and every shared block in the range, plus the old EOF block when
+        the write grows the file and that block is shared (zero_tail breaks it). Each
+        allocated run may split an extent in three: 2 records per run. Runs are bounded by
+        the blocks, and when the table is short of that, by the runs a dry run of the
+        allocator hands out plus one per place that allocates (a call boundary can cut a
+        run)."""
+        if end <= off:
+            return 0, 0
+        l0, l1 = off >> SHIFT, (end + BS - 1) >> SHIFT
+        blocks = places = 0
+        for _l, n, p in segs or node.extents.segments(l0, l1):
+            k = n if p == HOLE else self.alloc.shared_count(p, n)
+            if k:
+                blocks += k
+                # shared blocks scattered in an owned extent: up to one run per gap
+                places += 1 if p == HOLE or k == n else 1 + min(k, n - k)
+        if end > node.size and node.size % BS:
+            lb = node.size >> SHIFT
+            if not l0 <= lb < l1:
+                p = node.extents.lookup(lb)
+                if p != HOLE and self.alloc.count(p) > 1:
+                    blocks += 1
+                    places += 1
+        if 2 * blocks <= len(self.inodes.extent_pool) or blocks > self.alloc.available():
+            return blocks, 2 * blocks
+        runs = len(self.alloc.plan(blocks, home=node.ino))
+        return blocks, 2 * min(blocks, runs + places)
+
+    def fit_write(self, node: Inode, off: int, end: int, segs=None) -> int:
+        """The largest end' <= end such that writing [off, end') fits in the free blocks and
+        extent records (the end of a short write(2) on a nearly full image); ENOSPC when not
+        even the first block fits. Whole blocks only, and what it returns `write_needs` fits."""
+        blocks, records = self.write_needs(node, off, end, segs)
+        avail, recs = self.alloc.available(), len(self.inodes.extent_pool)
+        if blocks <= avail and records <= recs:
+            return end
+        budget = min(avail, recs // 2)
+        if end > node.size and node.size % BS:
+            lb = node.size >> SHIFT
+            p = node.extents.lookup(lb)
+            if p != HOLE and self.alloc.count(p) > 1 and lb < off >> SHIFT:
+                budget -= 1                  # zero_tail's break of the shared EOF block
+        l0 = off >> SHIFT
+        cut = l0
+        for l, n, p in segs or node.extents.segments(l0, (end + BS - 1) >> SHIFT):
+            need = np.ones(n, bool) if p == HOLE else self.alloc.rc[p:p + n] > 1
+            cum = np.cumsum(need)
+            k = int(np.searchsorted(cum, budget, "right"))       # blocks of this seg that fit
+            if k < n:
+                cut = l + k
+                break
+            budget -= int(cum[-1])
+            cut = l + n
+        new_end = min(end, cut << SHIFT)
+        if new_end <= off:
+            raise FsError(errno.ENOSPC)
+        return new_end
+
+    def grow_needs(self, node: Inode) -> tuple[int, int]:
+        """(blocks, records) that growing `node` past its EOF block may take (zero_tail)."""
+        if node.size % BS:
+            p = node.extents.lookup(node.size >> SHIFT)
+            if p != HOLE and self.alloc.count(p) > 1:
+                return 1, 2
+        return 0, 0
+
+    def reserve(self, blocks: int, records: int) -> None:
+        """ENOSPC, with nothing changed, unless `blocks` blocks and `records` extent records
+        can be taken by the transaction about to start."""
+        if blocks > self.alloc.available():
+            raise FsError(errno.ENOSPC)
+        self.extent_room(records)
+
     def punch(self, txn, node: Inode, l0: int, l1: int) -> None:
         """Unmap file blocks [l0, l1); freed blocks return to the allocator at commit."""
         if l1 > l0 and node.extents.segments(l0, l1) != [(l0, l1 - l0, HOLE)]:
@@ -202,7 +273,7 @@ class BufCache:
         p = node.extents.lookup(lb)
         if p == HOLE:
             return
-        if self.alloc.count(p) > 1:
+        if self.alloc.count(p) > 1:        # reserved by the caller (grow_needs)
             self._write_new(txn, node, lb, 1, p, node.size, memoryview(bytes(BS - node.size % BS)))
         else:
             # durable before the growing commit, or a power loss could bring back bytes that

@@ -13,7 +13,6 @@ the promise across a crash: orphans are reclaimed at the next mount).
 """
 from __future__ import annotations
 
-import bisect
 import contextlib
 import dataclasses
 import errno
@@ -32,6 +31,7 @@ from .alloc import BlockAllocator, implied_refcounts
 from .bufcache import BufCache
 from .dirs import Directories, check_name
 from .errors import CorruptionError, FsError
+from .extents import HOLE
 from .inodes import INODE_REC, Inode, InodeTable, now_ns
 from .journal import Journal
 from .pmem import PMem
@@ -117,7 +117,7 @@ class FileSystem:
         self.capability_inodes = self._scan_capabilities()
         self.capability_listener = None     # callable(bool), set by the daemon
         self.extra_stats: Callable[[], dict] | None = None     # the daemon's own counters
-        self.dir_handles: dict[int, list[tuple[int, bytes, int]]] = {}
+        self.dir_handles: dict[int, int] = {}        # fh -> directory inode
         self._next_fh = 1
         if not readonly:
             self._set_clean(False)
@@ -358,10 +358,10 @@ class FileSystem:
         is_dir = stat.S_ISDIR(mode)
         if is_dir and pnode.nlink >= MAX_LINKS:
             raise FsError(errno.EMLINK)
-        if len(self.dirs.pool) == 0:
+        if len(self.dirs.pool) == 0 or len(self.inodes.pool) == 0:
             raise FsError(errno.ENOSPC)
-        if target is not None and self.alloc.free < 2:
-            raise FsError(errno.ENOSPC)
+        if target is not None:
+            self.bufcache.reserve(1, 2)
         if pnode.mode & stat.S_ISGID:
             gid = pnode.gid
             if is_dir:
@@ -418,6 +418,8 @@ class FileSystem:
             raise FsError(errno.EMLINK)
         if self.dirs.lookup(parent, name) is not None:
             raise FsError(errno.EEXIST)
+        if len(self.dirs.pool) == 0:
+            raise FsError(errno.ENOSPC, "no free directory entries")
         with self._txn() as t:
             slot, rec = self.dirs.add(parent, name, ino)
             t.write(self._dirent_off(slot), rec)
@@ -560,9 +562,10 @@ class FileSystem:
                 if dst is not None:
                     t.write(*self._dirent_write(self.dirs.retarget(new_parent, new_name, src_ino)))
                     self._drop_link(t, dst, np_)
+                    t.write(*self._dirent_write(self.dirs.remove(old_parent, old_name)))
                 else:
-                    t.write(*self._dirent_write(self.dirs.add(new_parent, new_name, src_ino)))
-                t.write(*self._dirent_write(self.dirs.remove(old_parent, old_name)))
+                    t.write(*self._dirent_write(
+                        self.dirs.move(old_parent, old_name, new_parent, new_name)))
                 self._moved_dir(src, op, np_)
             src.touch()
             op.touch(m=True)
@@ -597,19 +600,27 @@ class FileSystem:
 
     # ---------------------------------------------------------------- directories
     def opendir(self, ino: int) -> int:
+        """A handle is just the directory: entries are served from the cookie (no copy)."""
         self._dir(ino)
         fh = self._next_fh
         self._next_fh += 1
-        self.dir_handles[fh] = self.dirs.listing(ino)
+        self.dir_handles[fh] = ino
         return fh
 
-    def readdir(self, fh: int, start: int) -> list[tuple[int, bytes, int]]:
-        """Entries (cookie, name, ino) with cookie > start, from the opendir snapshot."""
-        listing = self.dir_handles.get(fh)
-        if listing is None:
+    def readdir(self, fh: int, start: int, limit: int = 256) -> list[tuple[int, bytes, int]]:
+        """Up to `limit` entries (cookie, name, ino) with cookie > start: `.` (cookie 1), `..`
+        (cookie 2), then the directory's names in slot order. The kernel takes no lookup
+        reference for `.` and `..` (fuse_direntplus_link skips them), so the adapter must not
+        count one either."""
+        ino = self.dir_handles.get(fh)
+        if ino is None:
             raise FsError(errno.EBADF)
-        i = bisect.bisect_right(listing, (start, b"\xff" * 256, 1 << 62))
-        return listing[i:]
+        out: list[tuple[int, bytes, int]] = []
+        if start < 1:
+            out.append((1, b".", ino))
+        if start < 2:
+            out.append((2, b"..", self.dirs.parent.get(ino, ino)))
+        return out + self.dirs.listing(ino, start, limit - len(out))
 
     def releasedir(self, fh: int) -> None:
         self.dir_handles.pop(fh, None)
@@ -636,7 +647,11 @@ class FileSystem:
             raise FsError(errno.EISDIR)
         return self.bufcache.read(node, off, size, view=view)
 
-    def write(self, ino: int, off: int, data) -> int:
+    def write(self, ino: int, off: int, data, whole: bool = False) -> int:
+        """Store `data` at `off`; returns the count stored. On a nearly full image a write
+        stores the blocks that fit and returns a short count, like ext4's write(2); with
+        `whole` (page-cache writeback, whose short counts the kernel ignores) it is stored
+        entirely or fails with ENOSPC, never in part."""
         node = self._node(ino)
         if node.is_dir:
             raise FsError(errno.EISDIR)
@@ -656,6 +671,12 @@ class FileSystem:
             node.mtime = node.ctime = now_ns()
             self.dirty_times[ino] = node
             return len(data)
+        if whole:
+            self.bufcache.reserve(*self.bufcache.write_needs(node, off, off + len(data), segs))
+        else:
+            end = self.bufcache.fit_write(node, off, off + len(data), segs)
+            if end < off + len(data):
+                data, segs = memoryview(data).cast("B")[:end - off], None
         with self._txn() as t:
             n = self.bufcache.write(t, node, off, data, segs)
             node.touch(m=True)
@@ -668,6 +689,7 @@ class FileSystem:
         if size // BS >= fmt.MAX_FILE_BLOCKS:
             raise FsError(errno.EFBIG)
         if size >= node.size:
+            self.bufcache.reserve(*self.bufcache.grow_needs(node))
             with self._txn() as t:
                 self.bufcache.zero_tail(t, node)
                 node.size = size
@@ -730,10 +752,13 @@ class FileSystem:
         for c in range(a, b, TXN_BLOCKS * BS):
             c_end = min(b, c + TXN_BLOCKS * BS)
             first, last = c == a, c_end == b
-            need = 2 * len(src.extents.segments(c // BS, c_end // BS)) + 2 + 4 * (first + last)
-            if len(self.inodes.extent_pool) < need:
+            try:
+                self.bufcache.reserve(*self._clone_chunk_needs(
+                    src, c, c_end, dst, shift, head if first else b"", off_out,
+                    tail if last else b"", b + shift, min(c_end, end_in) + shift))
+            except FsError:
                 if first:
-                    self.bufcache.extent_room(need)        # raises ENOSPC, nothing changed
+                    raise                                  # ENOSPC/EMLINK, nothing changed
                 break                                      # a short count: what is cloned
             with self._txn() as t:
                 if first and head:
@@ -750,6 +775,29 @@ class FileSystem:
                 t.inode(dst)
         self.bufcache.stats.clones += 1
         return done
+
+    def _clone_chunk_needs(self, src: Inode, c: int, c_end: int, dst: Inode, shift: int,
+                           head: bytes, head_at: int, tail: bytes, tail_at: int,
+                           new_end: int) -> tuple[int, int]:
+        """(blocks, extent records) one clone transaction may take: sharing source bytes
+        [c, c_end) adds at most one record per mapped source segment plus one for splitting
+        the destination extent around the range; the head and tail copies and the growth of
+        dst are writes. EMLINK when a block's reference count is at its limit."""
+        blocks = records = 0
+        for _l, k, p in src.extents.segments(c // BS, c_end // BS):
+            if p != HOLE:
+                records += 1
+                if self.alloc.max_count(p, k) >= fmt.MAX_REFCOUNT:
+                    raise FsError(errno.EMLINK, "block reference count limit reached")
+        records += 1
+        for data, at in ((head, head_at), (tail, tail_at)):
+            if data:
+                nb, nr = self.bufcache.write_needs(dst, at, at + len(data))
+                blocks, records = blocks + nb, records + nr
+        if new_end > dst.size:
+            nb, nr = self.bufcache.grow_needs(dst)
+            blocks, records = blocks + nb, records + nr
+        return blocks, records
 
     # ---------------------------------------------------------------- lseek, fallocate
     def lseek(self, ino: int, off: int, whence: int) -> int:
@@ -796,35 +844,41 @@ class FileSystem:
     def _zero_range(self, node: Inode, start: int, end: int, new_size: int) -> None:
         """Bytes [start, end) read as zeros afterwards and the size becomes `new_size`: whole
         blocks are unmapped (a shared one just loses this alias), the partial head and tail
-        blocks get zeros written (breaking sharing). A range of up to TXN_BLOCKS blocks is one
-        transaction, so a crash shows all of it or none; a larger one is punched from the top
-        down, one transaction per chunk, the tail in the first and the head in the last."""
+        blocks get zeros written (breaking sharing). A range holding up to TXN_BLOCKS mapped
+        blocks is one transaction, so a crash shows all of it or none; a larger one is
+        punched from the top down, one transaction per chunk, the tail in the first and the
+        head in the last. The work follows the mapped extents, not the byte range: punching
+        a terabyte of holes is one small transaction."""
         if end <= start:
             if new_size != node.size:
                 self.truncate(node, new_size)
             return
         a, b = -(-start // BS) * BS, end // BS * BS
-        if b <= a:                                   # inside one block
-            pieces, chunks = [(start, end)], [(a, a)]
+        if b < a:                                    # inside one block
+            pieces = [(start, end)]
         else:
             pieces = [(start, a)] if start < a else []
             pieces += [(b, end)] if b < end else []
-            chunks = [(max(a, hi - TXN_BLOCKS * BS), hi) for hi in range(b, a, -TXN_BLOCKS * BS)]
         # zeros are written only over mapped bytes below EOF: holes and bytes past EOF read
         # as zeros already (zero_tail clears the old EOF block when the size grows)
         pieces = [(lo, min(hi, node.size)) for lo, hi in pieces
-                  if lo < node.size and node.extents.lookup(lo // BS) >= 0]
-        shared = sum(self.alloc.count(node.extents.lookup(lo // BS)) > 1 for lo, _ in pieces)
-        if shared > self.alloc.available():
-            raise FsError(errno.ENOSPC)
-        self.bufcache.extent_room(1 + 2 * len(pieces))
+                  if lo < node.size and node.extents.lookup(lo // BS) != HOLE]
+        chunks = self._punch_chunks(node, a // BS, max(a, b) // BS)
+        blocks, records = 0, len(chunks)             # a punch splits at most one extent
+        for p0, p1 in pieces:
+            nb, nr = self.bufcache.write_needs(node, p0, p1)
+            blocks, records = blocks + nb, records + nr
+        if new_size > node.size:
+            nb, nr = self.bufcache.grow_needs(node)
+            blocks, records = blocks + nb, records + nr
+        self.bufcache.reserve(blocks, records)
         for i, (lo, hi) in enumerate(chunks):
             first, last = i == 0, i == len(chunks) - 1
             with self._txn() as t:
                 for p0, p1 in pieces:
                     if (first and p0 >= b) or (last and p1 <= a) or (first and last):
                         self.bufcache.write(t, node, p0, bytes(p1 - p0))
-                self.bufcache.punch(t, node, lo // BS, hi // BS)
+                self.bufcache.punch(t, node, lo, hi)
                 if last and new_size != node.size:
                     if new_size > node.size:
                         self.bufcache.zero_tail(t, node)
@@ -832,18 +886,43 @@ class FileSystem:
                 node.touch(m=True)
                 t.inode(node)
 
+    @staticmethod
+    def _punch_chunks(node: Inode, la: int, lb: int) -> list[tuple[int, int]]:
+        """Block ranges covering [la, lb) from the top down, each holding at most TXN_BLOCKS
+        mapped blocks (holes cost nothing); always at least one, the last starting at la."""
+        chunks: list[tuple[int, int]] = []
+        hi, count = lb, 0
+        runs = [(l, n) for l, n, p in node.extents.segments(la, lb) if p != HOLE] \
+            if lb > la and node.has_data else []
+        for l, n in reversed(runs):
+            e = l + n
+            while e > l:
+                take = min(e - l, TXN_BLOCKS - count)
+                e, count = e - take, count + take
+                if count == TXN_BLOCKS:
+                    chunks.append((e, hi))
+                    hi, count = e, 0
+        if count or not chunks:
+            chunks.append((la, hi))
+        else:
+            chunks[-1] = (la, chunks[-1][1])
+        return chunks
+
     def _preallocate(self, node: Inode, l0: int, l1: int) -> None:
-        """Map every hole in [l0, l1) to fresh zeroed blocks; ENOSPC changes nothing."""
-        holes = [(l, n) for l, n, p in node.extents.segments(l0, l1) if p < 0]
+        """Map every hole in [l0, l1) to fresh zeroed blocks, one transaction per TXN_BLOCKS.
+        ENOSPC before the first changes nothing; a later chunk that cannot get its extent
+        records stops there (what is preallocated stays, like ext4's)."""
+        holes = [(l, n) for l, n, p in node.extents.segments(l0, l1) if p == HOLE]
         if sum(n for _l, n in holes) > self.alloc.available():
             raise FsError(errno.ENOSPC)
-        self.bufcache.extent_room(2 * len(holes) * 2 + 2)
         for l, n in holes:
             for c in range(l, l + n, TXN_BLOCKS):
                 k = min(TXN_BLOCKS, l + n - c)
+                goal = max(node.extents.lookup(c - 1) + 1 if c > 0 else 0, 0)
+                runs = self.alloc.plan(k, goal, home=node.ino)
+                self.bufcache.reserve(k, 2 * len(runs))
                 with self._txn() as t:
-                    goal = node.extents.lookup(c - 1) + 1 if c > 0 else 0
-                    for q, m in self.alloc.alloc(k, max(goal, 0)):
+                    for q, m in self.alloc.alloc(k, goal, home=node.ino):
                         self.pm.zero(q * BS, m * BS)
                         t.persist_data(q * BS, m * BS)
                         self.bufcache.remap(t, node, c, m, q)
@@ -851,13 +930,20 @@ class FileSystem:
                     node.touch()
 
     def _copy_bytes(self, src: Inode, off_in: int, dst: Inode, off_out: int, length: int) -> int:
+        """Copy in 1 MiB writes; a later one that meets ENOSPC ends the call with a short
+        count (what was copied), the first one's error is the caller's."""
         done = 0
         while done < length:
             n = min(length - done, 1 << 20)
             data = self.bufcache.read(src, off_in + done, n)
             if not data:
                 break
-            done += self.write(dst.ino, off_out + done, data)
+            try:
+                done += self.write(dst.ino, off_out + done, data)
+            except FsError:
+                if not done:
+                    raise
+                break
         return done
 
     # ---------------------------------------------------------------- xattrs
@@ -915,7 +1001,7 @@ class FileSystem:
 
     def _store_xattrs(self, node: Inode, attrs: dict[bytes, bytes]) -> None:
         block = xa.encode(attrs) if attrs else None      # ENOSPC before anything changes
-        if block is not None and not node.xattr_blk and self.alloc.free < 1:
+        if block is not None and not node.xattr_blk and self.alloc.available() < 1:
             raise FsError(errno.ENOSPC)
         with self._txn() as t:
             if block is None:
@@ -954,4 +1040,7 @@ class FileSystem:
     def statfs(self) -> StatFs:
         g = self.g
         # f_files excludes the never-used slot 0; root counts as used
-        return StatFs(BS, g.data_blocks, self.alloc.free, g.inode_count - 1, len(self.inodes.pool))
+        # a new name takes an inode and a directory entry (hard links only the entry): `df -i`
+        # shows what can still be created, whichever table runs out first
+        return StatFs(BS, g.data_blocks, self.alloc.free, g.inode_count - 1,
+                      min(len(self.inodes.pool), len(self.dirs.pool)))

@@ -17,6 +17,7 @@ import errno
 import functools
 import logging
 import os
+import reprlib
 
 import pyfuse3
 
@@ -36,9 +37,14 @@ def _errors(fn):
         except pyfuse3.FUSEError:
             raise
         except Exception:
-            log.exception("unexpected error in %s%r", fn.__name__, args[:3])
+            log.exception("unexpected error in %s(%s)", fn.__name__, _short(args[:3]))
             raise pyfuse3.FUSEError(errno.EIO) from None
     return wrapper
+
+
+def _short(args) -> str:
+    """Arguments for a log line: never a user's data in bulk (xattr values, write buffers)."""
+    return ", ".join(reprlib.repr(a) for a in args)
 
 
 class Operations(pyfuse3.Operations):
@@ -152,7 +158,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def write(self, fh, off, buf):
-        return self.fs.write(fh, off, buf)
+        return self.fs.write(fh, off, buf, True)
 
     async def flush(self, fh):
         pass
@@ -173,14 +179,13 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def readdir(self, fh, start_id, token):
         fs = self.fs
-        for cookie, name, ino in fs.readdir(fh, start_id):
-            try:
-                a = fs.getattr(ino)
-            except FsError:
-                continue        # removed since opendir
-            if not pyfuse3.readdir_reply(token, name, self._entry(a), cookie):
-                break
-            fs.remember(ino)
+        while batch := fs.readdir(fh, start_id):
+            for cookie, name, ino in batch:
+                if not pyfuse3.readdir_reply(token, name, self._entry(fs.getattr(ino)), cookie):
+                    return
+                if cookie > 2:          # the kernel keeps no reference to `.` and `..`
+                    fs.remember(ino)
+                start_id = cookie
 
     @_errors
     async def releasedir(self, fh):
@@ -239,7 +244,9 @@ class Operations(pyfuse3.Operations):
         return _sync(self.fs.read, fh, off, size, True)
 
     def write_sync(self, fh, off, data):
-        return _sync(self.fs.write, fh, off, data)
+        # whole: the hook cannot tell page-cache writeback (whose short counts the kernel
+        # ignores) from write(2) yet, so every WRITE is stored entirely or fails with ENOSPC
+        return _sync(self.fs.write, fh, off, data, True)
 
     def hook_handlers(self) -> dict:
         return {"copy_file_range": self.copy_file_range, "lseek": self.lseek,
@@ -253,5 +260,5 @@ def _sync(fn, *args):
     except FsError as e:
         raise OSError(e.errno, str(e)) from None
     except Exception:
-        log.exception("unexpected error in %s%r", fn.__name__, args[:4])
+        log.exception("unexpected error in %s(%s)", fn.__name__, _short(args[:4]))
         raise OSError(errno.EIO, "internal error") from None

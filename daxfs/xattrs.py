@@ -39,6 +39,11 @@ def decode(block: bytes) -> dict[bytes, bytes]:
 
 
 def encode(attrs: dict[bytes, bytes]) -> bytes:
+    """The xattr block holding `attrs`; ENOSPC (as ext4 says for a value that fits no block)
+    when they do not fit in one, checked before any length is packed into its field."""
+    need = 2 + sum(_ENTRY.size + len(k) + len(v) for k, v in attrs.items())
+    if need > fmt.BLOCK_SIZE:
+        raise FsError(errno.ENOSPC, "xattrs exceed one block")
     out = bytearray(len(attrs).to_bytes(2, "little"))
     for name, value in attrs.items():
         out += _ENTRY.pack(len(name), len(value)) + name + value

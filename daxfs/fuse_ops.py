@@ -21,9 +21,9 @@ so, and drops security.capability on every write that is not page-cache writebac
 does for root's writes too). If O_TRUNC does reach OPEN (a session without the hook), OPEN
 truncates.
 
-File handles: `fh` is the inode number, with CACHED_WRITER set for a writable open that goes
-through the page cache (not O_DIRECT): while such an open exists the kernel may hold dirty
-pages of the file (a MAP_SHARED mapping keeps its open until munmap, and the kernel writes the
+File handles: `fh` is the inode number, with CACHED_WRITER set for an O_RDWR open that goes
+through the page cache (not O_DIRECT), the kind that can be mapped MAP_SHARED for writing:
+while such an open exists the kernel may hold dirty pages of the file (a MAP_SHARED mapping keeps its open until munmap, and the kernel writes the
 pages back at the latest at munmap/close), so lseek(SEEK_DATA/SEEK_HOLE) answers "all data"
 (see FileSystem.lseek).
 """
@@ -156,7 +156,10 @@ class Operations(pyfuse3.Operations):
     # -- files ----------------------------------------------------------------------------------
     def _open(self, ino: int, flags: int, ctx, truncate: bool = False) -> pyfuse3.FileInfo:
         direct = bool(flags & os.O_DIRECT)
-        writer = (flags & os.O_ACCMODE) != os.O_RDONLY and not direct
+        # Only a shared writable mapping leaves dirty pages in the kernel (the writeback cache
+        # is off: write(2) is write-through), and mmap(MAP_SHARED, PROT_WRITE) needs O_RDWR;
+        # direct-I/O opens cannot be mapped shared at all.
+        writer = (flags & os.O_ACCMODE) == os.O_RDWR and not direct
         # O_TRUNC only arrives when atomic O_TRUNC was negotiated (not by our daemon): then no
         # SETATTR follows, and who may keep setuid/setgid is judged by uid alone
         self.fs.open_file(ino, truncate=truncate, kill_suidgid=truncate and ctx.uid != 0,

@@ -677,3 +677,39 @@ def test_seek_data_sees_pages_dirty_in_the_kernel(env):
     finally:
         os.close(fd)
     assert server_bytes(p)[off:off + 5] == b"dirty"
+
+
+def test_seek_data_exact_unless_an_rdwr_open_could_map_it(env):
+    """Only an O_RDWR open through the page cache can carry a shared writable mapping: while one
+    exists lseek says "all data"; O_WRONLY, O_RDONLY and O_DIRECT opens keep the exact answer."""
+    d, _ref = env.dirs("seekexact")
+    p = d / "sparse"
+    with open(p, "wb") as f:
+        f.truncate(1 << 20)
+        f.seek(256 << 10)
+        f.write(b"x" * 4096)
+    exact = (256 << 10, (256 << 10) + 4096)
+
+    def seeks():
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            data = os.lseek(fd, 0, os.SEEK_DATA)
+            return data, os.lseek(fd, data, os.SEEK_HOLE)
+        finally:
+            os.close(fd)
+
+    assert seeks() == exact
+    for flags, want in ((os.O_WRONLY, exact), (os.O_RDWR | os.O_DIRECT, exact),
+                        (os.O_RDWR, (0, 1 << 20))):
+        fd = os.open(p, flags)
+        fd2 = os.open(p, flags)
+        try:
+            assert seeks() == want, flags
+            os.close(fd2)
+            fd2 = None
+            assert seeks() == want, flags
+        finally:
+            os.close(fd)
+            if fd2 is not None:
+                os.close(fd2)
+        assert seeks() == exact

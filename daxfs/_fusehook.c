@@ -321,16 +321,47 @@ static void hook_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     PyGILState_Release(g);
 }
 
+/* struct fuse_write_in of the FUSE protocol (>= 7.9), as in <linux/fuse.h>. */
+struct wire_write_in {
+    uint64_t fh;
+    uint64_t offset;
+    uint32_t size;
+    uint32_t write_flags;
+    uint64_t lock_owner;
+    uint32_t flags;
+    uint32_t padding;
+};
+_Static_assert(sizeof(struct wire_write_in) == 40, "fuse_write_in is 40 bytes");
+
+/* The write_flags of this WRITE request (FUSE_WRITE_CACHE, FUSE_WRITE_KILL_SUIDGID, ...).
+ * libfuse (3.14) hands the write callback neither them nor the request: but its do_write()
+ * passes, for a request read into memory (splice is off, see SPLICE_CAPS), the bytes right
+ * after the struct fuse_write_in it received, so the header sits just before `buf`.  The
+ * kernel sets FUSE_WRITE_KILL_SUIDGID on direct (FOPEN_DIRECT_IO) writes by a process without
+ * CAP_FSETID and leaves killing setuid/setgid to the server, since no file_remove_privs()
+ * runs on that path.  The copy's own size and offset must match, else we report no flags. */
+static unsigned write_flags_of(const char *buf, size_t size, off_t off)
+{
+    if (!conn_valid || conn_seen.proto_minor < 9)
+        return 0;
+    struct wire_write_in in;
+    memcpy(&in, buf - sizeof(in), sizeof(in));
+    if (in.size != size || (off_t)in.offset != off)
+        return 0;
+    return in.write_flags;
+}
+
 static void hook_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
                        off_t off, struct fuse_file_info *fi)
 {
     int err = 0;
     size_t done = 0;
+    unsigned wflags = write_flags_of(buf, size, off);
     PyGILState_STATE g = PyGILState_Ensure();
     /* zero-copy: the handler sees libfuse's request buffer and must not keep it */
     PyObject *mv = PyMemoryView_FromMemory((char *)buf, (Py_ssize_t)size, PyBUF_READ);
-    PyObject *r = mv ? PyObject_CallFunction(h_write, "KLO", (unsigned long long)fi->fh,
-                                             (long long)off, mv) : NULL;
+    PyObject *r = mv ? PyObject_CallFunction(h_write, "KLOI", (unsigned long long)fi->fh,
+                                             (long long)off, mv, wflags) : NULL;
     if (r) {
         Py_ssize_t n = PyLong_AsSsize_t(r);
         Py_DECREF(r);
@@ -694,7 +725,9 @@ PyMODINIT_FUNC PyInit__fusehook(void)
         ADD(FUSE_CAP_WRITEBACK_CACHE) || ADD(FUSE_CAP_NO_OPEN_SUPPORT) ||
         ADD(FUSE_CAP_PARALLEL_DIROPS) || ADD(FUSE_CAP_POSIX_ACL) ||
         ADD(FUSE_CAP_HANDLE_KILLPRIV) || ADD(FUSE_CAP_CACHE_SYMLINKS) ||
-        ADD(FUSE_CAP_NO_OPENDIR_SUPPORT) || ADD(FUSE_CAP_EXPLICIT_INVAL_DATA)) {
+        ADD(FUSE_CAP_NO_OPENDIR_SUPPORT) || ADD(FUSE_CAP_EXPLICIT_INVAL_DATA) ||
+        PyModule_AddIntConstant(m, "FUSE_WRITE_CACHE", 1 << 0) ||
+        PyModule_AddIntConstant(m, "FUSE_WRITE_KILL_SUIDGID", 1 << 2)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -118,6 +118,9 @@ class FileSystem:
         self.capability_listener = None     # callable(bool), set by the daemon
         self.extra_stats: Callable[[], dict] | None = None     # the daemon's own counters
         self.dir_handles: dict[int, int] = {}        # fh -> directory inode
+        # inode -> writable opens through the kernel's page cache: the kernel may hold dirty
+        # pages of these files (lseek must not call their unwritten ranges holes)
+        self.cached_writers: dict[int, int] = {}
         self._next_fh = 1
         if not readonly:
             self._set_clean(False)
@@ -626,18 +629,48 @@ class FileSystem:
         self.dir_handles.pop(fh, None)
 
     # ---------------------------------------------------------------- files
-    def open_file(self, ino: int, truncate: bool = False) -> None:
+    def open_file(self, ino: int, truncate: bool = False, kill_suidgid: bool = False,
+                  cached_writer: bool = False) -> None:
+        """An open of `ino`. `truncate`: O_TRUNC (size 0, and mtime/ctime even when it was
+        empty, as Linux does), clearing setuid/setgid first if `kill_suidgid`.
+        `cached_writer`: a writable open through the kernel's page cache (see lseek)."""
         node = self._node(ino)
-        if truncate and node.is_reg and node.size:
+        if truncate and node.is_reg:
+            self.kill_privileges(ino, kill_suidgid)
             self.truncate(node, 0)
         node.opens += 1
+        if cached_writer:
+            self.cached_writers[ino] = self.cached_writers.get(ino, 0) + 1
 
-    def release_file(self, ino: int) -> None:
+    def release_file(self, ino: int, cached_writer: bool = False) -> None:
+        if cached_writer:
+            n = self.cached_writers.pop(ino, 0) - 1
+            if n > 0:
+                self.cached_writers[ino] = n
         node = self.inodes.cache.get(ino)
         if node is None:
             return
         node.opens = max(0, node.opens - 1)
         self._maybe_reclaim(node)
+
+    def kill_privileges(self, ino: int, suidgid: bool) -> None:
+        """What ext4's file_remove_privs() does before a write, for the writes whose kernel path
+        leaves it to us (direct I/O): drop security.capability (whoever writes), and with
+        `suidgid` (a writer without CAP_FSETID) clear setuid, and setgid if group-exec is set.
+        Cheap when there is nothing to do: called before every write."""
+        node = self._node(ino)
+        kill = 0
+        if suidgid and node.mode & (stat.S_ISUID | stat.S_ISGID) and node.is_reg:
+            kill = node.mode & stat.S_ISUID
+            if node.mode & (stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID | stat.S_IXGRP:
+                kill |= stat.S_ISGID
+        if ino in self.capability_inodes and CAPABILITY_XATTR in self._xattrs(node):
+            self.removexattr(ino, CAPABILITY_XATTR)
+        if kill:
+            with self._txn() as t:
+                node.mode &= ~kill
+                node.touch()
+                t.inode(node)
 
     def read(self, ino: int, off: int, size: int, view: bool = False):
         """File bytes; `view=True` may return a zero-copy memoryview of the image (the FUSE
@@ -807,7 +840,9 @@ class FileSystem:
             raise FsError(errno.EINVAL)
         if off < 0 or off >= node.size:
             raise FsError(errno.ENXIO)
-        if not node.has_data:
+        if not node.has_data or ino in self.cached_writers:
+            # no extent map, or the kernel may hold dirty pages we cannot see (it does not
+            # write back before FUSE_LSEEK): "all data" is the answer that is always safe
             return off if whence == os.SEEK_DATA else node.size
         want_hole = whence == os.SEEK_HOLE
         for l, _n, p in node.extents.segments(off // BS, -(-node.size // BS)):
@@ -840,6 +875,8 @@ class FileSystem:
         self._preallocate(node, off // BS, -(-end // BS))
         if not mode & FALLOC_KEEP_SIZE and end > node.size:
             self.truncate(node, end)
+        node.touch(m=True)              # as ext4 (file_modified), even when nothing changed
+        self.dirty_times[ino] = node
 
     def _zero_range(self, node: Inode, start: int, end: int, new_size: int) -> None:
         """Bytes [start, end) read as zeros afterwards and the size becomes `new_size`: whole

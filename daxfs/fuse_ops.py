@@ -10,6 +10,22 @@ that goes through its page cache (FUSE clears SB_NOSEC), which halves the reques
 direct write. The kernel (6.x) still invalidates the cached pages such a write overlaps, so
 buffered descriptors and mappings of the same file stay coherent
 (tests/test_mount_mmap.py::test_o_direct_writes_reach_cached_descriptors_mappings_and_new_opens).
+
+Setuid/setgid and security.capability (ext4's rules, tests/test_posix.py): the daemon turns
+FUSE_HANDLE_KILLPRIV and atomic O_TRUNC off (daemon/server.py), so for buffered writes, truncate,
+open(O_TRUNC), fallocate, copy_file_range targets and chown the kernel itself decides what to
+clear (it alone knows whether the caller has CAP_FSETID) and sends SETATTR(mode) and
+REMOVEXATTR(security.capability). Direct (FOPEN_DIRECT_IO) writes bypass that: the kernel only
+sets FUSE_WRITE_KILL_SUIDGID in the WRITE, so `write_sync` clears the bits when that flag says
+so, and drops security.capability on every write that is not page-cache writeback (as ext4
+does for root's writes too). If O_TRUNC does reach OPEN (a session without the hook), OPEN
+truncates.
+
+File handles: `fh` is the inode number, with CACHED_WRITER set for an O_RDWR open that goes
+through the page cache (not O_DIRECT), the kind that can be mapped MAP_SHARED for writing:
+while such an open exists the kernel may hold dirty pages of the file (a MAP_SHARED mapping keeps its open until munmap, and the kernel writes the
+pages back at the latest at munmap/close), so lseek(SEEK_DATA/SEEK_HOLE) answers "all data"
+(see FileSystem.lseek).
 """
 from __future__ import annotations
 
@@ -25,6 +41,11 @@ from .errors import FsError
 from .fs import Attr, FileSystem
 
 log = logging.getLogger(__name__)
+
+CACHED_WRITER = 1 << 62            # in a file handle: writable open through the page cache
+FH_INO = CACHED_WRITER - 1
+FUSE_WRITE_CACHE = 1 << 0          # write_flags of a WRITE (<linux/fuse.h>)
+FUSE_WRITE_KILL_SUIDGID = 1 << 2
 
 
 def _errors(fn):
@@ -139,37 +160,46 @@ class Operations(pyfuse3.Operations):
         return self._entry(self.fs.link(inode, new_parent_inode, new_name))
 
     # -- files ----------------------------------------------------------------------------------
-    def _open(self, ino: int, flags: int) -> pyfuse3.FileInfo:
-        self.fs.open_file(ino)
-        return pyfuse3.FileInfo(fh=ino, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
+    def _open(self, ino: int, flags: int, ctx, truncate: bool = False) -> pyfuse3.FileInfo:
+        direct = bool(flags & os.O_DIRECT)
+        # Only a shared writable mapping leaves dirty pages in the kernel (the writeback cache
+        # is off: write(2) is write-through), and mmap(MAP_SHARED, PROT_WRITE) needs O_RDWR;
+        # direct-I/O opens cannot be mapped shared at all.
+        writer = (flags & os.O_ACCMODE) == os.O_RDWR and not direct
+        # O_TRUNC only arrives when atomic O_TRUNC was negotiated (not by our daemon): then no
+        # SETATTR follows, and who may keep setuid/setgid is judged by uid alone
+        self.fs.open_file(ino, truncate=truncate, kill_suidgid=truncate and ctx.uid != 0,
+                          cached_writer=writer)
+        return pyfuse3.FileInfo(fh=ino | (CACHED_WRITER if writer else 0), keep_cache=True,
+                                direct_io=direct)
 
     @_errors
     async def open(self, inode, flags, ctx):
-        return self._open(inode, flags)
+        return self._open(inode, flags, ctx, truncate=bool(flags & os.O_TRUNC))
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         a = self.fs.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
-        return self._open(a.ino, flags), self._entry(a)
+        return self._open(a.ino, flags, ctx), self._entry(a)
 
     @_errors
     async def read(self, fh, off, size):
-        return self.fs.read(fh, off, size, view=True)
+        return self.fs.read(fh & FH_INO, off, size, view=True)
 
     @_errors
     async def write(self, fh, off, buf):
-        return self.fs.write(fh, off, buf, True)
+        return self.fs.write(fh & FH_INO, off, buf, True)     # whole: cannot tell writeback
 
     async def flush(self, fh):
         pass
 
     @_errors
     async def release(self, fh):
-        self.fs.release_file(fh)
+        self.fs.release_file(fh & FH_INO, cached_writer=bool(fh & CACHED_WRITER))
 
     @_errors
     async def fsync(self, fh, datasync):
-        self.fs.fsync(fh, datasync)
+        self.fs.fsync(fh & FH_INO, datasync)
 
     # -- directories ----------------------------------------------------------------------------
     @_errors
@@ -241,12 +271,15 @@ class Operations(pyfuse3.Operations):
 
     # the fast path (fusehook.set_fast_path): read/write called from C, replied at once
     def read_sync(self, fh, off, size):
-        return _sync(self.fs.read, fh, off, size, True)
+        return _sync(self.fs.read, fh & FH_INO, off, size, True)
 
-    def write_sync(self, fh, off, data):
-        # whole: the hook cannot tell page-cache writeback (whose short counts the kernel
-        # ignores) from write(2) yet, so every WRITE is stored entirely or fails with ENOSPC
-        return _sync(self.fs.write, fh, off, data, True)
+    def write_sync(self, fh, off, data, write_flags=0):
+        ino = fh & FH_INO
+        if not write_flags & FUSE_WRITE_CACHE:      # write(2), not page-cache writeback
+            _sync(self.fs.kill_privileges, ino, bool(write_flags & FUSE_WRITE_KILL_SUIDGID))
+            return _sync(self.fs.write, ino, off, data)
+        # writeback: the kernel ignores a short count, so all of it is stored or ENOSPC
+        return _sync(self.fs.write, ino, off, data, True)
 
     def hook_handlers(self) -> dict:
         return {"copy_file_range": self.copy_file_range, "lseek": self.lseek,

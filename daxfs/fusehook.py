@@ -57,8 +57,10 @@ Lseek = Callable[[int, int, int, int], int]
 # fallocate(ino, fh, mode, off, length) -> None; mode is the fallocate(2) FALLOC_FL_* mask
 Fallocate = Callable[[int, int, int, int, int], None]
 
-# Re-export the FUSE_CAP_* bits for want_flags_on / want_flags_off.
-globals().update({k: v for k, v in vars(_fusehook).items() if k.startswith("FUSE_CAP_")})
+# Re-export the FUSE_CAP_* bits for want_flags_on / want_flags_off, and the FUSE_WRITE_* bits
+# the fast path's write handler receives.
+globals().update({k: v for k, v in vars(_fusehook).items()
+                  if k.startswith(("FUSE_CAP_", "FUSE_WRITE_"))})
 
 _CONN_KEYS = ("max_readahead", "max_write", "max_background",
               "congestion_threshold", "time_gran", "want_flags_on", "want_flags_off")
@@ -77,14 +79,17 @@ def set_handlers(*, copy_file_range: Optional[CopyFileRange] = None,
 
 
 def set_fast_path(*, read: Optional[Callable[[int, int, int], object]] = None,
-                  write: Optional[Callable[[int, int, memoryview], int]] = None,
+                  write: Optional[Callable[[int, int, memoryview, int], int]] = None,
                   spin_us: int = 0) -> None:
     """Serve FUSE read/write with these synchronous handlers, called from C (no coroutine,
     no copy of the write data), instead of pyfuse3's async ``read``/``write``.
 
     ``read(fh, off, size)`` returns a buffer (it may be a view of the image: it is replied
-    and dropped before the next request); ``write(fh, off, data)`` gets a memoryview of
-    libfuse's request buffer, valid only during the call, and returns bytes written. Errors
+    and dropped before the next request); ``write(fh, off, data, write_flags)`` gets a
+    memoryview of libfuse's request buffer, valid only during the call, and the request's
+    ``write_flags`` (``FUSE_WRITE_CACHE`` for page-cache writeback, ``FUSE_WRITE_KILL_SUIDGID``
+    when the kernel wants setuid/setgid cleared: direct writes by a process without
+    CAP_FSETID), and returns bytes written. Errors
     as for the other handlers. After each such request the hook polls the FUSE fd for up to
     ``spin_us`` microseconds and serves what arrives in place (0: never). Must be called
     before mounting: the operations table is patched when the session is created.

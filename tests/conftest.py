@@ -5,6 +5,8 @@
 - `mounted` fixture: the mountpoint (Path) of a live mount of `image`; teardown unmounts with
   `daxfs umount`, requires `daxfs fsck IMAGE` to exit 0, and in any case makes sure the mount and
   its daemon are gone so later tests cannot hang.
+- No traceback anywhere: `umount()` and the `mounted` fixture fail the test when the daemon log that
+  `mount()` made (`daemon_log(mnt)`) contains "Traceback" (`check_daemon_log`).
 - `remount(image, mnt)`: `daxfs umount` + `daxfs mount` again.
 """
 from __future__ import annotations
@@ -110,6 +112,22 @@ def mount(image, mnt, *opts: str) -> None:
 def umount(mnt) -> None:
     daxfs_cli("umount", mnt)
     assert not is_mounted(mnt), f"daxfs umount returned 0 but {mnt} is still mounted"
+    check_daemon_log(mnt)
+
+
+def check_daemon_log(mnt) -> None:
+    """Fail if the daemon log `mount()` made for `mnt` holds a Python traceback: every error a
+    request meets must become an errno (and at most a one-line log message), never a crash."""
+    path = daemon_log(mnt)
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return
+    i = text.find("Traceback")
+    if i >= 0:
+        start = text.rfind("\n", 0, max(0, i - 300)) + 1
+        raise AssertionError(f"the daemon log {path} contains a traceback:\n"
+                             f"{text[start:i + 3000]}")
 
 
 def remount(image, mnt, *opts: str) -> Path:
@@ -162,6 +180,7 @@ def mounted(image, tmp_path):
         if is_mounted(mnt):
             umount(mnt)
         assert wait_unlocked(image), f"the daemon of {image} did not exit after umount"
+        check_daemon_log(mnt)
         check_fsck(image)
     finally:
         if is_mounted(mnt) or _image_daemon(image):

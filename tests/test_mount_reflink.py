@@ -162,10 +162,15 @@ def test_seek_data_hole_and_punch_on_mount(mounted):
         f.truncate(10 * BS)
         f.seek(4 * BS)
         f.write(b"d" * BS)
-    fd = os.open(p, os.O_RDWR)
+    fd = os.open(p, os.O_RDONLY)     # while an O_RDWR open exists, lseek says "all data"
     try:
         assert os.lseek(fd, 0, os.SEEK_DATA) == 4 * BS
         assert os.lseek(fd, 4 * BS, os.SEEK_HOLE) == 5 * BS
+    finally:
+        os.close(fd)
+    fd = os.open(p, os.O_RDWR)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 0 and os.lseek(fd, 0, os.SEEK_HOLE) == 10 * BS
         libc = ctypes.CDLL(None, use_errno=True)
         libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
         assert libc.fallocate(fd, 0x01 | 0x02, 4 * BS + 10, 100) == 0     # PUNCH_HOLE|KEEP_SIZE

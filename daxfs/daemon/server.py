@@ -84,6 +84,10 @@ class Server:
             fusehook.set_fast_path(read=ops.read_sync, write=ops.write_sync,
                                    spin_us=self.opts.spin_us)
             self.fs.extra_stats = fusehook.fast_stats
+            # the kernel, not us, judges setuid/setgid/capability clearing and O_TRUNC: it
+            # alone knows whether the caller has CAP_FSETID (see fuse_ops)
+            fusehook.set_conn_options(want_flags_off=fusehook.FUSE_CAP_HANDLE_KILLPRIV
+                                      | fusehook.FUSE_CAP_ATOMIC_O_TRUNC)
             fusehook.set_capability_xattrs(bool(self.fs.capability_inodes))
             self.fs.capability_listener = fusehook.set_capability_xattrs
         options = self.opts.fuse_options(self.image)

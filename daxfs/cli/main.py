@@ -15,7 +15,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 import traceback
 
 from .. import __version__
@@ -25,7 +24,7 @@ from ..format import FormatError
 log = logging.getLogger("daxfs.cli")
 
 COMMANDS = ("mkfs", "mount", "umount", "unmount", "fsck", "info", "stat", "reflink")
-CRASH_LOG = os.path.join(tempfile.gettempdir(), "daxfs-cli.log")
+CRASH_LOG_NAME = "daxfs-cli.log"        # in the private log directory (daemon/safefiles.py)
 
 
 class CliExit(Exception):
@@ -185,6 +184,10 @@ def cmd_fsck(a) -> int:
         raise UsageError(f"cannot open {image}: {e.strerror}") from None
     if locked:
         raise UsageError(daemon.describe_lock(image) + "; unmount it before running fsck")
+    from ..daemon.mounttab import exposed_image_warning
+    warning = exposed_image_warning(image)
+    if warning:
+        daemon.notice(warning)
     try:
         from ..fsck import main_check
     except ImportError as e:
@@ -225,10 +228,12 @@ def _crash_log(exc: BaseException) -> str:
     text = "".join(traceback.format_exception(exc))
     log.debug("unexpected error:\n%s", text)
     try:
-        with open(CRASH_LOG, "a") as f:
+        from ..daemon.safefiles import open_private_append, private_dir
+        path = os.path.join(private_dir(), CRASH_LOG_NAME)
+        with open(open_private_append(path), "a") as f:
             f.write(f"--- pid {os.getpid()}: daxfs {' '.join(sys.argv[1:])}\n{text}")
-        return CRASH_LOG
-    except OSError:
+        return path
+    except (OSError, UsageError):
         return ""
 
 

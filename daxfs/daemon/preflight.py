@@ -7,7 +7,7 @@ import stat
 
 from .. import format as fmt
 from ..errors import UsageError
-from .mounttab import describe_lock, find_mount, is_locked, is_stale, notice, run_fusermount
+from .mounttab import describe_lock, exposed_image_warning, find_mount, is_locked, is_stale, notice, run_fusermount
 from .options import FSTYPE
 
 
@@ -34,6 +34,9 @@ def check_image(image: str) -> None:
         raise UsageError(f"{image}: {e}") from None
     if is_locked(image):
         raise UsageError(describe_lock(image))
+    warning = exposed_image_warning(image)
+    if warning:
+        notice(warning)
 
 
 def check_mountpoint(mountpoint: str) -> str:

@@ -11,7 +11,7 @@ import tempfile
 
 from .. import format as fmt
 from ..errors import FsError, UsageError
-from .mounttab import describe_lock, try_lock
+from .mounttab import describe_lock, exposed_image_warning, try_lock
 from .options import MountOptions
 
 log = logging.getLogger("daxfs.daemon")
@@ -51,11 +51,17 @@ class Server:
     def _start(self) -> None:
         try:
             fd = try_lock(self.image)
+        except PermissionError as e:
+            raise UsageError(f"cannot open {self.display} for writing ({e.strerror}): the image "
+                             f"lock needs write access, also for a read-only mount") from None
         except OSError as e:
             raise UsageError(f"cannot open {self.display}: {e.strerror}") from None
         if fd is None:
             raise UsageError(describe_lock(self.display))
         self.lock_fd = fd
+        warning = exposed_image_warning(self.image)
+        if warning:
+            log.warning("%s", warning)
         # the lock is ours: from here on nobody else touches the image
         from ..fs import FileSystem
         try:

@@ -214,7 +214,7 @@ class FileSystem:
         sb = self.sb
         sb["clean"] = int(clean)
         if not clean:
-            sb["mount_count"] = int(sb["mount_count"]) + 1
+            sb["mount_count"] = (int(sb["mount_count"]) + 1) & 0xFFFFFFFF     # wraps
         sb["checksum"] = fmt.superblock_checksum(sb)
         self.pm.store(0, sb.tobytes())
         self.pm.persist(0, fmt.SUPERBLOCK_DTYPE.itemsize)

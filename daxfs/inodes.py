@@ -157,7 +157,8 @@ class InodeTable:
         node = Inode(self, ino, rec.item()[:len(_RECORD_FIELDS)])
         kind = node.mode & 0o170000
         if kind not in _KINDS or (kind == stat.S_IFREG and node.size >= 1 << 52) or \
-                (kind == stat.S_IFLNK and not 0 < node.size < fmt.BLOCK_SIZE):
+                (kind == stat.S_IFLNK and not 0 < node.size < fmt.BLOCK_SIZE) or \
+                node.size >= 1 << 63:             # st_size is signed: cannot be reported
             self.corrupt(f"inode {ino}: bad mode {node.mode:o} or size {node.size}")
         self.cache[ino] = node
         return node

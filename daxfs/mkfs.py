@@ -116,6 +116,11 @@ def make_image(path: str, size: int, *, force: bool = False, inode_count: int | 
         os.pwrite(fd, sb.tobytes(), 0)
         os.fsync(fd)
     except OSError as e:
+        if created:                    # leave nothing behind that looks like an image attempt
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
         raise UsageError(f"cannot write {path}: {e.strerror}") from None
     finally:
         os.close(fd)

@@ -223,6 +223,17 @@ def _error(msg: str) -> None:
         pass
 
 
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null so the interpreter's final flush of stdout does not print an
+    'Exception ignored ... BrokenPipeError' line."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def _crash_log(exc: BaseException) -> str:
     """Append the traceback to the CLI crash log; its path (or '' if not writable)."""
     text = "".join(traceback.format_exception(exc))
@@ -255,7 +266,13 @@ def main(argv: list[str] | None = None) -> int:
             a.debug = True
         if a.debug:
             logging.getLogger().setLevel(logging.DEBUG)
-        return HANDLERS[a.command](a)
+        code = HANDLERS[a.command](a)
+        sys.stdout.flush()                  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # `daxfs stat MNT | head`: the reader went away; stop quietly like a SIGPIPE death
+        _silence_stdout()
+        return 141
     except CliExit as e:
         _error(str(e))
         return e.code

@@ -12,6 +12,7 @@ import time
 from ..errors import UsageError
 from .options import MountOptions
 from .preflight import check_image, check_mountpoint
+from .mounttab import exposed_image_warning, notice
 from .safefiles import open_log, private_dir
 from .server import Server
 
@@ -62,6 +63,7 @@ def mount(image: str, mountpoint: str, opts: MountOptions, *, foreground: bool =
         enable_fault_log(sys.stderr)
         server = Server(image_abs, mnt, opts, display_image=image)
         server.start()
+        _warn_if_exposed(image)
         return server.run()
 
     log_path = opts.log or default_log_path(image_abs)
@@ -94,12 +96,21 @@ def mount(image: str, mountpoint: str, opts: MountOptions, *, foreground: bool =
         os.close(rfd)
     text = reply.decode("utf-8", "replace").strip()
     if text == "ok":
+        _warn_if_exposed(image)
         return 0
     # the child exits right after reporting a failure; reap it
     status = _reap(pid, timeout=10.0)
     if text.startswith("error "):
         raise UsageError(text[len("error "):])
     raise UsageError(f"the mount daemon died during startup ({status}); see {log_path}")
+
+
+def _warn_if_exposed(image: str) -> None:
+    """Once mounted (so that a failure stays one line): warn about a group/world-accessible
+    image (the daemon logs the same)."""
+    warning = exposed_image_warning(image)
+    if warning:
+        notice(warning)
 
 
 def _read_all(fd: int) -> bytes:

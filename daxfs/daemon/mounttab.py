@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 
+from .. import format as fmt
 from .options import FSTYPE
 
 
@@ -61,6 +62,16 @@ def find_mount(mountpoint: str) -> MountEntry | None:
         if e.target == mountpoint:
             hit = e
     return hit
+
+
+def mounts_below(mountpoint: str, image: str) -> MountEntry | None:
+    """After mounting `image` on `mountpoint`: the mount our daxfs mount was stacked on, if
+    any (the topmost one under ours), else None."""
+    on = [e for e in proc_mounts() if e.target == mountpoint]
+    ours = [i for i, e in enumerate(on) if e.fstype == FSTYPE and e.source == image]
+    if not ours or ours[-1] == 0:
+        return None
+    return on[ours[-1] - 1]
 
 
 def mounts_of_image(image: str) -> list[MountEntry]:
@@ -157,10 +168,13 @@ def exposed_image_warning(path: str) -> str | None:
     """A one-line warning if the image is readable or writable by group or others: they can
     read every file's data out of it, and lock it (which blocks mount and fsck)."""
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            magic = f.read(8)
     except OSError:
         return None
-    if not mode & 0o077:
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & 0o077 or not stat.S_ISREG(st.st_mode) or magic != fmt.MAGIC:
         return None
     return (f"warning: {path} is accessible to other users (mode {mode:04o}): they can read "
             f"every file's data from it and lock it against mounting; chmod 600 {path}")

@@ -7,7 +7,7 @@ import stat
 
 from .. import format as fmt
 from ..errors import UsageError
-from .mounttab import describe_lock, exposed_image_warning, find_mount, is_locked, is_stale, notice, run_fusermount
+from .mounttab import describe_lock, find_mount, is_locked, is_stale, notice, run_fusermount
 from .options import FSTYPE
 
 
@@ -34,9 +34,6 @@ def check_image(image: str) -> None:
         raise UsageError(f"{image}: {e}") from None
     if is_locked(image):
         raise UsageError(describe_lock(image))
-    warning = exposed_image_warning(image)
-    if warning:
-        notice(warning)
 
 
 def check_mountpoint(mountpoint: str) -> str:
@@ -56,8 +53,11 @@ def check_mountpoint(mountpoint: str) -> str:
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"mountpoint {mountpoint} is not a directory")
     entry = find_mount(mnt)
-    if entry is not None and entry.fstype == FSTYPE:
-        raise UsageError(f"{mountpoint} is already a daxfs mount point (of {entry.source})")
+    if entry is not None:
+        # never stack mounts: the lower one would be hidden (and a second daxfs on top of the
+        # first made both unreachable by `daxfs umount MNT` as the user meant it)
+        what = "a daxfs mount point" if entry.fstype == FSTYPE else f"a mount point ({entry.fstype})"
+        raise UsageError(f"{mountpoint} is already {what} (of {entry.source}); unmount it first")
     try:
         with os.scandir(mnt) as it:
             nonempty = any(True for _ in it)

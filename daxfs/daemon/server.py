@@ -11,7 +11,7 @@ import tempfile
 
 from .. import format as fmt
 from ..errors import FsError, UsageError
-from .mounttab import describe_lock, exposed_image_warning, try_lock
+from .mounttab import describe_lock, exposed_image_warning, mounts_below, try_lock
 from .options import MountOptions
 
 log = logging.getLogger("daxfs.daemon")
@@ -105,6 +105,11 @@ class Server:
             raise UsageError(f"cannot mount {self.display} on {self.mountpoint}: "
                              f"{detail.removeprefix('fuse: ')}")
         self.mounted = True
+        below = mounts_below(self.mountpoint, self.image)
+        if below is not None:
+            # another mount of MNT won the race with our preflight check: do not stack on it
+            raise UsageError(f"cannot mount {self.display} on {self.mountpoint}: it became a "
+                             f"mount point (of {below.source}) while mounting")
         log.info("mounted %s on %s", self.image, self.mountpoint)
         if not self.opts.ro:
             data = self.fs.g.data_start * fmt.BLOCK_SIZE

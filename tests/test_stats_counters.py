@@ -115,3 +115,29 @@ def test_reading_the_stats_does_not_scan(tmp_image, monkeypatch):
         assert fs.stats()["logical_bytes"] == 10 * BS
     finally:
         fs.close()
+
+
+@pytest.mark.skipif(not __import__("conftest").have_fuse(), reason="needs /dev/fuse")
+def test_daxfs_stat_of_a_mount_equals_a_full_scan(mounted, image):
+    """`daxfs stat MNT` (the running totals) == a full scan of the image after unmounting."""
+    import json
+    import os
+    from conftest import daxfs_cli, umount
+    (mounted / "a").write_bytes(os.urandom(10 * BS + 7))
+    daxfs_cli("reflink", mounted / "a", mounted / "b")
+    with open(mounted / "b", "r+b") as f:
+        f.write(b"x" * 100)                                  # one COW break
+    os.setxattr(mounted / "a", "user.k", b"v")
+    with open(mounted / "c", "wb") as f:
+        f.truncate(1 << 20)
+    os.symlink("a", mounted / "s")
+    os.mkdir(mounted / "d")
+    live = json.loads(daxfs_cli("stat", mounted, "--json").stdout)
+    umount(mounted)
+    fs = FileSystem.open(image, readonly=True)
+    try:
+        scan = fs.scan_stats()
+    finally:
+        fs.close()
+    assert {k: live[k] for k in SPACE} == {k: scan[k] for k in SPACE}
+    assert live["shared_blocks"] == 10 and live["cow_breaks"] == 1

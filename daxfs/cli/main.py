@@ -185,15 +185,17 @@ def cmd_fsck(a) -> int:
         raise UsageError(f"cannot open {image}: {e.strerror}") from None
     if locked:
         raise UsageError(daemon.describe_lock(image) + "; unmount it before running fsck")
-    from ..daemon.mounttab import exposed_image_warning
-    warning = exposed_image_warning(image)
-    if warning:
-        daemon.notice(warning)
     try:
         from ..fsck import main_check
     except ImportError as e:
         raise UsageError(f"fsck is not available in this build ({e})") from None
-    return int(main_check(image, a.repair) or 0)
+    code = int(main_check(image, a.repair) or 0)
+    if code < 8:                        # checked: a failure stays one line
+        from ..daemon.mounttab import exposed_image_warning
+        warning = exposed_image_warning(image)
+        if warning:
+            daemon.notice(warning)
+    return code
 
 
 def cmd_info(a) -> int:

@@ -66,6 +66,9 @@ class BlockAllocator:
         self.g = g
         self.rc = np.array(table, dtype=np.uint32)        # mirror, owned by the engine
         self.free = int(np.count_nonzero(self.rc[g.data_start:] == 0))
+        # running totals for `daxfs stat`: blocks with refcount > 1, sum of data refcounts
+        self.shared = int(np.count_nonzero(self.rc[g.data_start:] > 1))
+        self.refs = int(self.rc[g.data_start:].sum(dtype=np.int64))
         self.cursor = g.data_start
         self.dirty: list[tuple[int, int]] = []             # (start, end) ranges since last commit
         self.quarantine: list[tuple[int, int]] = []        # freed by the open transaction
@@ -134,6 +137,7 @@ class BlockAllocator:
             self.rc[s:s + ln] = 1
             self.dirty.append((s, s + ln))
         self.free -= n
+        self.refs += n
         last_s, last_n = runs[-1]
         self.cursor = last_s + last_n
         return runs
@@ -200,21 +204,27 @@ class BlockAllocator:
         seg = self.rc[pblk:pblk + n]
         if (seg >= fmt.MAX_REFCOUNT).any():
             raise FsError(errno.EMLINK, "block reference count limit reached")
+        self.shared += int(np.count_nonzero(seg == 1))
+        self.refs += n
         seg += 1
         self.dirty.append((pblk, pblk + n))
 
     def decref(self, pblk: int, n: int) -> int:
         """Drop one reference from each block of the run; returns how many became free."""
         self.dirty.append((pblk, pblk + n))
+        self.refs -= n
         if n == 1:                              # the COW break's case: skip the array work
             left = int(self.rc[pblk]) - 1
             self.rc[pblk] = left
+            if left == 1:
+                self.shared -= 1
             if left:
                 return 0
             self.quarantine.append((pblk, pblk + 1))
             self.free += 1
             return 1
         seg = self.rc[pblk:pblk + n]
+        self.shared -= int(np.count_nonzero(seg == 2))
         seg -= 1
         freed = np.flatnonzero(seg == 0)
         if freed.size:

@@ -217,7 +217,7 @@ class FileSystem:
         sb = self.sb
         sb["clean"] = int(clean)
         if not clean:
-            sb["mount_count"] = int(sb["mount_count"]) + 1
+            sb["mount_count"] = (int(sb["mount_count"]) + 1) & 0xFFFFFFFF     # wraps
         sb["checksum"] = fmt.superblock_checksum(sb)
         self.pm.store(0, sb.tobytes())
         self.pm.persist(0, fmt.SUPERBLOCK_DTYPE.itemsize)
@@ -497,6 +497,7 @@ class FileSystem:
             if node.xattr_blk:
                 self.alloc.decref(node.xattr_blk, 1)
                 node.xattr_blk = 0
+                self.inodes.xattr_blocks -= 1
             free_rec = INODE_REC.pack(0, 0, 0, 0, 0, 0, 0, 0, 0, node.generation, 0, 0, 0)
             t.write(self.inode_base + node.ino * fmt.INODE_DTYPE.itemsize, free_rec)
             self.inodes.release(node)
@@ -1045,9 +1046,11 @@ class FileSystem:
                 if node.xattr_blk:
                     self.alloc.decref(node.xattr_blk, 1)
                     node.xattr_blk = 0
+                    self.inodes.xattr_blocks -= 1
             else:
                 if not node.xattr_blk:
                     node.xattr_blk = self.alloc.alloc(1)[0][0]
+                    self.inodes.xattr_blocks += 1
                 t.write(node.xattr_blk * BS, block)
             node.xattrs = attrs
             node.touch()
@@ -1056,16 +1059,28 @@ class FileSystem:
 
     # ---------------------------------------------------------------- whole filesystem
     def stats(self) -> dict[str, int]:
-        """Space and sharing counters (`daxfs stat`)."""
-        g, pm = self.g, self.pm
-        out = usage.usage(self.inodes.view, self._extent_view(),
-                          pm.view(self.rc_base, np.uint32, g.nblocks), g)
+        """Space and sharing counters (`daxfs stat`), O(1): running totals kept by the
+        allocator and the inode table (scan_stats() computes the same from the tables)."""
+        g, a = self.g, self.alloc
+        used = g.data_blocks - a.free
+        out = {"logical_bytes": self.inodes.logical_bytes, "physical_bytes": used * BS,
+               "free_bytes": a.free * BS, "total_bytes": g.data_blocks * BS,
+               "files": self.inodes.used, "shared_blocks": a.shared,
+               "aliases": a.refs - self.inodes.xattr_blocks,
+               # aliases - data frames == refs - used blocks (xattr blocks cancel out)
+               "bytes_saved": max(0, a.refs - used) * BS}
         b = self.bufcache.stats
         out.update(clones=b.clones, cloned_blocks=b.cloned_blocks, cow_breaks=b.cow_breaks,
                    journal_commits=self.journal.commits)
         if self.extra_stats:
             out.update(self.extra_stats())
         return out
+
+    def scan_stats(self) -> dict[str, int]:
+        """The space figures of stats(), computed by a full scan of the committed tables."""
+        g = self.g
+        return usage.usage(self.inodes.view, self._extent_view(),
+                           self.pm.view(self.rc_base, np.uint32, g.nblocks), g)
 
     def aliases_of(self, pblk: int) -> list[tuple[int, int]]:
         """The reverse map: (inode, file block) pairs that alias physical block `pblk`."""

@@ -42,22 +42,33 @@ assert fmt.INODE_DTYPE.names[:13] == _RECORD_FIELDS
 
 
 class Inode:
-    __slots__ = ("ino", "mode", "uid", "gid", "nlink", "size", "atime", "mtime", "ctime", "btime",
+    __slots__ = ("ino", "mode", "uid", "gid", "nlink", "_size", "atime", "mtime", "ctime", "btime",
                  "generation", "flags", "xattr_blk", "rdev", "_extents", "lookups", "opens",
                  "xattrs", "table")
 
     def __init__(self, table: "InodeTable", ino: int, rec: tuple):
         self.table = table
         self.ino = ino
-        (self.mode, self.uid, self.gid, self.nlink, self.size, self.atime, self.mtime, self.ctime,
+        (self.mode, self.uid, self.gid, self.nlink, self._size, self.atime, self.mtime, self.ctime,
          self.btime, self.generation, self.flags, self.xattr_blk, self.rdev) = rec
         self._extents: ExtentMap | None = None
         self.lookups = 0          # kernel references (lookup counts not yet forgotten)
         self.opens = 0            # open file handles
         self.xattrs: dict[bytes, bytes] | None = None
 
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @size.setter
+    def size(self, value: int) -> None:
+        # the sum of regular files' sizes is kept up to date for `daxfs stat` (O(1) reads)
+        if self.mode & 0o170000 == stat.S_IFREG:
+            self.table.logical_bytes += value - self._size
+        self._size = value
+
     def pack(self) -> bytes:
-        return INODE_REC.pack(self.mode, self.uid, self.gid, self.nlink, self.size, self.atime,
+        return INODE_REC.pack(self.mode, self.uid, self.gid, self.nlink, self._size, self.atime,
                               self.mtime, self.ctime, self.btime, self.generation, self.flags,
                               self.xattr_blk, self.rdev)
 
@@ -103,6 +114,11 @@ class InodeTable:
         free = np.flatnonzero(modes == 0)
         self.pool = SlotPool(free[free > fmt.ROOT_INO], "inodes")
         self.used = int(view.size - free.size)  # counts slot 0 as used; statfs subtracts it
+        # running totals for `daxfs stat`: regular files' sizes, inodes holding an xattr block
+        reg = (modes & 0o170000) == stat.S_IFREG
+        self.logical_bytes = int(np.minimum(view["size"][reg], np.uint64(1 << 52))
+                                 .astype(np.int64).sum())
+        self.xattr_blocks = int(np.count_nonzero(view["xattr_blk"][modes != 0]))
         # sort the extent table once; per-inode slices become ExtentMaps on demand
         used = np.flatnonzero(extent_view["ino"] != 0)
         recs = extent_view[used]
@@ -141,7 +157,8 @@ class InodeTable:
         node = Inode(self, ino, rec.item()[:len(_RECORD_FIELDS)])
         kind = node.mode & 0o170000
         if kind not in _KINDS or (kind == stat.S_IFREG and node.size >= 1 << 52) or \
-                (kind == stat.S_IFLNK and not 0 < node.size < fmt.BLOCK_SIZE):
+                (kind == stat.S_IFLNK and not 0 < node.size < fmt.BLOCK_SIZE) or \
+                node.size >= 1 << 63:             # st_size is signed: cannot be reported
             self.corrupt(f"inode {ino}: bad mode {node.mode:o} or size {node.size}")
         self.cache[ino] = node
         return node
@@ -175,6 +192,8 @@ class InodeTable:
         self.cache.pop(node.ino, None)
         self.pool.give(node.ino)
         self.used -= 1
+        if node.is_reg:
+            self.logical_bytes -= node._size
 
     def record_offset(self, ino: int, base: int) -> int:
         return base + ino * fmt.INODE_DTYPE.itemsize

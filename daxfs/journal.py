@@ -123,7 +123,8 @@ class Journal:
             pm.persist(off, length)
         self.data_ranges.clear()
         pm.fence()
-        pm.store(self.hdr_off + 8, (self.epoch + 1).to_bytes(8, "little"))
+        pm.store(self.hdr_off + 8, max(1, (self.epoch + 1) & 0xFFFF_FFFF_FFFF_FFFF)
+                 .to_bytes(8, "little"))         # wraps past 2**64 - 1, skipping 0 (invalid)
         pm.persist(self.hdr_off + 8, 8)
         pm.fence()
         self.pos = 0

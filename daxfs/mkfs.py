@@ -15,6 +15,8 @@ from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
+IMAGE_MODE = 0o600          # images hold all data; see the README's Limits / security
+
 
 def parse_size(text: str) -> int:
     """'4G', '512M', '1048576' -> bytes (binary units)."""
@@ -60,16 +62,33 @@ def make_image(path: str, size: int, *, force: bool = False, inode_count: int | 
         g = fmt.Geometry.for_size(size, inode_count, extent_count)
     except fmt.FormatError as e:
         raise UsageError(str(e)) from None
+    if os.path.islink(path):
+        # a symlink planted where the image goes (dangling or not) must not redirect mkfs
+        raise UsageError(f"{path} is a symbolic link; mkfs does not follow it (give the "
+                         f"target's path)")
     if os.path.exists(path) and not force:
         st = os.stat(path)
         if stat.S_ISREG(st.st_mode) and st.st_size > 0:
             what = "a daxfs image" if is_daxfs_image(path) else "a non-empty file"
             raise UsageError(f"{path} is {what}; use --force to overwrite it")
     created = not os.path.lexists(path)
-    fd, _ = fmt.open_regular(path, os.O_RDWR | os.O_CREAT, mode=0o644,
-                             open_error=lambda e: UsageError(f"cannot create {path}: {e.strerror}"),
-                             not_regular=UsageError(f"{path} is not a regular file"))
+    # O_NOFOLLOW, and O_EXCL when creating: a symlink or file planted between the checks above
+    # and the open makes it fail instead of writing elsewhere. 0600: the image holds every
+    # file's data, and whoever can open it can also take its lock.
+    flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if created else 0)
+
+    def open_error(e: OSError) -> UsageError:
+        if e.errno == errno.ELOOP:
+            return UsageError(f"{path} is a symbolic link; mkfs does not follow it")
+        if e.errno == errno.EEXIST:
+            return UsageError(f"{path} appeared while mkfs was creating it; try again")
+        return UsageError(f"cannot create {path}: {e.strerror}")
+
+    fd, st = fmt.open_regular(path, flags, mode=IMAGE_MODE, open_error=open_error,
+                              not_regular=UsageError(f"{path} is not a regular file"))
     try:
+        if st.st_mode & 0o077:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o700)
         # Wipe the old superblock first so a half-made image is never taken for a valid one.
         os.pwrite(fd, bytes(fmt.BLOCK_SIZE), 0)
         os.ftruncate(fd, 0)
@@ -97,6 +116,11 @@ def make_image(path: str, size: int, *, force: bool = False, inode_count: int | 
         os.pwrite(fd, sb.tobytes(), 0)
         os.fsync(fd)
     except OSError as e:
+        if created:                    # leave nothing behind that looks like an image attempt
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
         raise UsageError(f"cannot write {path}: {e.strerror}") from None
     finally:
         os.close(fd)

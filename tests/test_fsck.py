@@ -2,6 +2,7 @@
 records directly (numpy views over the file), then checked and repaired."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import mmap
@@ -864,4 +865,79 @@ def test_module_entry_point(img):
                          capture_output=True, text=True)
     assert bad.returncode == 8 and bad.stdout == "" and bad.stderr.count("\n") == 1
     assert "Traceback" not in bad.stderr
+    img.open()
+
+
+# ------------------------------------------------ fields the engine trusts (issue 9 #12)
+# The on-image fields the engine reads, and who guards their range:
+#   superblock: geometry (parse_superblock, both), version/magic/checksum (both), clean (fsck),
+#     mount_count (any value: the engine wraps it), created_ns (display only: info copes)
+#   journal header: magic and epoch != 0 (fsck "journal"; the engine wraps the epoch)
+#   inode: mode type (both) and no bits beyond S_IFMT|07777 (fsck), size by type (regular
+#     < 2**52, symlink 1..4095, everything else 0; the engine refuses >= 2**63 cleanly),
+#     nlink (fsck "links"), flags (fsck), xattr_blk (both), uid/gid/times/generation/rdev
+#     (any value can be reported)
+#   dirent: parent/ino/name (fsck "dirents"); extent: owner, bounds, overlap (both);
+#   refcounts: fsck recomputes, the engine refuses undercounts at mount.
+@pytest.mark.parametrize("kind", ["dir", "root", "fifo"])
+def test_size_of_a_directory_or_special_file(img, capsys, kind):
+    r = populated(img)
+    ino = {"dir": r["d1"], "root": ROOT, "fifo": r["fifo"]}[kind]
+    img.inodes["size"][ino] = 1 << 63
+    img.close()
+    rep = fsck.check(img.path)
+    assert [p.check for p in rep.errors] == ["inodes"], [p.line() for p in rep.problems]
+    assert "must be 0" in rep.errors[0].line()
+    img.open()
+    repair_and_verify(img, r["keep"], capsys)
+    assert img.inodes["size"][ino] == 0 and img.inodes["mode"][ino] != 0
+
+
+def test_mode_bits_beyond_type_and_permissions(img, capsys):
+    r = populated(img)
+    img.inodes["mode"][r["f2"]] |= 1 << 20
+    img.close()
+    assert checks_found(img.path) == {"inodes"}
+    img.open()
+    repair_and_verify(img, r["keep"], capsys)
+    assert img.inodes["mode"][r["f2"]] == stat.S_IFREG | 0o644
+
+
+@pytest.mark.skipif(_engine() is None, reason="daxfs.fs not available")
+def test_engine_refuses_an_unreportable_size_without_a_traceback(img):
+    from daxfs.errors import FsError
+    r = populated(img)
+    img.inodes["size"][r["d1"]] = (1 << 64) - 1
+    img.close()
+    fs = _engine().open(img.path, readonly=True)
+    try:
+        with pytest.raises(FsError) as e:
+            fs.getattr(r["d1"])
+        assert e.value.errno == errno.EIO
+    finally:
+        fs.close()
+
+
+@pytest.mark.skipif(_engine() is None, reason="daxfs.fs not available")
+def test_mount_count_and_journal_epoch_wrap(img, capsys):
+    """A mount counter at 2**32 - 1 and an epoch at 2**64 - 1 wrap instead of raising."""
+    img.close()
+    with open(img.path, "r+b") as f:
+        sb = np.frombuffer(f.read(fmt.SUPERBLOCK_DTYPE.itemsize), fmt.SUPERBLOCK_DTYPE)[0].copy()
+        sb["mount_count"] = 0xFFFFFFFF
+        sb["checksum"] = fmt.superblock_checksum(sb)
+        f.seek(0)
+        f.write(sb.tobytes())
+        f.seek(img.g.journal_start * BS + 8)
+        f.write(((1 << 64) - 1).to_bytes(8, "little"))
+    assert run(img.path, False, capsys)[0] == 0
+    fs = _engine().open(img.path)
+    fs.close()
+    with open(img.path, "rb") as f:
+        sb = np.frombuffer(f.read(fmt.SUPERBLOCK_DTYPE.itemsize), fmt.SUPERBLOCK_DTYPE)[0]
+        f.seek(img.g.journal_start * BS + 8)
+        epoch = int.from_bytes(f.read(8), "little")
+    assert int(sb["mount_count"]) == 0 and int(sb["clean"]) == 1
+    assert 1 <= epoch < 10          # wrapped (open and close each checkpoint)
+    assert run(img.path, False, capsys)[0] == 0
     img.open()

@@ -57,8 +57,7 @@ def gather(image: str) -> dict:
         "file_size": st.st_size,
         "version": int(sb["version"]),
         "uuid": str(uuidlib.UUID(bytes=bytes(sb["uuid"]).ljust(16, b"\0"))),
-        "created": datetime.datetime.fromtimestamp(created_ns / 1e9, datetime.timezone.utc)
-                   .strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "created": _created(created_ns),
         "clean": bool(int(sb["clean"])),
         "mount_count": int(sb["mount_count"]),
         "mounted": locked,
@@ -159,3 +158,13 @@ def main_info(image: str, *, as_json: bool = False) -> int:
     d = gather(image)
     print(json.dumps(d, indent=2) if as_json else render(d))
     return 0
+
+
+def _created(ns: int) -> str:
+    """The creation time as text; a value no calendar can show (the field is not checked by
+    anything) is printed as the raw number instead of failing."""
+    try:
+        return (datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc)
+                .strftime("%Y-%m-%d %H:%M:%S UTC"))
+    except (ValueError, OverflowError, OSError):
+        return f"{ns} ns (out of range)"

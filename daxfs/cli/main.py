@@ -15,7 +15,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 import traceback
 
 from .. import __version__
@@ -25,7 +24,7 @@ from ..format import FormatError
 log = logging.getLogger("daxfs.cli")
 
 COMMANDS = ("mkfs", "mount", "umount", "unmount", "fsck", "info", "stat", "reflink")
-CRASH_LOG = os.path.join(tempfile.gettempdir(), "daxfs-cli.log")
+CRASH_LOG_NAME = "daxfs-cli.log"        # in the private log directory (daemon/safefiles.py)
 
 
 class CliExit(Exception):
@@ -69,7 +68,8 @@ def build_parser() -> Parser:
         description="Mount IMAGE on MOUNTPOINT and return once it is mounted; the daemon keeps "
                     "running in the background until `daxfs umount` (or SIGTERM). Options for -o "
                     "(comma-separated): allow_other, ro, debug, noexec, default_permissions "
-                    "(always on), log=FILE (daemon log; default /tmp/daxfs-<image name>.log), "
+                    "(always on), log=FILE (daemon log; default daxfs-<image name>.log in "
+                    "/run/daxfs for root, else $XDG_RUNTIME_DIR/daxfs or /tmp/daxfs-<uid>), "
                     "min_tasks=N, max_tasks=N (FUSE worker tasks, default 2 and 32), spin_us=N "
                     "(after each read/write, poll for the next request this long before "
                     "returning to the event loop; default 50, 0 = off); mount(8) "
@@ -189,7 +189,13 @@ def cmd_fsck(a) -> int:
         from ..fsck import main_check
     except ImportError as e:
         raise UsageError(f"fsck is not available in this build ({e})") from None
-    return int(main_check(image, a.repair) or 0)
+    code = int(main_check(image, a.repair) or 0)
+    if code < 8:                        # checked: a failure stays one line
+        from ..daemon.mounttab import exposed_image_warning
+        warning = exposed_image_warning(image)
+        if warning:
+            daemon.notice(warning)
+    return code
 
 
 def cmd_info(a) -> int:
@@ -220,15 +226,28 @@ def _error(msg: str) -> None:
         pass
 
 
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null so the interpreter's final flush of stdout does not print an
+    'Exception ignored ... BrokenPipeError' line."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def _crash_log(exc: BaseException) -> str:
     """Append the traceback to the CLI crash log; its path (or '' if not writable)."""
     text = "".join(traceback.format_exception(exc))
     log.debug("unexpected error:\n%s", text)
     try:
-        with open(CRASH_LOG, "a") as f:
+        from ..daemon.safefiles import open_private_append, private_dir
+        path = os.path.join(private_dir(), CRASH_LOG_NAME)
+        with open(open_private_append(path), "a") as f:
             f.write(f"--- pid {os.getpid()}: daxfs {' '.join(sys.argv[1:])}\n{text}")
-        return CRASH_LOG
-    except OSError:
+        return path
+    except (OSError, UsageError):
         return ""
 
 
@@ -250,7 +269,13 @@ def main(argv: list[str] | None = None) -> int:
             a.debug = True
         if a.debug:
             logging.getLogger().setLevel(logging.DEBUG)
-        return HANDLERS[a.command](a)
+        code = HANDLERS[a.command](a)
+        sys.stdout.flush()                  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # `daxfs stat MNT | head`: the reader went away; stop quietly like a SIGPIPE death
+        _silence_stdout()
+        return 141
     except CliExit as e:
         _error(str(e))
         return e.code

@@ -6,11 +6,13 @@ for an unmounted image they are computed from the tables (clone and COW counters
 and read 0 there)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 
 from .. import daemon
 from ..errors import UsageError
+from ..format import FormatError
 from ..fs import STATS_XATTR, FileSystem
 
 ROWS = [("logical_bytes", "logical bytes (file sizes)"), ("physical_bytes", "physical bytes in use"),
@@ -31,7 +33,10 @@ def read_stats(target: str) -> dict:
         raise UsageError(f"{target}: no such image or mountpoint")
     if daemon.is_locked(target):
         raise UsageError(daemon.describe_lock(target) + "; run daxfs stat on its mountpoint")
-    fs = FileSystem.open(target, readonly=True)
+    try:
+        fs = FileSystem.open(target, readonly=True)
+    except FormatError as e:
+        raise UsageError(f"{target}: {e}") from None
     try:
         return fs.stats()
     finally:
@@ -66,6 +71,27 @@ def _mount_root(path: str) -> str:
     return path
 
 
+def mapped_blocks(fd: int, size: int, bs: int = 4096) -> int:
+    """Blocks of the file below `size` that hold data (SEEK_DATA/SEEK_HOLE), i.e. what a
+    clone can share; a sparse file's holes are not counted."""
+    n, pos = 0, 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:          # no data past pos
+                break
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return -(-(size - pos) // bs) + n      # no SEEK_DATA: all data
+            raise
+        if data >= size:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+        n += -(-hole // bs) - data // bs
+        pos = -(-hole // bs) * bs
+    return n
+
+
 def main_reflink(src: str, dst: str) -> int:
     """Clone SRC to DST through copy_file_range and fail unless every whole block is shared."""
     try:
@@ -74,7 +100,11 @@ def main_reflink(src: str, dst: str) -> int:
         raise UsageError(f"cannot open {src}: {e.strerror}") from None
     try:
         size = os.fstat(sfd).st_size
+        want_blocks = mapped_blocks(sfd, size)      # holes are not shared: do not count them
         root = _mount_root(src)
+        entry = daemon.find_mount(root)
+        if entry is None or entry.fstype != daemon.FSTYPE:
+            raise UsageError(f"{src} is not on a daxfs mount")
         if _mount_root(os.path.dirname(os.path.abspath(dst)) or ".") != root:
             raise UsageError("SRC and DST must be on the same daxfs mount")
         before = read_stats(root)
@@ -96,7 +126,7 @@ def main_reflink(src: str, dst: str) -> int:
     finally:
         os.close(sfd)
     after = read_stats(root)
-    want = -(-size // 4096)
+    want = want_blocks
     got = after.get("cloned_blocks", 0) - before.get("cloned_blocks", 0)
     if got < want:
         raise UsageError(f"{dst}: only {got} of {want} blocks were shared (not a reflink)")

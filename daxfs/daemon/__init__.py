@@ -6,7 +6,8 @@ Life of a mount (`daxfs mount IMAGE MNT`):
    locked, mountpoint an empty directory, stale FUSE mount cleaned up), opens the log file, then
    forks. Nothing here imports trio or pyfuse3: they are imported only in the child.
 2. The child calls setsid(), points stdin at /dev/null and stdout/stderr at the log file, takes an
-   exclusive `flock` on the image (the authoritative "is it mounted" test: a second daemon fails
+   exclusive `flock` on the image, opened read-write so that only a writer can hold it (the
+   authoritative "is it mounted" test: a second daemon fails
    with "already mounted (locked by pid N)"), opens the engine (`FileSystem.open`: validates,
    replays the journal), imports `daxfs.fusehook` (if present) and then pyfuse3, and mounts with
    `pyfuse3.init` (fsname = absolute image path, subtype = daxfs).

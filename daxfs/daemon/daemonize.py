@@ -2,16 +2,18 @@
 the pipe on which the child reports "ok" or "error <reason>" to the waiting parent."""
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
 import sys
-import tempfile
 import time
 
 from ..errors import UsageError
 from .options import MountOptions
 from .preflight import check_image, check_mountpoint
+from .mounttab import exposed_image_warning, notice
+from .safefiles import open_log, private_dir
 from .server import Server
 
 log = logging.getLogger("daxfs.daemon")
@@ -20,7 +22,18 @@ LOG_FORMAT = "%(asctime)s daxfs[%(process)d] %(levelname)s %(name)s: %(message)s
 
 
 def default_log_path(image: str) -> str:
-    return os.path.join(tempfile.gettempdir(), f"daxfs-{os.path.basename(image) or 'image'}.log")
+    """daxfs-<image name>.log in our private directory (/run/daxfs for root; see safefiles)."""
+    return os.path.join(private_dir(), f"daxfs-{os.path.basename(image) or 'image'}.log")
+
+
+def enable_fault_log(stream) -> None:
+    """A daemon killed by SIGBUS/SIGSEGV (a store into a hole the host filesystem could not
+    fill, the image truncated under the mapping) leaves a line and a Python traceback in its
+    log instead of vanishing silently."""
+    try:
+        faulthandler.enable(file=stream, all_threads=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        log.warning("cannot enable the fault handler: %s", e)
 
 
 def setup_logging(*, debug: bool, log_path: str | None, to_stderr: bool) -> None:
@@ -29,7 +42,7 @@ def setup_logging(*, debug: bool, log_path: str | None, to_stderr: bool) -> None
         root.removeHandler(h)
     formatter = logging.Formatter(LOG_FORMAT)
     if log_path:
-        h = logging.FileHandler(log_path)
+        h = logging.StreamHandler(open(open_log(log_path), "a", buffering=1))
         h.setFormatter(formatter)
         root.addHandler(h)
     if to_stderr:
@@ -47,15 +60,14 @@ def mount(image: str, mountpoint: str, opts: MountOptions, *, foreground: bool =
     mnt = check_mountpoint(mountpoint)
     if foreground:
         setup_logging(debug=opts.debug, log_path=opts.log, to_stderr=True)
+        enable_fault_log(sys.stderr)
         server = Server(image_abs, mnt, opts, display_image=image)
         server.start()
+        _warn_if_exposed(image)
         return server.run()
 
     log_path = opts.log or default_log_path(image_abs)
-    try:
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise UsageError(f"cannot open log file {log_path}: {e.strerror}") from None
+    log_fd = open_log(log_path)
     rfd, wfd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -84,12 +96,21 @@ def mount(image: str, mountpoint: str, opts: MountOptions, *, foreground: bool =
         os.close(rfd)
     text = reply.decode("utf-8", "replace").strip()
     if text == "ok":
+        _warn_if_exposed(image)
         return 0
     # the child exits right after reporting a failure; reap it
     status = _reap(pid, timeout=10.0)
     if text.startswith("error "):
         raise UsageError(text[len("error "):])
     raise UsageError(f"the mount daemon died during startup ({status}); see {log_path}")
+
+
+def _warn_if_exposed(image: str) -> None:
+    """Once mounted (so that a failure stays one line): warn about a group/world-accessible
+    image (the daemon logs the same)."""
+    warning = exposed_image_warning(image)
+    if warning:
+        notice(warning)
 
 
 def _read_all(fd: int) -> bytes:
@@ -130,6 +151,7 @@ def _daemon_child(image: str, mnt: str, opts: MountOptions, log_fd: int, log_pat
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     setup_logging(debug=opts.debug, log_path=None, to_stderr=True)   # stderr == the log file
+    enable_fault_log(sys.stderr)
     log.info("daemon starting: image %s, mountpoint %s, log %s (command: %s)", image, mnt,
              log_path, " ".join(sys.argv))
 

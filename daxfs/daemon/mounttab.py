@@ -7,9 +7,11 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
+from .. import format as fmt
 from .options import FSTYPE
 
 
@@ -62,6 +64,16 @@ def find_mount(mountpoint: str) -> MountEntry | None:
     return hit
 
 
+def mounts_below(mountpoint: str, image: str) -> MountEntry | None:
+    """After mounting `image` on `mountpoint`: the mount our daxfs mount was stacked on, if
+    any (the topmost one under ours), else None."""
+    on = [e for e in proc_mounts() if e.target == mountpoint]
+    ours = [i for i, e in enumerate(on) if e.fstype == FSTYPE and e.source == image]
+    if not ours or ours[-1] == 0:
+        return None
+    return on[ours[-1] - 1]
+
+
 def mounts_of_image(image: str) -> list[MountEntry]:
     image = os.path.abspath(image)
     return [e for e in proc_mounts() if e.fstype == FSTYPE and e.source == image]
@@ -90,9 +102,23 @@ def lock_holder(path: str) -> int | None:
     return None
 
 
+def open_for_lock(path: str) -> int:
+    """Open `path` the way the image lock needs it: read-write, so that only someone who may
+    write the image can hold (or even probe) its lock. Read-only only where nobody can write
+    it anyway (EROFS: the image sits on a read-only filesystem). OSError otherwise (EACCES for
+    a user without write permission)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
 def try_lock(path: str) -> int | None:
-    """Open `path` and take an exclusive flock without blocking: the fd, or None if locked."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """Open `path` (open_for_lock) and take an exclusive flock without blocking: the fd, or
+    None if locked."""
+    fd = open_for_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -104,11 +130,54 @@ def try_lock(path: str) -> int | None:
 
 
 def is_locked(path: str) -> bool:
-    fd = try_lock(path)
+    """Is the image locked (mounted)? A user who may not write the image does not probe the
+    lock (that would take it for a moment); /proc/locks answers instead."""
+    try:
+        fd = try_lock(path)
+    except PermissionError:
+        return _listed_in_proc_locks(path)
     if fd is None:
         return True
     os.close(fd)
     return False
+
+
+def _listed_in_proc_locks(path: str) -> bool:
+    """Does /proc/locks list any lock (flock, POSIX or OFD) on `path`?"""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 6 or parts[1] == "->":
+            continue
+        try:
+            maj, mnr, ino = parts[5].split(":")
+            if (int(maj, 16), int(mnr, 16), int(ino)) == want:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def exposed_image_warning(path: str) -> str | None:
+    """A one-line warning if the image is readable or writable by group or others: they can
+    read every file's data out of it, and lock it (which blocks mount and fsck)."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            magic = f.read(8)
+    except OSError:
+        return None
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & 0o077 or not stat.S_ISREG(st.st_mode) or magic != fmt.MAGIC:
+        return None
+    return (f"warning: {path} is accessible to other users (mode {mode:04o}): they can read "
+            f"every file's data from it and lock it against mounting; chmod 600 {path}")
 
 
 def describe_lock(image: str) -> str:

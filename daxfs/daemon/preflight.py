@@ -53,8 +53,11 @@ def check_mountpoint(mountpoint: str) -> str:
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"mountpoint {mountpoint} is not a directory")
     entry = find_mount(mnt)
-    if entry is not None and entry.fstype == FSTYPE:
-        raise UsageError(f"{mountpoint} is already a daxfs mount point (of {entry.source})")
+    if entry is not None:
+        # never stack mounts: the lower one would be hidden (and a second daxfs on top of the
+        # first made both unreachable by `daxfs umount MNT` as the user meant it)
+        what = "a daxfs mount point" if entry.fstype == FSTYPE else f"a mount point ({entry.fstype})"
+        raise UsageError(f"{mountpoint} is already {what} (of {entry.source}); unmount it first")
     try:
         with os.scandir(mnt) as it:
             nonempty = any(True for _ in it)

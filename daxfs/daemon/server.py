@@ -11,7 +11,7 @@ import tempfile
 
 from .. import format as fmt
 from ..errors import FsError, UsageError
-from .mounttab import describe_lock, try_lock
+from .mounttab import describe_lock, exposed_image_warning, mounts_below, try_lock
 from .options import MountOptions
 
 log = logging.getLogger("daxfs.daemon")
@@ -51,11 +51,17 @@ class Server:
     def _start(self) -> None:
         try:
             fd = try_lock(self.image)
+        except PermissionError as e:
+            raise UsageError(f"cannot open {self.display} for writing ({e.strerror}): the image "
+                             f"lock needs write access, also for a read-only mount") from None
         except OSError as e:
             raise UsageError(f"cannot open {self.display}: {e.strerror}") from None
         if fd is None:
             raise UsageError(describe_lock(self.display))
         self.lock_fd = fd
+        warning = exposed_image_warning(self.image)
+        if warning:
+            log.warning("%s", warning)
         # the lock is ours: from here on nobody else touches the image
         from ..fs import FileSystem
         try:
@@ -103,6 +109,11 @@ class Server:
             raise UsageError(f"cannot mount {self.display} on {self.mountpoint}: "
                              f"{detail.removeprefix('fuse: ')}")
         self.mounted = True
+        below = mounts_below(self.mountpoint, self.image)
+        if below is not None:
+            # another mount of MNT won the race with our preflight check: do not stack on it
+            raise UsageError(f"cannot mount {self.display} on {self.mountpoint}: it became a "
+                             f"mount point (of {below.source}) while mounting")
         log.info("mounted %s on %s", self.image, self.mountpoint)
         if not self.opts.ro:
             data = self.fs.g.data_start * fmt.BLOCK_SIZE

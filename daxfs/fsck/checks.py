@@ -13,6 +13,9 @@ from .report import ERROR, INFO, TYPE_NAMES, Problem
 
 _VALID_TYPES = np.array(sorted(TYPE_NAMES), np.uint32)
 _KNOWN_FLAGS = fmt.IFLAG_ORPHAN | fmt.IFLAG_TRIM
+_MODE_BITS = 0o177777              # S_IFMT | 07777
+_SIZELESS_TYPES = np.array([stat.S_IFDIR, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
+                            stat.S_IFSOCK], np.uint32)
 MAX_LBLK = fmt.MAX_FILE_BLOCKS     # what the engine addresses (and refuses past)
 
 
@@ -118,6 +121,19 @@ def check_inodes(ctx: Context) -> None:
         ctx.problem(f"inode {i}", f"impossible size {int(size[i])} for its type "
                     f"(mode 0o{int(mode[i]):o})", "inode freed")
         ctx.free_inode(i)
+    # directories, device nodes, fifos and sockets have size 0 (the engine never sets one; a
+    # size it cannot report, >= 2**63, made every access to the inode fail)
+    nosize = np.flatnonzero((mode != 0) & np.isin(ft, _SIZELESS_TYPES) & (size != 0))
+    for i in nosize.tolist():
+        ctx.problem(f"inode {i}", f"{ctx.type_name(i)} has size {int(size[i])} (must be 0)",
+                    "size set to 0")
+        size[i] = 0
+    # mode: type and permission bits only
+    extra = np.flatnonzero((mode != 0) & ((mode & ~np.uint32(_MODE_BITS)) != 0))
+    for i in extra.tolist():
+        ctx.problem(f"inode {i}", f"unknown mode bits 0x{int(mode[i]) & ~_MODE_BITS:x} (mode "
+                    f"0o{int(mode[i]):o})", "cleared")
+        mode[i] &= np.uint32(_MODE_BITS)
     fl = ino["flags"]
     unknown = np.flatnonzero((mode != 0) & ((fl & ~np.uint32(_KNOWN_FLAGS)) != 0))
     for i in unknown.tolist():

@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from .. import format as fmt
+from ..daemon.mounttab import is_locked
 from .checks import CHECKS
 from .context import BS, Context, JournalState, _journal_phase, _Mapping, _read_journal_header
 from .report import ERROR, EXIT_OPERATIONAL, FsckError, FsckReport
@@ -110,9 +111,9 @@ def _open(path: str, repair: bool) -> tuple[int, os.stat_result, bool]:
         try:
             if repair:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            else:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                fcntl.flock(fd, fcntl.LOCK_UN)
+            elif is_locked(path):
+                # probed read-write (or via /proc/locks): a reader may not take the lock
+                raise BlockingIOError(errno.EWOULDBLOCK, "locked")
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise FsckError(f"{path}: cannot lock: {e.strerror}") from None

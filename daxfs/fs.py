@@ -611,20 +611,22 @@ class FileSystem:
         self.dir_handles[fh] = ino
         return fh
 
-    def readdir(self, fh: int, start: int, limit: int = 256) -> list[tuple[int, bytes, int]]:
-        """Up to `limit` entries (cookie, name, ino) with cookie > start: `.` (cookie 1), `..`
-        (cookie 2), then the directory's names in slot order. The kernel takes no lookup
-        reference for `.` and `..` (fuse_direntplus_link skips them), so the adapter must not
-        count one either."""
+    def readdir(self, fh: int, start: int, limit: int | None = None, dots: bool = False
+                ) -> list[tuple[int, bytes, int]]:
+        """Up to `limit` (default: all) entries (cookie, name, ino) with cookie > start, the
+        directory's names
+        in slot order; with `dots` (what the kernel is served) first `.` (cookie 1) and `..`
+        (cookie 2). The kernel takes no lookup reference for `.` and `..`
+        (fuse_direntplus_link skips them), so the adapter must not count one either."""
         ino = self.dir_handles.get(fh)
         if ino is None:
             raise FsError(errno.EBADF)
         out: list[tuple[int, bytes, int]] = []
-        if start < 1:
+        if dots and start < 1:
             out.append((1, b".", ino))
-        if start < 2:
+        if dots and start < 2:
             out.append((2, b"..", self.dirs.parent.get(ino, ino)))
-        return out + self.dirs.listing(ino, start, limit - len(out))
+        return out + self.dirs.listing(ino, start, None if limit is None else limit - len(out))
 
     def releasedir(self, fh: int) -> None:
         self.dir_handles.pop(fh, None)

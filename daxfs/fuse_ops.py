@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 CACHED_WRITER = 1 << 62            # in a file handle: writable open through the page cache
 FH_INO = CACHED_WRITER - 1
+READDIR_BATCH = 64           # entries taken from the engine at a time (a reply holds ~30)
 FUSE_WRITE_CACHE = 1 << 0          # write_flags of a WRITE (<linux/fuse.h>)
 FUSE_WRITE_KILL_SUIDGID = 1 << 2
 
@@ -209,7 +210,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def readdir(self, fh, start_id, token):
         fs = self.fs
-        while batch := fs.readdir(fh, start_id):
+        while batch := fs.readdir(fh, start_id, READDIR_BATCH, dots=True):
             for cookie, name, ino in batch:
                 if not pyfuse3.readdir_reply(token, name, self._entry(fs.getattr(ino)), cookie):
                     return

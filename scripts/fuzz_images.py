@@ -66,6 +66,7 @@ from daxfs import format as fmt  # noqa: E402
 from daxfs import fsck  # noqa: E402
 from daxfs import journal as jmod  # noqa: E402
 from daxfs.errors import FsError  # noqa: E402
+from daxfs.dirs import FIRST_COOKIE  # noqa: E402
 from daxfs.fs import MAX_SYMLINK, FileSystem  # noqa: E402
 from daxfs.mkfs import make_image  # noqa: E402
 
@@ -117,12 +118,13 @@ def populate(fs: FileSystem, rng: random.Random) -> None:
         files.append(mkfile(dirs[i % len(dirs)], b"file-%02d-%d" % (i, size), size,
                             mode=(0o644, 0o600, 0o755, 0o640)[i % 4]))
     files.append(mkfile(media, b"big.bin", (1 << 20) + 17))
-    # multi-extent files: interleaved appends make the allocator alternate between them
+    # multi-extent files: b is written from its last block down (each block its own extent,
+    # whatever the allocator's placement), interleaved with appends to a
     a = fs.create(src, b"interleaved-a", 0o644, 1000, 1000).ino
     b = fs.create(src, b"interleaved-b", 0o644, 1000, 1000).ino
     for k in range(12):
         fs.write(a, k * BS, _data(rng, BS))
-        fs.write(b, k * BS, _data(rng, BS if k < 11 else 777))
+        fs.write(b, (11 - k) * BS, _data(rng, BS if k else 777))
     # sparse file: data, hole, data, hole, tail
     sp = fs.create(docs, b"sparse", 0o644, 1000, 1000).ino
     fs.write(sp, 0, _data(rng, 5000))
@@ -389,10 +391,10 @@ def walk_engine(fs: FileSystem, *, forget: bool = True, tables: "Tables | None" 
         for cookie, name, cino in entries:
             path = f"{dpath}/{name.decode('utf-8', 'backslashreplace')}"
             if tables is not None:
-                want = tables.entry_name(cookie - 1)
+                want = tables.entry_name(cookie - FIRST_COOKIE)
                 if want != bytes(name):
                     events.append(Event(path, "readdir", "name",
-                                        f"entry {cookie - 1} served as {bytes(name)!r} but its "
+                                        f"entry {cookie - FIRST_COOKIE} served as {bytes(name)!r} but its "
                                         f"namelen ({len(want)}) says {want!r}"))
             # the adapter's readdir: getattr of each entry, skipped when it fails with FsError
             try:

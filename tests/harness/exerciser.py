@@ -5,13 +5,14 @@ runnable Python reproduction. Ends with the line `N operations, M mismatches`.
 
     python -m tests.harness.exerciser --ops 10000 --seed 1 [--mode normal|full] [--avoid NAME]
 
-Modes: `normal` (a 64 MiB image, no errors allowed) and `full` (a 24 MiB image that writes mostly
+Modes: `normal` (a 64 MiB image, no errors allowed) and `full` (a 16 MiB image that writes mostly
 fill, so operations meet ENOSPC; see runner.py for what must still hold). `--avoid NAME` steers
 around a defect known today (see --help). A failed `daxfs fsck` and a traceback in the daemon log
 count as mismatches too."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -20,7 +21,7 @@ from .mountctl import Mount
 from .runner import Mismatch, Runner
 from .shrink import ddmin, render_op, snippet
 
-SIZES = {"normal": "64M", "full": "24M"}
+SIZES = {"normal": "64M", "full": "16M"}
 
 
 class Failure:
@@ -56,7 +57,8 @@ def execute(ops, args, record=None, final_checks=True, progress=None) -> tuple[i
                 break
             if progress and done % progress == 0:
                 rate = done / (time.monotonic() - t0)
-                print(f"  {done} operations ({rate:.0f}/s)", file=sys.stderr, flush=True)
+                print(f"  {done} operations ({rate:.0f}/s), sizes {r.sizes()}, "
+                      f"{r.free_blocks()} blocks free", file=sys.stderr, flush=True)
         if not failures:
             try:
                 r.check_all("the last operation")
@@ -82,9 +84,11 @@ def execute(ops, args, record=None, final_checks=True, progress=None) -> tuple[i
     return done, failures
 
 
-def shrink(ops: list, first: Failure, args) -> list:
+def shrink(ops: list, first: Failure, args) -> tuple[list, Failure]:
+    """The shortest list found that still fails the same way, and that failure."""
     want = first.signature
     end_check = first.op is None
+    last = [first]
 
     def fails(cand):
         try:
@@ -94,13 +98,15 @@ def shrink(ops: list, first: Failure, args) -> list:
             return None
         for fa in fl:
             if fa.signature == want:
+                last[0] = fa
                 return len(cand) if fa.index is None else fa.index + 1
         return None
 
     ops = ops if first.index is None else ops[:first.index + 1]
     print(f"shrinking {len(ops)} operations (budget {args.shrink_time:.0f} s) ...", file=sys.stderr)
-    return ddmin(ops, fails, time.monotonic() + args.shrink_time,
-                 log=lambda s: print(s, file=sys.stderr, flush=True))
+    ops = ddmin(ops, fails, time.monotonic() + args.shrink_time,
+                log=lambda s: print(s, file=sys.stderr, flush=True))
+    return ops, last[0]
 
 
 def parse(argv=None):
@@ -118,9 +124,11 @@ def parse(argv=None):
                    help="chance that a reopen also writes /proc/sys/vm/drop_caches (0.05)")
     p.add_argument("--shrink-time", type=float, default=300, help="seconds for shrinking (300)")
     p.add_argument("--no-shrink", action="store_true")
-    p.add_argument("--image-size", help="instead of 64M (normal) / 24M (full)")
-    p.add_argument("--repro", help="also write the reproduction to this file")
+    p.add_argument("--image-size", help="instead of 64M (normal) / 16M (full)")
+    p.add_argument("--repro", help="also write the reproduction to this file (its operations "
+                                   "as JSON to FILE.json, for --replay)")
     p.add_argument("--progress", type=int, default=0, help="report every N operations")
+    p.add_argument("--replay", help="run the operations of this JSON file (written by --repro)")
     p.add_argument("--inject", type=int, help=argparse.SUPPRESS)   # flip a model byte at op N
     args = p.parse_args(argv)
     avoid = {a for v in args.avoid for a in v.split(",") if a}
@@ -139,7 +147,12 @@ def main(argv=None) -> int:
                     args.dropcache_rate, args.inject)
     record: list = []
     t0 = time.monotonic()
-    done, failures = execute(gen, args, record=record, progress=args.progress)
+    if args.replay:
+        with open(args.replay) as f:
+            record = [tuple(op) for op in json.load(f)]
+        done, failures = execute(record, args)
+    else:
+        done, failures = execute(gen, args, record=record, progress=args.progress)
     dt = time.monotonic() - t0
     st = getattr(args, "stats", {})
     print(f"seed {args.seed}, mode {args.mode}, avoid {','.join(args.avoid) or '-'}: {done} "
@@ -150,7 +163,8 @@ def main(argv=None) -> int:
         print(f"MISMATCH at {where}: [{fa.m.kind}] {fa.m.text}")
     if failures and not args.no_shrink:
         first = failures[0]
-        ops = shrink(record, first, args)
+        ops, first = shrink(record, first, args)
+        print(f"MISMATCH of the shortest sequence: [{first.m.kind}] {first.m.text}")
         what = (f"seed {args.seed}, mode {args.mode}, avoid {','.join(args.avoid) or '-'}; "
                 f"{len(ops)} of {done} operations")
         text = snippet(ops, first.m, what, SIZES[args.mode] if not args.image_size else args.image_size)
@@ -160,6 +174,8 @@ def main(argv=None) -> int:
         if args.repro:
             with open(args.repro, "w") as f:
                 f.write(text)
+            with open(args.repro + ".json", "w") as f:
+                json.dump(ops, f)
     print(f"{done} operations, {len(failures)} mismatches")
     return 1 if failures else 0
 

@@ -33,6 +33,8 @@ AVOIDABLE = {
     "mmapenospc": "mmap stores lost when space runs out: no mmap stores when free space is low",
     "erofs": "ENOSPC turns the fs read-only: on EROFS remount and take the files as the new model",
     "seekdirty": "SEEK_DATA ignores dirty mmap pages: no mseek ops",
+    "copyenospc": "copy_file_range fails with ENOSPC after storing part of the range (found by "
+                  "this exerciser): after such an ENOSPC the destination range is unknown",
 }
 
 
@@ -46,7 +48,7 @@ class Generator:
         self.dropcache_rate = dropcache_rate
         self.inject_at = inject_at
         self.count = 0
-        self.maxsize = 6 * MiB if mode == "normal" else 10 * MiB
+        self.maxsize = 6 * MiB if mode == "normal" else 8 * MiB
         w = dict(read=12, write=16, append=3, trunc=6, mread=6, mwrite=7, mseek=1, falloc=12,
                  copy=9, seek=8, reopen=2, dread=4, dwrite=4, otrunc=1, efbig=0.3)
         if mode == "full":
@@ -124,7 +126,7 @@ class Generator:
             return ("read", f, self.off(size), self.length())
         if name == "write":
             o = self.off(size)
-            if self.mode == "full" and k.random() < 0.3:
+            if self.mode == "full" and k.random() < 0.4:
                 o = min(size, self.maxsize)                 # mostly fill: extend the file
             return ("write", f, o, self.wlen(o), self.seed(), False)
         if name == "append":
@@ -154,6 +156,10 @@ class Generator:
             return (name, f, o, n, self.seed())
         if name == "falloc":
             kind = k.choice(FALLOC_KINDS)
+            if self.mode == "full" and k.random() < 0.4:    # mostly fill: allocate the holes
+                kind = k.choice(("alloc", "allockeep"))
+                o, n = k.randrange(0, max(size, 1)) // BS * BS, max(size, BS) + k.randrange(BS)
+                return ("falloc", f, kind, o, n)
             o = self.off(size)
             n = self.length()
             if "punch1" in self.avoid and kind in ("punch", "zero", "zerokeep"):

@@ -2,6 +2,7 @@
 file, umount, fsck, and the log's tracebacks. Only ever stops the daemon it started itself."""
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -27,6 +28,8 @@ def _run(*args, check=True) -> subprocess.CompletedProcess:
 class Mount:
     """One image + mountpoint; `log` collects the daemon log of every mount of this image."""
 
+    _templates: dict[str, str] = {}      # size -> a pristine image made once per process
+
     def __init__(self, size: str, tag: str = "exerciser"):
         base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
         u = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -37,7 +40,15 @@ class Mount:
         self.mnt.mkdir()
         self.mounted = False
         self.log_pos = 0
-        _run("mkfs", self.image, "--size", size)
+        tpl = self._templates.get(size)
+        if tpl is None or not os.path.exists(tpl):
+            _run("mkfs", self.image, "--size", size)
+            tpl = self._templates[size] = f"{base}/daxfs-{tag}-{u}-template.img"
+            shutil.copyfile(self.image, tpl)
+            atexit.register(lambda: Path(tpl).unlink(missing_ok=True))
+        else:               # a fresh image is a copy of the freshly made one (mkfs is slower)
+            shutil.copyfile(tpl, self.image)
+        os.chmod(self.image, 0o600)
 
     def mount(self) -> None:
         _run("mount", self.image, self.mnt, "-o", f"log={self.log}")

@@ -45,7 +45,7 @@ def test_exerciser_reports_and_shrinks_a_wrong_model():
     """--inject N flips one model byte after the first pwrite from operation N on: the exerciser
     must report the mismatch, exit 1, and shrink the 300 operations before it to a few."""
     p = exercise("--ops", "1000", "--seed", "5", "--inject", "300", "--shrink-time", "60",
-                 "--remount-rate", "0")
+                 "--remount-rate", "0", "--avoid", AVOID)
     out = p.stdout
     assert p.returncode == 1, f"exit {p.returncode}\n{out}{p.stderr}"
     assert out.strip().splitlines()[-1].endswith(" operations, 1 mismatches"), out

@@ -33,8 +33,8 @@ AVOIDABLE = {
     "mmapenospc": "mmap stores lost when space runs out: no mmap stores when free space is low",
     "erofs": "ENOSPC turns the fs read-only: on EROFS remount and take the files as the new model",
     "seekdirty": "SEEK_DATA ignores dirty mmap pages: no mseek ops",
-    "copyenospc": "copy_file_range fails with ENOSPC after storing part of the range (found by "
-                  "this exerciser): after such an ENOSPC the destination range is unknown",
+    "copyenospc": "copy_file_range fails with ENOSPC after storing part of the range and "
+                  "growing the file (found by this exerciser): no copies when space is low",
 }
 
 
@@ -183,6 +183,9 @@ class Generator:
                     oo = oi + n + k.choice((0, 1, BS, BS + 3))
                 if n <= 0:
                     return None
+            if self.mode == "full" and "copyenospc" in self.avoid \
+                    and free_blocks() < n // BS + 64:
+                return None
             return ("copy", f, oi, g, min(oo, self.maxsize + MiB), n)
         if name == "seek":
             o = self.off(size) if k.random() < 0.8 else k.randrange(0, size + 2)

@@ -162,6 +162,9 @@ class Generator:
                 return ("falloc", f, kind, o, n)
             o = self.off(size)
             n = self.length()
+            if k.random() < 0.3:                   # a small range across one block boundary
+                o = max(BS, o // BS * BS) - k.randint(1, BS - 1)
+                n = k.randint(2, BS)
             if "punch1" in self.avoid and kind in ("punch", "zero", "zerokeep"):
                 end = min(o + n, size) if kind != "zero" else o + n
                 if not self.zero_ok(o, end):

@@ -1,0 +1,1 @@
+"""Test harnesses that live outside the shipped package (the data-path exerciser)."""

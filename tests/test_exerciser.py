@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not (have_root() and have_fuse()),
                                 reason="needs root and /dev/fuse")
 
 # Defects known today (issue 9) that the sample steers around; drop one when it is fixed.
-AVOID = "otrunc,punch1,mmapenospc,erofs,seekdirty,copyenospc"
+AVOID = ""          # every defect the sample steered around (issue 9) is fixed
 
 # (mode, seed, operations): 22,000 operations; expensive remounts and drop_caches are rare here
 SAMPLE = [("normal", 1, 4000), ("normal", 2, 4000), ("normal", 3, 4000),

@@ -9,6 +9,7 @@ import os
 import stat
 import traceback
 
+from daxfs.dirs import FIRST_COOKIE
 from daxfs.errors import FsError
 from daxfs.fs import MAX_SYMLINK, FileSystem
 
@@ -70,17 +71,17 @@ def walk_engine(fs: FileSystem, *, forget: bool = True, tables: "Tables | None" 
         ok, fh = _fs_call(events, dpath or "/", "opendir", fs.opendir, dino)
         if not ok:
             continue
-        ok, entries = _fs_call(events, dpath or "/", "readdir", fs.readdir, fh, 0)
+        ok, entries = _fs_call(events, dpath or "/", "readdir", _names, fs, fh)
         fs.releasedir(fh)
         if not ok:
             continue
-        for cookie, name, cino in entries:
+        for slot, name, cino in entries:
             path = f"{dpath}/{name.decode('utf-8', 'backslashreplace')}"
             if tables is not None:
-                want = tables.entry_name(cookie - 1)
+                want = tables.entry_name(slot)
                 if want != bytes(name):
                     events.append(Event(path, "readdir", "name",
-                                        f"entry {cookie - 1} served as {bytes(name)!r} but its "
+                                        f"entry {slot} served as {bytes(name)!r} but its "
                                         f"namelen ({len(want)}) says {want!r}"))
             # the adapter's readdir: getattr of each entry, skipped when it fails with FsError
             try:
@@ -122,6 +123,17 @@ def walk_engine(fs: FileSystem, *, forget: bool = True, tables: "Tables | None" 
             if forget:          # the kernel drops its reference sooner or later
                 _fs_call(events, path, "forget", fs.forget, a.ino, 1)
     return state, ident, events
+
+
+def _names(fs: FileSystem, fh: int) -> list[tuple[int, bytes, int]]:
+    """Every name of an open directory as (dirent slot, name, ino): readdir page by page, as
+    the adapter calls it, without `.` and `..` (cookies 1 and 2; a name's cookie is its slot
+    + FIRST_COOKIE)."""
+    out, start = [], 0
+    while batch := fs.readdir(fh, start):
+        out += [(c - FIRST_COOKIE, n, i) for c, n, i in batch if c >= FIRST_COOKIE]
+        start = batch[-1][0]
+    return out
 
 
 def _xattrs(fs, events, path, ino):

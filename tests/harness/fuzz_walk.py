@@ -1,6 +1,6 @@
 """Image fuzzer, the walk of a mounted tree (ls -R, cat, readlink, xattrs) that runs in a child
 process: `python fuzz_walk.py MOUNTPOINT` prints its result as one JSON line. Standard library
-only and no package-relative import, so it runs as a plain file (no sys.path set-up)."""
+only and no package-relative import, so the child runs it as a plain file."""
 from __future__ import annotations
 
 import errno

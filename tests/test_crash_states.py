@@ -1,4 +1,4 @@
-"""Crash consistency (daxfs/crashsim.py): a bounded sample of the exploration that
+"""Crash consistency (tests/harness/crashsim*.py): a bounded sample of the exploration that
 scripts/crash_explore.py runs in full. Every length-1 sequence of the operation catalog, a few
 length-2 and seeded random sequences, in both crash models (daemon killed: every store; power
 loss: every fence x in-flight page subsets), plus crashes during recovery. Each crash image is
@@ -16,8 +16,8 @@ import random
 
 import pytest
 
-from daxfs import crashsim as cs
 from daxfs import journal as jmod
+from harness import crashsim as cs
 
 SEED = 20240611
 PAIRS = [

@@ -1,5 +1,5 @@
-"""Corrupt images (issue "Prove crash consistency"): a CI sample of scripts/fuzz_images.py with
-a fixed seed, plus targeted corruptions of one field each.
+"""Corrupt images (issue "Prove crash consistency"): a CI sample of the image fuzzer
+(tests/harness/fuzz_images.py) with a fixed seed, plus targeted corruptions of one field each.
 
 Known engine/fsck bugs found by the fuzzer are kept as `xfail(strict=True)` tests (the sample's
 failing cases, and one targeted test per bug), so each one turns into a failure ("XPASS
@@ -8,10 +8,10 @@ strict") the day it is fixed: then delete its entry here.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import struct
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -19,15 +19,12 @@ import numpy as np
 import pytest
 
 from conftest import daemon_log, daxfs_cli, force_cleanup, have_fuse, is_mounted
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import fuzz_images as fz  # noqa: E402
-
-from daxfs import format as fmt  # noqa: E402
-from daxfs import fsck  # noqa: E402
-from daxfs import journal as jmod  # noqa: E402
-from daxfs.errors import FsError  # noqa: E402
-from daxfs.fs import FileSystem  # noqa: E402
+from daxfs import format as fmt
+from daxfs import fsck
+from daxfs import journal as jmod
+from daxfs.errors import FsError
+from daxfs.fs import FileSystem
+from harness import fuzz_images as fz
 
 BS = fmt.BLOCK_SIZE
 ROOT = fmt.ROOT_INO
@@ -365,9 +362,9 @@ def test_extent_outside_data_region_daemon_keeps_serving(bases, img_path, tmp_pa
                 f.read()
         except OSError as e:
             assert e.errno == errno.EIO
-        walked = subprocess.run([sys.executable, fz.__file__, "--walk-mount", str(mnt)],
-                                capture_output=True, text=True, timeout=120)
-        res = fz.json.loads(walked.stdout.strip().splitlines()[-1])
+        walked = subprocess.run(fz.walk_mount_argv(mnt), capture_output=True, text=True,
+                                timeout=120)
+        res = json.loads(walked.stdout.strip().splitlines()[-1])
         assert all(err == errno.EIO for _p, _op, err in res["errors"] if _op != "short-read")
         for p, v in c.state.items():
             if v[0] == "f" and p != "/docs/sparse":

@@ -14,18 +14,15 @@ import os
 import random
 import stat
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import (check_fsck, daemon_log, daxfs_cli, force_cleanup, have_fuse,
                       is_mounted, mount, sha256, umount, wait_unlocked)
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from kill_explore import (check_partial_copy, fsck_crashed, fsync_path,  # noqa: E402
-                          image_clean_flag, kill9, lazy_umount, make_small_tree, write_fsync)
+from harness.kill_models import check_partial_copy, make_small_tree
+from harness.kill_mount import (fsck_crashed, fsync_path, image_clean_flag, kill9, lazy_umount,
+                                write_fsync)
 
 pytestmark = pytest.mark.skipif(not have_fuse(), reason="needs /dev/fuse and fusermount3")
 
@@ -33,7 +30,7 @@ MiB = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers: daemon_pid, kill9, lazy_umount, fsck_crashed, ... live in scripts/kill_explore.py
+# helpers: daemon_pid, kill9, lazy_umount, fsck_crashed, ... live in tests/harness/kill_mount.py
 # (imported above), shared with tests/test_mount_kill.py
 
 @pytest.fixture

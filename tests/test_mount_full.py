@@ -19,14 +19,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import daemon_log, fresh_image, have_fuse
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from kill_explore import fsync_path, log_problems, wait_free, write_fsync  # noqa: E402
+from harness.kill_mount import fsync_path, log_problems, wait_free, write_fsync
 
 pytestmark = pytest.mark.skipif(not have_fuse(), reason="needs /dev/fuse and fusermount3")
 

@@ -1,5 +1,5 @@
 """kill -9 of the daemon at random moments of real workloads (issue "Prove crash consistency"):
-a CI sample of scripts/kill_explore.py -- one kill point per scenario (cp -a, fio randwrite,
+a CI sample of tests/harness/kill_explore.py -- one kill point per scenario (cp -a, fio randwrite,
 mmap + msync, cp reflinks + COW breaks) with fixed seeds, each on a fresh image: stale mount,
 lazy unmount, fsck of the crashed image, remount, everything completed/fsync'ed/msync'ed before
 the kill intact, the source of every reflink untouched, the filesystem still working, all space
@@ -12,15 +12,12 @@ accept exactly old-or-new bytes for the write in flight.
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import have_fuse
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import kill_explore as ke  # noqa: E402
+from harness import kill_explore as ke
 
 pytestmark = pytest.mark.skipif(not have_fuse() or shutil.which("fio") is None,
                                 reason="needs /dev/fuse, fusermount3 and fio")

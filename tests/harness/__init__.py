@@ -1,1 +1,1 @@
-"""Test harnesses that live outside the shipped package (the data-path exerciser)."""
+"""Test harnesses, not shipped in daxfs: the data-path exerciser, crash states, image fuzzing, kill -9 of the daemon."""

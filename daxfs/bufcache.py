@@ -26,6 +26,7 @@ from .errors import FsError
 from .extents import HOLE, pack_extent, FREE_EXTENT
 from .inodes import Inode, InodeTable
 from .pmem import PMem
+from .txn import Transaction
 
 BS = fmt.BLOCK_SIZE
 SHIFT = fmt.BLOCK_SHIFT
@@ -46,7 +47,6 @@ class BufCache:
         self.g = g
         self.alloc = alloc
         self.inodes = inodes
-        self.extent_base = g.region("extents")[0]
         self.stats = Stats()
 
     @staticmethod
@@ -83,7 +83,7 @@ class BufCache:
         (lblk, n, pblk) of extents.segments() covering it, and no block in it is shared."""
         self._store(seg[0], seg[1], seg[2], off, memoryview(data).cast("B"))
 
-    def write(self, txn, node: Inode, off: int, data, segs=None) -> int:
+    def write(self, txn: Transaction, node: Inode, off: int, data, segs=None) -> int:
         """Store all of `data` at `off`; returns its length. The caller reserved the space
         (`write_needs` or `fit_write`, then `reserve`), so this never stops half way.
         `segs`: the caller's extents.segments() of the range, if it has them already."""
@@ -103,7 +103,7 @@ class BufCache:
             txn.inode(node)
         return end - off
 
-    def _write_mapped(self, txn, node: Inode, l: int, n: int, p: int, off: int, mv) -> None:
+    def _write_mapped(self, txn: Transaction, node: Inode, l: int, n: int, p: int, off: int, mv) -> None:
         shared_mask = self.alloc.rc[p:p + n] > 1
         if not shared_mask.any():
             self._store(l, n, p, off, mv)
@@ -130,7 +130,7 @@ class BufCache:
         fb = min(off + mv.nbytes, (l + n) << SHIFT)
         self.pm.store((p << SHIFT) + fa - (l << SHIFT), mv[fa - off:fb - off])
 
-    def _write_new(self, txn, node: Inode, l: int, n: int, old_p: int, off: int, mv) -> None:
+    def _write_new(self, txn: Transaction, node: Inode, l: int, n: int, old_p: int, off: int, mv) -> None:
         """Give file blocks [l, l+n) fresh blocks holding old contents (old_p) or zeros (HOLE)
         overlaid with the request's bytes: the COW break / hole fill.
 
@@ -157,16 +157,14 @@ class BufCache:
             l += k
 
     # -- mapping changes ---------------------------------------------------------------------------
-    def remap(self, txn, node: Inode, l: int, n: int, p: int) -> None:
+    def remap(self, txn: Transaction, node: Inode, l: int, n: int, p: int) -> None:
         """Point file blocks [l, l+n) at [p, p+n) (or a hole), journal the extent records, and
         drop the references the old mapping held."""
         res = node.extents.remap(l, n, p, self.inodes.extent_pool.take)
-        base = self.extent_base
-        esz = fmt.EXTENT_DTYPE.itemsize
         for slot, lb, pb, ln in res.written:
-            txn.write(base + slot * esz, pack_extent(node.ino, lb, pb, ln))
+            txn.extent(slot, pack_extent(node.ino, lb, pb, ln))
         for slot in res.freed_slots:
-            txn.write(base + slot * esz, FREE_EXTENT)
+            txn.extent(slot, FREE_EXTENT)
             self.inodes.extent_pool.give(slot)
         for pb, ln in res.removed:
             self.alloc.decref(pb, ln)
@@ -258,12 +256,12 @@ class BufCache:
             raise FsError(errno.ENOSPC)
         self.extent_room(records)
 
-    def punch(self, txn, node: Inode, l0: int, l1: int) -> None:
+    def punch(self, txn: Transaction, node: Inode, l0: int, l1: int) -> None:
         """Unmap file blocks [l0, l1); freed blocks return to the allocator at commit."""
         if l1 > l0 and node.extents.segments(l0, l1) != [(l0, l1 - l0, HOLE)]:
             self.remap(txn, node, l0, l1 - l0, HOLE)
 
-    def zero_tail(self, txn, node: Inode) -> None:
+    def zero_tail(self, txn: Transaction, node: Inode) -> None:
         """Zero the bytes between EOF and the end of its block before the file grows, so they
         read as zeros afterwards. Bytes past EOF are invisible, so this is safe to do before
         the growing transaction commits. A shared tail block is broken first."""
@@ -282,7 +280,7 @@ class BufCache:
             self.pm.zero(at, BS - node.size % BS)
             txn.persist_data(at, BS - node.size % BS)
 
-    def share(self, txn, src: Inode, sl: int, dst: Inode, dl: int, n: int) -> int:
+    def share(self, txn: Transaction, src: Inode, sl: int, dst: Inode, dl: int, n: int) -> int:
         """Make dst's blocks [dl, dl+n) alias src's frames at [sl, sl+n) (the reflink core).
         Holes in src become holes in dst. Returns blocks shared."""
         shared = 0

@@ -65,6 +65,10 @@ JOURNAL_HEADER_DTYPE = np.dtype([
 ])
 JOURNAL_MAGIC = b"DAXJRNL1"
 
+# The file-type bits of a mode (stat.S_IFMT as a constant, for numpy masks of whole tables)
+S_IFMT_BITS = 0o170000
+assert stat.S_IFMT(0o177777) == S_IFMT_BITS
+
 # Inode flags
 IFLAG_ORPHAN = 1        # nlink reached 0 while the file was open: reclaim at next mount
 IFLAG_TRIM = 2          # blocks past EOF are being freed in steps: finish at next mount

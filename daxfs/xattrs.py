@@ -4,14 +4,26 @@ default), journaled whole on every change. Namespaces user., trusted., security.
 from __future__ import annotations
 
 import errno
+import json
 import struct
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
 
 from . import format as fmt
 from .errors import FsError
 
+if TYPE_CHECKING:
+    from .inodes import Inode
+    from .fs import FileSystem
+
 _ENTRY = struct.Struct("<BH")
 NAMESPACES = (b"user.", b"trusted.", b"security.")
 XATTR_CREATE, XATTR_REPLACE = 1, 2
+XATTR_SIZE_MAX = 65536       # the kernel's limit on one value (E2BIG past it)
+# A read-only virtual xattr of the root: the running daemon's counters as JSON (`daxfs stat`).
+STATS_XATTR = b"user.daxfs.stats"
+CAPABILITY_XATTR = b"security.capability"
 
 
 def check_name(name: bytes) -> None:
@@ -50,3 +62,105 @@ def encode(attrs: dict[bytes, bytes]) -> bytes:
     if len(out) > fmt.BLOCK_SIZE:
         raise FsError(errno.ENOSPC, "xattrs exceed one block")
     return bytes(out) + bytes(fmt.BLOCK_SIZE - len(out))
+
+
+class XattrStore:
+    """The xattrs of inodes: one block each, decoded on first use and cached in the inode.
+
+    It also tracks which inodes hold security.capability: while none does, the C hook
+    answers the kernel's getxattr before every write without a trip through Python."""
+
+    def __init__(self, fs: FileSystem):
+        self.fs = fs
+        self.g, self.pm, self.tx = fs.g, fs.pm, fs.tx
+        self.alloc, self.inodes = fs.alloc, fs.inodes
+        self.capability_listener: Callable[[bool], None] | None = None   # set by the daemon
+        self.capability_inodes = self.scan_capabilities()
+
+    def scan_capabilities(self) -> set[int]:
+        found = set()
+        for ino in np.flatnonzero(self.inodes.view["xattr_blk"]).tolist():
+            try:
+                if CAPABILITY_XATTR in self.load(self.inodes.get(ino)):
+                    found.add(ino)
+            except FsError:
+                found.add(ino)          # unreadable: assume it may have one
+        return found
+
+    def note_capability(self, ino: int, present: bool) -> None:
+        before = bool(self.capability_inodes)
+        (self.capability_inodes.add if present else self.capability_inodes.discard)(ino)
+        if before != bool(self.capability_inodes) and self.capability_listener:
+            self.capability_listener(bool(self.capability_inodes))
+
+    def load(self, node: Inode) -> dict[bytes, bytes]:
+        if node.xattrs is None:
+            if node.xattr_blk == 0:
+                node.xattrs = {}
+            else:
+                off = node.xattr_blk * fmt.BLOCK_SIZE
+                if not self.g.data_start <= node.xattr_blk < self.g.nblocks:
+                    self.inodes.corrupt(f"inode {node.ino}: xattr block out of range")
+                try:
+                    node.xattrs = decode(self.pm.buf[off:off + fmt.BLOCK_SIZE])
+                except ValueError as e:
+                    self.inodes.corrupt(f"inode {node.ino}: {e}")
+        return node.xattrs
+
+    def get(self, ino: int, name: bytes) -> bytes:
+        if ino == fmt.ROOT_INO and name == STATS_XATTR:
+            return json.dumps(self.fs.stats(), sort_keys=True).encode()
+        attrs = self.load(self.inodes.get(ino))
+        if name not in attrs:
+            raise FsError(errno.ENODATA)
+        return attrs[name]
+
+    def list(self, ino: int) -> list[bytes]:
+        return list(self.load(self.inodes.get(ino)))
+
+    def set(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        check_name(name)
+        if name == STATS_XATTR:
+            raise FsError(errno.EPERM)
+        if len(value) > XATTR_SIZE_MAX:
+            raise FsError(errno.E2BIG)
+        node = self.inodes.get(ino)
+        attrs = self.load(node)
+        if flags & XATTR_CREATE and name in attrs:
+            raise FsError(errno.EEXIST)
+        if flags & XATTR_REPLACE and name not in attrs:
+            raise FsError(errno.ENODATA)
+        new = dict(attrs)
+        new[name] = bytes(value)
+        self._store(node, new)
+
+    def remove(self, ino: int, name: bytes) -> None:
+        if name == STATS_XATTR:
+            raise FsError(errno.EPERM)
+        node = self.inodes.get(ino)
+        attrs = self.load(node)
+        if name not in attrs:
+            raise FsError(errno.ENODATA)
+        new = dict(attrs)
+        del new[name]
+        self._store(node, new)
+
+    def _store(self, node: Inode, attrs: dict[bytes, bytes]) -> None:
+        block = encode(attrs) if attrs else None      # ENOSPC before anything changes
+        if block is not None and not node.xattr_blk and self.alloc.available() < 1:
+            raise FsError(errno.ENOSPC)
+        with self.tx.open() as t:
+            if block is None:
+                if node.xattr_blk:
+                    self.alloc.decref(node.xattr_blk, 1)
+                    node.xattr_blk = 0
+                    self.inodes.xattr_blocks -= 1
+            else:
+                if not node.xattr_blk:
+                    node.xattr_blk = self.alloc.alloc(1)[0][0]
+                    self.inodes.xattr_blocks += 1
+                t.xattr_block(node.xattr_blk, block)
+            node.xattrs = attrs
+            node.touch()
+            t.inode(node)
+        self.note_capability(node.ino, CAPABILITY_XATTR in attrs)

@@ -137,7 +137,7 @@ def test_detects_unpersisted_commit(explorer, monkeypatch):
 def test_detects_lost_fsync(explorer, monkeypatch):
     """An fsync that persists nothing: overwritten data must be new after fsync returned."""
     from daxfs.fs import FileSystem
-    monkeypatch.setattr(FileSystem, "sync", lambda self: self._flush_times())
+    monkeypatch.setattr(FileSystem, "sync", lambda self: self.tx.flush_times())
     explorer.models = ("power",)
     explorer.recovery_crashes = False
     explorer.run_sequence([("write", "/A", 2 * 4096, 4096, 1), ("fsync", "/A")])

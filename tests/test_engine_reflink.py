@@ -39,7 +39,7 @@ def test_wxyz_rotated_aliases(fs):
         assert fs.clone_range(w, rot * BS, ino, 0, (6 - rot) * BS) == (6 - rot) * BS
         assert fs.clone_range(w, 0, ino, (6 - rot) * BS, rot * BS) == rot * BS
         inos[name] = ino
-    phys = {c: fs._node(w).extents.lookup(i) for i, c in enumerate("ABCDEF")}
+    phys = {c: fs.inodes.get(w).extents.lookup(i) for i, c in enumerate("ABCDEF")}
     st = fs.stats()
     assert st["shared_blocks"] == 6 and st["aliases"] == 24
     assert st["bytes_saved"] == 18 * BS
@@ -55,7 +55,7 @@ def test_wxyz_rotated_aliases(fs):
     fs.write(inos[b"Y"], 4 * BS + 10, b"new")
     assert fs.alloc.count(phys["A"]) == 3
     assert (inos[b"Y"], 4) not in fs.aliases_of(phys["A"])
-    ynew = fs._node(inos[b"Y"]).extents.lookup(4)
+    ynew = fs.inodes.get(inos[b"Y"]).extents.lookup(4)
     assert ynew != phys["A"] and fs.alloc.count(ynew) == 1
     assert fs.read(inos[b"Y"], 4 * BS, BS) == b"A" * 10 + b"new" + b"A" * (BS - 13)
     for n in (b"W", b"X", b"Z"):

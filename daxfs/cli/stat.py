@@ -13,7 +13,8 @@ import os
 from .. import daemon
 from ..errors import UsageError
 from ..format import FormatError
-from ..fs import STATS_XATTR, FileSystem
+from ..fs import FileSystem
+from ..xattrs import STATS_XATTR
 
 ROWS = [("logical_bytes", "logical bytes (file sizes)"), ("physical_bytes", "physical bytes in use"),
         ("free_bytes", "free bytes"), ("files", "inodes in use"),

@@ -94,8 +94,8 @@ class Server:
             # alone knows whether the caller has CAP_FSETID (see fuse_ops)
             fusehook.set_conn_options(want_flags_off=fusehook.FUSE_CAP_HANDLE_KILLPRIV
                                       | fusehook.FUSE_CAP_ATOMIC_O_TRUNC)
-            fusehook.set_capability_xattrs(bool(self.fs.capability_inodes))
-            self.fs.capability_listener = fusehook.set_capability_xattrs
+            fusehook.set_capability_xattrs(bool(self.fs.xattrs.capability_inodes))
+            self.fs.xattrs.capability_listener = fusehook.set_capability_xattrs
         options = self.opts.fuse_options(self.image)
         log.debug("pyfuse3.init(%s, %s)", self.mountpoint, sorted(options))
         failure = None

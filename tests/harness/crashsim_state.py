@@ -88,7 +88,7 @@ def extract(fs: FileSystem, live: bool = False) -> State:
 
 
 def _xattr_tuple(fs: FileSystem, node) -> tuple:
-    return tuple(sorted(fs._xattrs(node).items()))
+    return tuple(sorted(fs.xattrs.load(node).items()))
 
 
 def diff_states(got: State, want: State, limit: int = 6) -> str:

@@ -174,7 +174,7 @@ def build_bases(workdir: str, seed: int) -> dict[str, Base]:
     cps = fs.journal.checkpoints
     live_ops(fs, rng)
     assert fs.journal.checkpoints == cps, "the live phase must not checkpoint"
-    fs._flush_times()
+    fs.tx.flush_times()
     live = _read(q)
     fs.pm.observer = None
     fs.close()

@@ -1,0 +1,144 @@
+"""Typed transactions: what one operation changes in the tables, and how it commits.
+
+Every layer that changes metadata records into the one `Transaction` passed down to it,
+by table (inode, dirent, extent, xattr block) instead of by raw image offset; the table
+layout (where record i of each table lies) is known here, from the geometry, and nowhere
+above. Refcount changes need no call: the allocator marks the ranges it changed and they
+join the commit.
+
+Commit order (the redo-log contract of journal.py): first the data blocks the transaction
+wrote into fresh blocks are persisted and fenced (so a remap never becomes durable before
+the bytes it points at), then the journal commits all records at once, and only then are
+the tables updated in place. A crash shows the operation entirely or not at all.
+
+`Transactions.open()` wraps one operation: validation comes before it, so an FsError raised
+inside after something was recorded means memory and image may disagree. The engine then
+turns read-only (failsafe) rather than writing more; running out of space must therefore be
+settled before a transaction opens (see BufCache.reserve). Nothing in here awaits: under trio
+one transaction is atomic with respect to every other request.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from . import format as fmt
+from .errors import CorruptionError, FsError
+
+if TYPE_CHECKING:
+    from .alloc import BlockAllocator
+    from .inodes import Inode
+    from .journal import Journal
+    from .pmem import PMem
+
+log = logging.getLogger(__name__)
+
+# dirty timestamps of pure overwrites ride along with the next commit, at most this many
+TIMES_PER_COMMIT = 512
+
+
+class Transaction:
+    """The records of one operation, keyed by table slot (a later record of a slot wins)."""
+
+    __slots__ = ("_g", "writes", "nodes", "data")
+
+    def __init__(self, g: fmt.Geometry):
+        self._g = g
+        self.writes: dict[int, bytes] = {}       # image offset -> record bytes
+        self.nodes: dict[int, Inode] = {}        # inodes to store (packed at commit)
+        self.data: list[tuple[int, int]] = []    # fresh data ranges to persist first
+
+    def inode(self, node: Inode) -> None:
+        self.nodes[node.ino] = node
+
+    def dirent(self, slot: int, record: bytes) -> None:
+        self.writes[self._g.region("dirents")[0] + slot * fmt.DIRENT_DTYPE.itemsize] = record
+
+    def extent(self, slot: int, record: bytes) -> None:
+        self.writes[self._g.region("extents")[0] + slot * fmt.EXTENT_DTYPE.itemsize] = record
+
+    def free_inode(self, ino: int, record: bytes) -> None:
+        self.nodes.pop(ino, None)
+        self.writes[self._g.region("inodes")[0] + ino * fmt.INODE_DTYPE.itemsize] = record
+
+    def xattr_block(self, blk: int, block: bytes) -> None:
+        """A whole xattr block, journaled (xattrs are metadata, unlike file data)."""
+        self.writes[blk * fmt.BLOCK_SIZE] = block
+
+    def persist_data(self, off: int, length: int) -> None:
+        """Bytes stored outside the journal that must be durable before the commit."""
+        self.data.append((off, length))
+
+    @property
+    def empty(self) -> bool:
+        return not (self.writes or self.nodes)
+
+
+class Transactions:
+    """Opens and commits transactions; holds the failsafe state and the lazy timestamps."""
+
+    def __init__(self, pm: PMem, g: fmt.Geometry, journal: Journal, alloc: BlockAllocator,
+                 readonly: bool):
+        self.pm, self.g, self.journal, self.alloc = pm, g, journal, alloc
+        self.readonly = readonly
+        self.failed: str | None = None
+        self.dirty_times: dict[int, Inode] = {}  # overwritten files: timestamps not yet stored
+        self._inode_base = g.region("inodes")[0]
+        self._rc_base = g.region("refcounts")[0]
+
+    @property
+    def writable(self) -> bool:
+        return not (self.readonly or self.failed)
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[Transaction]:
+        if self.readonly:
+            raise FsError(errno.EROFS)
+        if self.failed:
+            raise FsError(errno.EROFS, f"read-only after an internal error: {self.failed}")
+        t = Transaction(self.g)
+        try:
+            yield t
+        except FsError as e:
+            if not t.empty or self.alloc.dirty or isinstance(e, CorruptionError):
+                self.fail(e)
+            raise
+        except BaseException as e:
+            self.fail(e)
+            raise
+        self._commit(t)
+
+    def fail(self, e: BaseException) -> None:
+        """Enter the failsafe: read-only until remount (corruption or an engine bug)."""
+        if isinstance(e, CorruptionError):
+            log.error("corrupt metadata, daxfs is now read-only (failsafe; run daxfs fsck): %s",
+                      e.args[1])
+        else:
+            log.error("internal error, daxfs is now read-only (failsafe): %r", e, exc_info=e)
+        self.failed = repr(e)
+
+    def _commit(self, t: Transaction) -> None:
+        writes = self.alloc.take_dirty(self._rc_base)
+        if self.dirty_times and len(self.dirty_times) < TIMES_PER_COMMIT:
+            t.nodes.update(self.dirty_times)
+            self.dirty_times.clear()
+        size = fmt.INODE_DTYPE.itemsize
+        writes += [(self._inode_base + ino * size, node.pack()) for ino, node in t.nodes.items()]
+        writes += t.writes.items()
+        if t.data:
+            for off, length in t.data:
+                self.pm.persist(off, length)
+            self.pm.fence()
+        self.journal.commit(writes)
+
+    def flush_times(self) -> None:
+        """Store the lazily kept timestamps of overwritten files (fsync, unmount)."""
+        while self.dirty_times and self.writable:
+            batch = dict(list(self.dirty_times.items())[:TIMES_PER_COMMIT])
+            for ino in batch:
+                del self.dirty_times[ino]
+            with self.open() as t:
+                t.nodes.update(batch)

@@ -189,7 +189,10 @@ class Generator:
             if self.mode == "full" and "copyenospc" in self.avoid \
                     and free_blocks() < n // BS + 64:
                 return None
-            return ("copy", f, oi, g, min(oo, self.maxsize + MiB), n)
+            oo = min(oo, self.maxsize + MiB)
+            if f == g and oi < oo + n and oo < oi + n:        # the clamp made them overlap:
+                return None                                   # EINVAL, as the kernel says
+            return ("copy", f, oi, g, oo, n)
         if name == "seek":
             o = self.off(size) if k.random() < 0.8 else k.randrange(0, size + 2)
             return ("seek", f, k.choice(("data", "hole")), o)

@@ -23,7 +23,7 @@ import numpy as np
 from . import format as fmt
 from .alloc import BlockAllocator
 from .errors import FsError
-from .extents import HOLE, pack_extent, FREE_EXTENT
+from .extents import HOLE
 from .inodes import Inode, InodeTable
 from .pmem import PMem
 from .txn import Transaction
@@ -162,9 +162,9 @@ class BufCache:
         drop the references the old mapping held."""
         res = node.extents.remap(l, n, p, self.inodes.extent_pool.take)
         for slot, lb, pb, ln in res.written:
-            txn.extent(slot, pack_extent(node.ino, lb, pb, ln))
+            txn.extent(slot, fmt.pack_extent(node.ino, lb, pb, ln))
         for slot in res.freed_slots:
-            txn.extent(slot, FREE_EXTENT)
+            txn.extent(slot, fmt.FREE_EXTENT)
             self.inodes.extent_pool.give(slot)
         for pb, ln in res.removed:
             self.alloc.decref(pb, ln)

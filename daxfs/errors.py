@@ -24,5 +24,11 @@ class CorruptionError(FsError):
         super().__init__(errno.EIO, detail)
 
 
+class MountError(Exception):
+    """The engine refuses to mount an image for a reason found while mounting that is not a
+    format problem (format.FormatError): the file cannot be opened, or writing would be unsafe
+    (a read-only mount may still work); str() is a one-line reason."""
+
+
 class UsageError(Exception):
     """A bad command-line input or environment; str() is the one line shown to the user."""

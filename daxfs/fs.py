@@ -28,14 +28,13 @@ import os
 import stat
 from typing import Callable
 
-import numpy as np
 
 from . import format as fmt
 from . import usage
 from .alloc import BlockAllocator, implied_refcounts
 from .bufcache import BufCache
 from .dirs import Directories
-from .errors import FsError
+from .errors import FsError, MountError
 # the parts' constants, for callers of the engine
 from .filedata import (FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE,  # noqa: F401
                        MAX_CLONE_BYTES, FileData)  # noqa: F401
@@ -115,26 +114,24 @@ class FileSystem:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            raise fmt.FormatError(f"cannot open {path}: {e.strerror}") from None
+            raise MountError(f"cannot open {path}: {e.strerror}") from None
         try:
-            size = os.fstat(fd).st_size
-            raw = os.pread(fd, BS, 0)
+            sb, g = fmt.read_superblock(fd)
         finally:
             os.close(fd)
-        sb, g = fmt.parse_superblock(raw, size)
         pm = make_pmem(path) if make_pmem else PMem(path, private=readonly)
         try:
-            return cls(pm, sb.copy(), g, readonly, txn_blocks)
+            return cls(pm, sb, g, readonly, txn_blocks)
         except BaseException:
             pm.close()
             raise
 
     def _load_tables(self, readonly: bool) -> None:
         g, pm = self.g, self.pm
-        iv = pm.view(g.region("inodes")[0], fmt.INODE_DTYPE, g.inode_count)
-        ev = self._extent_view()
-        dv = pm.view(g.region("dirents")[0], fmt.DIRENT_DTYPE, g.dirent_count)
-        rv = pm.view(g.region("refcounts")[0], np.uint32, g.nblocks)
+        iv = g.table(pm.mm, "inodes")
+        ev = g.table(pm.mm, "extents")
+        dv = g.table(pm.mm, "dirents")
+        rv = g.table(pm.mm, "refcounts")
         self.alloc = BlockAllocator(rv, g)
         self.inodes = InodeTable(iv, ev, g)
         if not readonly:
@@ -142,7 +139,7 @@ class FileSystem:
             bad = self.alloc.undercounted(implied_refcounts(e["pblk"], e["length"], iv,
                                                             g.nblocks))
             if bad.size:
-                raise fmt.FormatError(
+                raise MountError(
                     f"refcount table undercounts {bad.size} block(s) in use (first: {bad[0]}); "
                     "writing could overwrite files (run daxfs fsck --repair)")
         self.dirs = Directories(dv)
@@ -179,10 +176,7 @@ class FileSystem:
         sb["clean"] = int(clean)
         if not clean:
             sb["mount_count"] = (int(sb["mount_count"]) + 1) & 0xFFFFFFFF     # wraps
-        sb["checksum"] = fmt.superblock_checksum(sb)
-        self.pm.store(0, sb.tobytes())
-        self.pm.persist(0, fmt.SUPERBLOCK_DTYPE.itemsize)
-        self.pm.fence()
+        fmt.store_superblock(self.pm, sb)
 
     def sync(self) -> None:
         """Make everything done so far durable (fsync, fdatasync, syncfs)."""
@@ -349,16 +343,12 @@ class FileSystem:
 
     def scan_stats(self) -> dict[str, int]:
         """The space figures of stats(), computed by a full scan of the committed tables."""
-        g = self.g
-        return usage.usage(self.inodes.view, self._extent_view(),
-                           self.pm.view(self.g.region("refcounts")[0], np.uint32, g.nblocks), g)
+        g, mm = self.g, self.pm.mm
+        return usage.usage(self.inodes.view, g.table(mm, "extents"), g.table(mm, "refcounts"), g)
 
     def aliases_of(self, pblk: int) -> list[tuple[int, int]]:
         """The reverse map: (inode, file block) pairs that alias physical block `pblk`."""
-        return usage.reverse_map(self._extent_view(), pblk)
-
-    def _extent_view(self) -> np.ndarray:
-        return self.pm.view(self.g.region("extents")[0], fmt.EXTENT_DTYPE, self.g.extent_count)
+        return usage.reverse_map(self.g.table(self.pm.mm, "extents"), pblk)
 
     def statfs(self) -> StatFs:
         g = self.g

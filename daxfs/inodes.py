@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import stat
-import struct
 import time
 
 import numpy as np
@@ -23,10 +22,6 @@ from .alloc import SlotPool
 from .errors import CorruptionError, FsError
 from .extents import ExtentMap
 
-INODE_REC = struct.Struct("<IIIIQqqqqIIQQ48x")
-assert INODE_REC.size == fmt.INODE_DTYPE.itemsize
-
-
 _KINDS = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK,
           stat.S_IFSOCK)
 
@@ -35,18 +30,13 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-# InodeTable.get builds an Inode from the first 13 fields of a record, in this order
-_RECORD_FIELDS = ("mode", "uid", "gid", "nlink", "size", "atime", "mtime", "ctime", "btime",
-                  "generation", "flags", "xattr_blk", "rdev")
-assert fmt.INODE_DTYPE.names[:13] == _RECORD_FIELDS
-
-
 class Inode:
     __slots__ = ("ino", "mode", "uid", "gid", "nlink", "_size", "atime", "mtime", "ctime", "btime",
                  "generation", "flags", "xattr_blk", "rdev", "_extents", "lookups", "opens",
                  "xattrs", "table")
 
     def __init__(self, table: "InodeTable", ino: int, rec: tuple):
+        """`rec`: the record's fmt.INODE_FIELDS, in order (fmt.unpack_inode)."""
         self.table = table
         self.ino = ino
         (self.mode, self.uid, self.gid, self.nlink, self._size, self.atime, self.mtime, self.ctime,
@@ -68,7 +58,7 @@ class Inode:
         self._size = value
 
     def pack(self) -> bytes:
-        return INODE_REC.pack(self.mode, self.uid, self.gid, self.nlink, self._size, self.atime,
+        return fmt.pack_inode(self.mode, self.uid, self.gid, self.nlink, self._size, self.atime,
                               self.mtime, self.ctime, self.btime, self.generation, self.flags,
                               self.xattr_blk, self.rdev)
 
@@ -154,7 +144,7 @@ class InodeTable:
         rec = self.view[ino]
         if rec["mode"] == 0:
             raise FsError(errno.ENOENT)
-        node = Inode(self, ino, rec.item()[:len(_RECORD_FIELDS)])
+        node = Inode(self, ino, fmt.unpack_inode(rec))
         kind = node.mode & 0o170000
         if kind not in _KINDS or (kind == stat.S_IFREG and node.size >= 1 << 52) or \
                 (kind == stat.S_IFLNK and not 0 < node.size < fmt.BLOCK_SIZE) or \
@@ -194,9 +184,6 @@ class InodeTable:
         self.used -= 1
         if node.is_reg:
             self.logical_bytes -= node._size
-
-    def record_offset(self, ino: int, base: int) -> int:
-        return base + ino * fmt.INODE_DTYPE.itemsize
 
     def flagged(self, flag: int) -> list[int]:
         v = self.view

@@ -32,8 +32,7 @@ def parse_size(text: str) -> int:
 
 def is_daxfs_image(path: str) -> bool:
     try:
-        with open(path, "rb") as f:
-            return f.read(8) == fmt.MAGIC
+        return fmt.has_magic(path)
     except OSError:
         return False
 
@@ -96,24 +95,14 @@ def make_image(path: str, size: int, *, force: bool = False, inode_count: int | 
         if not sparse:
             _reserve(fd, path, size, created)
         now = time.time_ns()
-        jh = np.zeros(1, fmt.JOURNAL_HEADER_DTYPE)
-        jh["magic"] = fmt.JOURNAL_MAGIC
-        jh["epoch"] = 1
-        os.pwrite(fd, jh.tobytes(), g.journal_start * fmt.BLOCK_SIZE)
-        root = np.zeros(1, fmt.INODE_DTYPE)
-        root["mode"] = stat.S_IFDIR | 0o755
-        root["uid"] = os.getuid()
-        root["gid"] = os.getgid()
-        root["nlink"] = 2
-        for f in ("atime", "mtime", "ctime", "btime"):
-            root[f] = now
-        root["generation"] = 1
-        os.pwrite(fd, root.tobytes(), g.inode_start * fmt.BLOCK_SIZE + fmt.ROOT_INO * fmt.INODE_DTYPE.itemsize)
-        reserved = np.full(g.data_start, fmt.REFCOUNT_RESERVED, dtype="<u4")
-        os.pwrite(fd, reserved.tobytes(), g.refcount_start * fmt.BLOCK_SIZE)
+        os.pwrite(fd, fmt.pack_journal_header(1), g.journal_start * fmt.BLOCK_SIZE)
+        root = fmt.pack_inode(stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), 2, 0, now, now, now,
+                              now, 1, 0, 0, 0)
+        os.pwrite(fd, root, g.record_offset("inodes", fmt.ROOT_INO))
+        reserved = np.full(g.data_start, fmt.REFCOUNT_RESERVED, dtype=fmt.REFCOUNT_DTYPE)
+        os.pwrite(fd, reserved.tobytes(), g.region("refcounts")[0])
         os.fsync(fd)
-        sb = fmt.make_superblock(g, uuidlib.uuid4().bytes, now)
-        os.pwrite(fd, sb.tobytes(), 0)
+        fmt.store_superblock(fd, fmt.make_superblock(g, uuidlib.uuid4().bytes, now))
         os.fsync(fd)
     except OSError as e:
         if created:                    # leave nothing behind that looks like an image attempt

@@ -11,7 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from . import format as fmt
-from .inodes import INODE_REC, Inode
+from .inodes import Inode
 
 if TYPE_CHECKING:
     from .fs import FileSystem
@@ -44,8 +44,7 @@ class Orphans:
                 self.alloc.decref(node.xattr_blk, 1)
                 node.xattr_blk = 0
                 self.inodes.xattr_blocks -= 1
-            free_rec = INODE_REC.pack(0, 0, 0, 0, 0, 0, 0, 0, 0, node.generation, 0, 0, 0)
-            t.free_inode(node.ino, free_rec)
+            t.free_inode(node.ino, fmt.free_inode_record(node.generation))
             self.inodes.release(node)
             self.tx.dirty_times.pop(node.ino, None)
         self.fs.xattrs.note_capability(node.ino, False)

@@ -55,14 +55,14 @@ class Transaction:
         self.nodes[node.ino] = node
 
     def dirent(self, slot: int, record: bytes) -> None:
-        self.writes[self._g.region("dirents")[0] + slot * fmt.DIRENT_DTYPE.itemsize] = record
+        self.writes[self._g.record_offset("dirents", slot)] = record
 
     def extent(self, slot: int, record: bytes) -> None:
-        self.writes[self._g.region("extents")[0] + slot * fmt.EXTENT_DTYPE.itemsize] = record
+        self.writes[self._g.record_offset("extents", slot)] = record
 
     def free_inode(self, ino: int, record: bytes) -> None:
         self.nodes.pop(ino, None)
-        self.writes[self._g.region("inodes")[0] + ino * fmt.INODE_DTYPE.itemsize] = record
+        self.writes[self._g.record_offset("inodes", ino)] = record
 
     def xattr_block(self, blk: int, block: bytes) -> None:
         """A whole xattr block, journaled (xattrs are metadata, unlike file data)."""
@@ -86,7 +86,6 @@ class Transactions:
         self.readonly = readonly
         self.failed: str | None = None
         self.dirty_times: dict[int, Inode] = {}  # overwritten files: timestamps not yet stored
-        self._inode_base = g.region("inodes")[0]
         self._rc_base = g.region("refcounts")[0]
 
     @property
@@ -125,8 +124,8 @@ class Transactions:
         if self.dirty_times and len(self.dirty_times) < TIMES_PER_COMMIT:
             t.nodes.update(self.dirty_times)
             self.dirty_times.clear()
-        size = fmt.INODE_DTYPE.itemsize
-        writes += [(self._inode_base + ino * size, node.pack()) for ino, node in t.nodes.items()]
+        at = self.g.record_offset
+        writes += [(at("inodes", ino), node.pack()) for ino, node in t.nodes.items()]
         writes += t.writes.items()
         if t.data:
             for off, length in t.data:

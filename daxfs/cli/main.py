@@ -18,7 +18,7 @@ import sys
 import traceback
 
 from .. import __version__
-from ..errors import UsageError
+from ..errors import MountError, UsageError
 from ..format import FormatError
 
 log = logging.getLogger("daxfs.cli")
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         _error(str(e))
         return error_code
-    except FormatError as e:
+    except (FormatError, MountError) as e:
         _error(str(e))
         return error_code
     except OSError as e:

@@ -11,7 +11,7 @@ import json
 import os
 
 from .. import daemon
-from ..errors import UsageError
+from ..errors import MountError, UsageError
 from ..format import FormatError
 from ..fs import FileSystem
 from ..xattrs import STATS_XATTR
@@ -36,7 +36,7 @@ def read_stats(target: str) -> dict:
         raise UsageError(daemon.describe_lock(target) + "; run daxfs stat on its mountpoint")
     try:
         fs = FileSystem.open(target, readonly=True)
-    except FormatError as e:
+    except (FormatError, MountError) as e:
         raise UsageError(f"{target}: {e}") from None
     try:
         return fs.stats()

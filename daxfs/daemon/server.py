@@ -10,7 +10,7 @@ import sys
 import tempfile
 
 from .. import format as fmt
-from ..errors import FsError, UsageError
+from ..errors import FsError, MountError, UsageError
 from .mounttab import describe_lock, exposed_image_warning, mounts_below, try_lock
 from .options import MountOptions
 
@@ -66,7 +66,7 @@ class Server:
         from ..fs import FileSystem
         try:
             self.fs = FileSystem.open(self.image, readonly=self.opts.ro)
-        except fmt.FormatError as e:
+        except (fmt.FormatError, MountError) as e:
             raise UsageError(f"{self.display}: {e}") from None
         except FsError as e:
             raise UsageError(f"{self.display}: cannot open the filesystem: {e} "

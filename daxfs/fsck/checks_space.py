@@ -167,23 +167,26 @@ def check_xattrs(ctx: Context) -> None:
 
 
 def _xattr_layout_ok(u8: np.ndarray, blocks: np.ndarray) -> np.ndarray:
-    """Vectorized form of xattrs.decode's validation: u16 count, then per entry u8 name_len
-    (>= 1), u16 value_len, name, value, all inside the block."""
+    """Vectorized form of format.unpack_xattrs's validation (the layout is format.py's): u16
+    count, then per entry u8 name_len (>= 1), u16 value_len, name, value, all inside the
+    block."""
+    head, entry = fmt.XATTR_COUNT.size, fmt.XATTR_ENTRY.size
+    assert (head, entry) == (2, 3)             # the little-endian fields read below
     base = blocks * BS
     cnt = u8[base].astype(np.int64) | (u8[base + 1].astype(np.int64) << 8)
-    ok = cnt * 4 <= BS - 2                     # an entry takes at least 4 bytes
-    pos = np.full(blocks.size, 2, np.int64)
+    ok = cnt * fmt.XATTR_MIN_ENTRY <= BS - head
+    pos = np.full(blocks.size, head, np.int64)
     left = np.where(ok, cnt, 0)
     act = np.flatnonzero(left > 0)
     while act.size:
         p = pos[act]
-        fits = p + 3 <= BS
+        fits = p + entry <= BS
         ok[act[~fits]] = False
         act, p = act[fits], p[fits]
         at = base[act] + p
         nl = u8[at].astype(np.int64)
         vl = u8[at + 1].astype(np.int64) | (u8[at + 2].astype(np.int64) << 8)
-        end = p + 3 + nl + vl
+        end = p + entry + nl + vl
         good = (nl > 0) & (end <= BS)
         ok[act[~good]] = False
         act = act[good]

@@ -65,8 +65,8 @@ class JournalState:
 
 
 def _read_journal_header(mem: _Mapping, g: fmt.Geometry) -> tuple[bool, int]:
-    h = np.frombuffer(mem.mm, fmt.JOURNAL_HEADER_DTYPE, 1, g.journal_start * BS)[0]
-    return bytes(h["magic"]) == fmt.JOURNAL_MAGIC, int(h["epoch"])
+    off = g.journal_start * BS
+    return fmt.unpack_journal_header(mem.buf[off:off + fmt.JOURNAL_HEADER_DTYPE.itemsize])
 
 
 def _journal_phase(mem: _Mapping, sb, g: fmt.Geometry, replay: bool) -> JournalState:
@@ -108,10 +108,10 @@ class Context:
         self.check_name = "-"
         self.now = time.time_ns()
         mm = mem.mm
-        self.v_inodes = np.frombuffer(mm, fmt.INODE_DTYPE, g.inode_count, g.region("inodes")[0])
-        self.v_dirents = np.frombuffer(mm, fmt.DIRENT_DTYPE, g.dirent_count, g.region("dirents")[0])
-        self.v_extents = np.frombuffer(mm, fmt.EXTENT_DTYPE, g.extent_count, g.region("extents")[0])
-        self.v_refcounts = np.frombuffer(mm, "<u4", g.nblocks, g.region("refcounts")[0])
+        self.v_inodes = g.table(mm, "inodes")
+        self.v_dirents = g.table(mm, "dirents")
+        self.v_extents = g.table(mm, "extents")
+        self.v_refcounts = g.table(mm, "refcounts")
         # working copies
         self.inodes = self.v_inodes.copy()
         self.dslot = np.flatnonzero(self.v_dirents["parent"] != 0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
-import mmap
 import os
 import stat
 import sys
@@ -84,19 +83,14 @@ def _write_back(ctx: Context) -> bool:
     if ctx.fix_journal_header:
         off = g.journal_start * BS
         _, epoch = _read_journal_header(mem, g)
-        hdr = np.zeros(1, fmt.JOURNAL_HEADER_DTYPE)
-        hdr["magic"] = fmt.JOURNAL_MAGIC
-        hdr["epoch"] = max(1, (epoch + 1) & 0xFFFFFFFFFFFFFFFF)
         mem.zero(off + BS, 64)          # replay stops at the first bad transaction header
-        mem.store(off, hdr.tobytes())
+        mem.store(off, fmt.pack_journal_header(max(1, (epoch + 1) & 0xFFFFFFFFFFFFFFFF)))
         wrote = True
     mem.mm.flush()
     if ctx.mark_clean or (wrote and int(ctx.sb["clean"]) != 1):
         sb = ctx.sb.copy()
         sb["clean"] = 1
-        sb["checksum"] = fmt.superblock_checksum(sb)
-        mem.store(0, sb.tobytes())
-        mem.mm.flush(0, mmap.PAGESIZE)
+        fmt.store_superblock(mem, sb)       # msync'ed: the mapping is shared when repairing
         ctx.sb = sb
         wrote = True
     return wrote
@@ -135,14 +129,11 @@ def check(path: str, repair: bool = False) -> FsckReport:
     mem = None
     try:
         try:
-            raw = os.pread(fd, BS, 0)
+            sb, g = fmt.read_superblock(fd)
         except OSError as e:
             raise FsckError(f"{path}: cannot read: {e.strerror}") from None
-        try:
-            sb, g = fmt.parse_superblock(raw, st.st_size)
         except fmt.FormatError as e:
             raise FsckError(f"{path}: {e}") from None
-        sb = sb.copy()
         try:
             mem = _Mapping(path, fd, st.st_size, shared=repair)
         except (OSError, ValueError) as e:

@@ -1,7 +1,7 @@
 """The data path: primary frames, alias descriptors, and the COW break.
 
-Physical block b's *primary frame* is its 4 KiB in the mapped image (`frame_offset(b)`), with
-its reference count in the allocator. Each inode that maps b holds an *alias descriptor* in
+Physical block b's *primary frame* is its 4 KiB in the mapped image (at byte b << BLOCK_SHIFT),
+with its reference count in the allocator. Each inode that maps b holds an *alias descriptor* in
 its extent map: (inode, file index) -> b. Many aliases may point at one frame, at different
 file indexes (the design's W/X/Y/Z example), and reads go straight from the frame.
 
@@ -42,16 +42,11 @@ class Stats:
 
 
 class BufCache:
-    def __init__(self, pm: PMem, g: fmt.Geometry, alloc: BlockAllocator, inodes: InodeTable):
+    def __init__(self, pm: PMem, alloc: BlockAllocator, inodes: InodeTable):
         self.pm = pm
-        self.g = g
         self.alloc = alloc
         self.inodes = inodes
         self.stats = Stats()
-
-    @staticmethod
-    def frame_offset(pblk: int) -> int:
-        return pblk << SHIFT
 
     # -- read --------------------------------------------------------------------------------------
     def read(self, node: Inode, off: int, size: int, *, view: bool = False):
@@ -61,12 +56,12 @@ class BufCache:
         end = min(off + size, node.size)
         if off >= end:
             return b""
-        l0, l1 = off >> SHIFT, (end + BS - 1) >> SHIFT
+        l0, l1 = off >> SHIFT, fmt.blocks_for(end)
         segs = node.extents.segments(l0, l1)
-        buf = self.pm.buf
+        read = self.pm.read
         if len(segs) == 1 and segs[0][2] != HOLE:
             a = (segs[0][2] << SHIFT) + (off - (l0 << SHIFT))
-            return buf[a:a + end - off] if view else buf[a:a + end - off].tobytes()
+            return read(a, end - off) if view else read(a, end - off).tobytes()
         parts = []
         for l, n, p in segs:
             fa, fb = max(off, l << SHIFT), min(end, (l + n) << SHIFT)
@@ -74,7 +69,7 @@ class BufCache:
                 parts.append(bytes(fb - fa))
             else:
                 a = (p << SHIFT) + (fa - (l << SHIFT))
-                parts.append(buf[a:a + fb - fa])
+                parts.append(read(a, fb - fa))
         return b"".join(parts)
 
     # -- write -------------------------------------------------------------------------------------
@@ -92,7 +87,7 @@ class BufCache:
         if end > node.size:
             self.zero_tail(txn, node)
             segs = None                 # zero_tail may have broken a shared tail block
-        l0, l1 = off >> SHIFT, (end + BS - 1) >> SHIFT
+        l0, l1 = off >> SHIFT, fmt.blocks_for(end)
         for l, n, p in segs or node.extents.segments(l0, l1):
             if p != HOLE:
                 self._write_mapped(txn, node, l, n, p, off, mv)
@@ -104,7 +99,7 @@ class BufCache:
         return end - off
 
     def _write_mapped(self, txn: Transaction, node: Inode, l: int, n: int, p: int, off: int, mv) -> None:
-        shared_mask = self.alloc.rc[p:p + n] > 1
+        shared_mask = self.alloc.shared_mask(p, n)
         if not shared_mask.any():
             self._store(l, n, p, off, mv)
             return
@@ -136,9 +131,8 @@ class BufCache:
 
         Contract: the caller settled the space first (`write_needs` + `reserve`), so the
         allocation and the extent records cannot run out half way through a transaction."""
-        goal = node.extents.lookup(l - 1) + 1 if l > 0 else 0
         end = off + mv.nbytes
-        for q, k in self.alloc.alloc(n, goal if goal > 0 else 0, home=node.ino):
+        for q, k in self.alloc.alloc(n, node.extents.goal(l), home=node.ino):
             first, last = l, l + k - 1
             for b in {first, last}:
                 # a block the request covers only partly: initialise the uncovered bytes
@@ -191,7 +185,7 @@ class BufCache:
         run)."""
         if end <= off:
             return 0, 0
-        l0, l1 = off >> SHIFT, (end + BS - 1) >> SHIFT
+        l0, l1 = off >> SHIFT, fmt.blocks_for(end)
         blocks = places = 0
         for _l, n, p in segs or node.extents.segments(l0, l1):
             k = n if p == HOLE else self.alloc.shared_count(p, n)
@@ -227,8 +221,8 @@ class BufCache:
                 budget -= 1                  # zero_tail's break of the shared EOF block
         l0 = off >> SHIFT
         cut = l0
-        for l, n, p in segs or node.extents.segments(l0, (end + BS - 1) >> SHIFT):
-            need = np.ones(n, bool) if p == HOLE else self.alloc.rc[p:p + n] > 1
+        for l, n, p in segs or node.extents.segments(l0, fmt.blocks_for(end)):
+            need = np.ones(n, bool) if p == HOLE else self.alloc.shared_mask(p, n)
             cum = np.cumsum(need)
             k = int(np.searchsorted(cum, budget, "right"))       # blocks of this seg that fit
             if k < n:

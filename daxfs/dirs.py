@@ -72,6 +72,16 @@ class Directories:
                     continue
                 self.parent[ino] = parent
 
+    # the parent of each directory ('..'): kept by the namespace as directories move
+    def parent_of(self, d: int, default: int) -> int:
+        return self.parent.get(d, default)
+
+    def set_parent(self, d: int, parent: int) -> None:
+        self.parent[d] = parent
+
+    def drop_parent(self, d: int) -> None:
+        self.parent.pop(d, None)
+
     def lookup(self, d: int, name: bytes) -> int | None:
         e = self.children.get(d)
         if e is None:

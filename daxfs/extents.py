@@ -116,6 +116,12 @@ class ExtentMap:
             return int(leaf.pblk[i] + (lblk - leaf.lblk[i]))
         return HOLE
 
+    def goal(self, lblk: int) -> int:
+        """The physical block that would continue file block lblk - 1 contiguously: where to
+        allocate for `lblk`; 0 (no goal) when lblk is 0 or lblk - 1 is a hole."""
+        p = self.lookup(lblk - 1) if lblk > 0 else HOLE
+        return 0 if p == HOLE else p + 1
+
     def runs(self) -> list[tuple[int, int, int]]:
         return [r for leaf in self.leaves for r in
                 zip(leaf.lblk.tolist(), leaf.pblk.tolist(), leaf.length.tolist())]

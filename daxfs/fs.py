@@ -147,7 +147,7 @@ class FileSystem:
         if not isdir[fmt.ROOT_INO]:
             raise fmt.FormatError("root inode is not a directory (image corrupt; run daxfs fsck)")
         self.dirs.note_dir_parents(lambda ino: 0 < ino < isdir.size and bool(isdir[ino]))
-        self.bufcache = BufCache(pm, g, self.alloc, self.inodes)
+        self.bufcache = BufCache(pm, self.alloc, self.inodes)
 
     @property
     def readonly(self) -> bool:
@@ -162,7 +162,7 @@ class FileSystem:
         if self.pm.mm is None:
             return
         if self.tx.writable:
-            for node in list(self.inodes.cache.values()):
+            for node in self.inodes.cached_nodes():
                 if node.nlink == 0 and node.flags & fmt.IFLAG_ORPHAN:
                     node.lookups = node.opens = 0
                     self.orphans.reclaim(node)
@@ -204,7 +204,7 @@ class FileSystem:
         self.inodes.get(ino).lookups += 1
 
     def forget(self, ino: int, n: int) -> None:
-        node = self.inodes.cache.get(ino)
+        node = self.inodes.cached(ino)
         if node is None:
             return
         node.lookups = max(0, node.lookups - n)

@@ -53,7 +53,7 @@ class Inode:
     @size.setter
     def size(self, value: int) -> None:
         # the sum of regular files' sizes is kept up to date for `daxfs stat` (O(1) reads)
-        if self.mode & 0o170000 == stat.S_IFREG:
+        if stat.S_ISREG(self.mode):
             self.table.logical_bytes += value - self._size
         self._size = value
 
@@ -105,8 +105,8 @@ class InodeTable:
         self.pool = SlotPool(free[free > fmt.ROOT_INO], "inodes")
         self.used = int(view.size - free.size)  # counts slot 0 as used; statfs subtracts it
         # running totals for `daxfs stat`: regular files' sizes, inodes holding an xattr block
-        reg = (modes & 0o170000) == stat.S_IFREG
-        self.logical_bytes = int(np.minimum(view["size"][reg], np.uint64(1 << 52))
+        reg = (modes & fmt.S_IFMT_BITS) == stat.S_IFREG
+        self.logical_bytes = int(np.minimum(view["size"][reg], np.uint64(fmt.MAX_FILE_BYTES))
                                  .astype(np.int64).sum())
         self.xattr_blocks = int(np.count_nonzero(view["xattr_blk"][modes != 0]))
         # sort the extent table once; per-inode slices become ExtentMaps on demand
@@ -135,6 +135,13 @@ class InodeTable:
         return ExtentMap(self._ext_lblk[a:b].copy(), self._ext_pblk[a:b].copy(),
                          self._ext_len[a:b].copy(), self._ext_slot[a:b].copy())
 
+    def cached(self, ino: int) -> Inode | None:
+        """The inode if it is loaded (in use since mount), else None; never reads the table."""
+        return self.cache.get(ino)
+
+    def cached_nodes(self) -> list[Inode]:
+        return list(self.cache.values())
+
     def get(self, ino: int) -> Inode:
         node = self.cache.get(ino)
         if node is not None:
@@ -145,8 +152,8 @@ class InodeTable:
         if rec["mode"] == 0:
             raise FsError(errno.ENOENT)
         node = Inode(self, ino, fmt.unpack_inode(rec))
-        kind = node.mode & 0o170000
-        if kind not in _KINDS or (kind == stat.S_IFREG and node.size >= 1 << 52) or \
+        kind = stat.S_IFMT(node.mode)
+        if kind not in _KINDS or (kind == stat.S_IFREG and node.size >= fmt.MAX_FILE_BYTES) or \
                 (kind == stat.S_IFLNK and not 0 < node.size < fmt.BLOCK_SIZE) or \
                 node.size >= 1 << 63:             # st_size is signed: cannot be reported
             self.corrupt(f"inode {ino}: bad mode {node.mode:o} or size {node.size}")

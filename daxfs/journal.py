@@ -38,7 +38,6 @@ class JournalFull(Exception):
 class Journal:
     def __init__(self, pm: PMem, g: fmt.Geometry):
         self.pm = pm
-        self.g = g
         self.hdr_off = g.journal_start * fmt.BLOCK_SIZE
         self.epoch_off = self.hdr_off + fmt.JOURNAL_EPOCH_OFF     # 8 bytes, stored atomically
         self.log_off = self.hdr_off + fmt.BLOCK_SIZE

@@ -27,7 +27,7 @@ class Orphans:
     def maybe_reclaim(self, node: Inode) -> None:
         # IFLAG_ORPHAN, not just nlink 0: a damaged link count must never delete a named file
         if not (node.nlink == 0 and node.flags & fmt.IFLAG_ORPHAN and not self.tx.readonly
-                and not self.tx.failed and node.ino in self.inodes.cache):
+                and not self.tx.failed and self.inodes.cached(node.ino) is node):
             return
         if not node.in_use:
             self.reclaim(node)
@@ -46,7 +46,7 @@ class Orphans:
                 self.inodes.xattr_blocks -= 1
             t.free_inode(node.ino, fmt.free_inode_record(node.generation))
             self.inodes.release(node)
-            self.tx.dirty_times.pop(node.ino, None)
+            self.tx.drop_times(node.ino)
         self.fs.xattrs.note_capability(node.ino, False)
 
     def recover(self) -> None:

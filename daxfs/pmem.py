@@ -103,6 +103,11 @@ class PMem:
         """A numpy view of `count` records at `offset` (read-only use by convention)."""
         return np.frombuffer(self.mm, dtype=dtype, count=count, offset=offset)
 
+    def read(self, offset: int, length: int) -> memoryview:
+        """The bytes [offset, offset+length) of the image, as a view of the mapping (zero-copy;
+        read-only by convention, valid until the next store into the range)."""
+        return self.buf[offset:offset + length]
+
     # -- stores --------------------------------------------------------------------------------
     def store(self, offset: int, data) -> None:
         n = len(data) if not isinstance(data, memoryview) else data.nbytes

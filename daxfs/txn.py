@@ -88,6 +88,13 @@ class Transactions:
         self.dirty_times: dict[int, Inode] = {}  # overwritten files: timestamps not yet stored
         self._rc_base = g.region("refcounts")[0]
 
+    def note_times(self, node: Inode) -> None:
+        """`node` changed only in its timestamps: they ride along with a later commit."""
+        self.dirty_times[node.ino] = node
+
+    def drop_times(self, ino: int) -> None:
+        self.dirty_times.pop(ino, None)
+
     @property
     def writable(self) -> bool:
         return not (self.readonly or self.failed)
@@ -102,7 +109,7 @@ class Transactions:
         try:
             yield t
         except FsError as e:
-            if not t.empty or self.alloc.dirty or isinstance(e, CorruptionError):
+            if not t.empty or self.alloc.changed or isinstance(e, CorruptionError):
                 self.fail(e)
             raise
         except BaseException as e:

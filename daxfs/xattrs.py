@@ -77,7 +77,7 @@ class XattrStore:
                 if not self.g.data_start <= node.xattr_blk < self.g.nblocks:
                     self.inodes.corrupt(f"inode {node.ino}: xattr block out of range")
                 try:
-                    node.xattrs = fmt.unpack_xattrs(self.pm.buf[off:off + fmt.BLOCK_SIZE])
+                    node.xattrs = fmt.unpack_xattrs(self.pm.read(off, fmt.BLOCK_SIZE))
                 except ValueError as e:
                     self.inodes.corrupt(f"inode {node.ino}: {e}")
         return node.xattrs

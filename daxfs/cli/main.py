@@ -1,8 +1,9 @@
 """The `daxfs` command: mkfs, mount, umount, fsck, info, stat, reflink.
 
 Every user error ends as ONE line on stderr ("daxfs: ...") and a non-zero exit status, never a
-traceback. Exit statuses: 0 ok, 1 error, 2 bad command line, 8 internal error; `daxfs fsck` uses
-the fsck(8) convention (0 clean, 1 corrected, 4 uncorrected, 8 operational error).
+traceback. Exit statuses (named in errors.py): 0 ok, 1 error, 2 bad command line, 8 internal
+error; `daxfs fsck` uses the fsck(8) convention (0 clean, 1 corrected, 4 uncorrected, 8
+operational error).
 
 Mount-helper form: `mount -t fuse.daxfs IMAGE MNT -o OPTS` makes mount.fuse3 run
 `daxfs IMAGE MNT -o OPTS`, which is taken as `daxfs mount IMAGE MNT -o OPTS`.
@@ -18,7 +19,8 @@ import sys
 import traceback
 
 from .. import __version__
-from ..errors import MountError, UsageError
+from ..errors import (EXIT_BROKEN_PIPE, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK,
+                      EXIT_OPERATIONAL, EXIT_USAGE, MountError, UsageError)
 from ..format import FormatError
 
 log = logging.getLogger("daxfs.cli")
@@ -30,7 +32,7 @@ CRASH_LOG_NAME = "daxfs-cli.log"        # in the private log directory (daemon/s
 class CliExit(Exception):
     """Raised by the argument parser instead of printing usage + exiting."""
 
-    def __init__(self, message: str, code: int = 2):
+    def __init__(self, message: str, code: int = EXIT_USAGE):
         super().__init__(message)
         self.code = code
 
@@ -158,7 +160,7 @@ def cmd_mkfs(a) -> int:
     from ..format import BLOCK_SIZE
     print(f"daxfs: created {a.image}: {g.nblocks * BLOCK_SIZE} bytes, {g.nblocks} blocks of "
           f"{BLOCK_SIZE}, {g.data_blocks} data blocks, {g.inode_count - 1} inodes")
-    return 0
+    return EXIT_OK
 
 
 def cmd_mount(a) -> int:
@@ -189,8 +191,8 @@ def cmd_fsck(a) -> int:
         from ..fsck import main_check
     except ImportError as e:
         raise UsageError(f"fsck is not available in this build ({e})") from None
-    code = int(main_check(image, a.repair) or 0)
-    if code < 8:                        # checked: a failure stays one line
+    code = int(main_check(image, a.repair) or EXIT_OK)
+    if code < EXIT_OPERATIONAL:         # checked: a failure stays one line
         from ..daemon.mounttab import exposed_image_warning
         warning = exposed_image_warning(image)
         if warning:
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if _mount_helper_form(argv):
         argv = ["mount", *argv]
-    error_code = 8 if argv[:1] == ["fsck"] else 1
+    error_code = EXIT_OPERATIONAL if argv[:1] == ["fsck"] else EXIT_ERROR
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="daxfs: %(levelname)s %(name)s: %(message)s")
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # `daxfs stat MNT | head`: the reader went away; stop quietly like a SIGPIPE death
         _silence_stdout()
-        return 141
+        return EXIT_BROKEN_PIPE
     except CliExit as e:
         _error(str(e))
         return e.code
@@ -291,14 +293,14 @@ def main(argv: list[str] | None = None) -> int:
         return error_code
     except KeyboardInterrupt:
         _error("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
     except SystemExit:
         raise
     except BaseException as e:                         # noqa: BLE001
         path = _crash_log(e)
         where = f"see {path}" if path else "run with --debug for details"
         _error(f"internal error: {type(e).__name__}: {e} ({where})")
-        return 8
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

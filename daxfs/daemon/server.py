@@ -10,7 +10,7 @@ import sys
 import tempfile
 
 from .. import format as fmt
-from ..errors import FsError, MountError, UsageError
+from ..errors import EXIT_CLOSE_FAILED, EXIT_ERROR, EXIT_OK, FsError, MountError, UsageError
 from .mounttab import describe_lock, exposed_image_warning, mounts_below, try_lock
 from .options import MountOptions
 
@@ -155,13 +155,13 @@ class Server:
                 await pyfuse3.main(min_tasks=self.opts.min_tasks, max_tasks=self.opts.max_tasks)
                 nursery.cancel_scope.cancel()
 
-        code = 0
+        code = EXIT_OK
         try:
             trio.run(serve)
             log.info("main loop ended")
         except BaseException:                       # noqa: BLE001
             log.exception("FUSE main loop failed")
-            code = 1
+            code = EXIT_ERROR
         return self._shutdown(code)
 
     def _shutdown(self, code: int) -> int:
@@ -171,7 +171,7 @@ class Server:
                 log.info("unmounted %s", self.mountpoint)
             except BaseException:                   # noqa: BLE001
                 log.exception("pyfuse3.close failed")
-                code = code or 1
+                code = code or EXIT_ERROR
             self.mounted = False
         if self.fs is not None:
             try:
@@ -180,7 +180,7 @@ class Server:
             except BaseException:                   # noqa: BLE001
                 log.exception("closing the filesystem failed: the image is left dirty and will "
                               "be recovered at the next mount")
-                code = code or 3
+                code = code or EXIT_CLOSE_FAILED
             self.fs = None
         self._release()
         log.info("daemon exiting with status %d", code)

@@ -118,7 +118,7 @@ def check_inodes(ctx: Context) -> None:
         ctx.free_inode(i)
     size = ino["size"]
     badlen = np.flatnonzero((ft == stat.S_IFLNK) & ((size == 0) | (size >= BS)))
-    badlen = np.union1d(badlen, np.flatnonzero((ft == stat.S_IFREG) & (size >= np.uint64(1 << 52))))
+    badlen = np.union1d(badlen, np.flatnonzero((ft == stat.S_IFREG) & (size >= np.uint64(fmt.MAX_FILE_BYTES))))
     for i in badlen.tolist():
         ctx.problem(f"inode {i}", f"impossible size {int(size[i])} for its type "
                     f"(mode 0o{int(mode[i]):o})", "inode freed")

@@ -98,7 +98,7 @@ def _check_past_eof(ctx: Context) -> None:
     lb = e["lblk"][a]
     end = lb + e["length"][a].astype(np.uint64)
     trim_o = (fl[owner] & fmt.IFLAG_TRIM) != 0
-    is_reg = (ctx.inodes["mode"][owner] & 0o170000) == stat.S_IFREG
+    is_reg = (ctx.inodes["mode"][owner] & S_IFMT) == stat.S_IFREG
     # a regular file may own zero-filled blocks past EOF (fallocate KEEP_SIZE): only a
     # symlink's, or those of a file whose truncate was interrupted, must go
     wholly = (lb >= eof) & (trim_o | ~is_reg)

@@ -18,7 +18,7 @@ from .report import ERROR, INFO, TYPE_NAMES, Problem
 log = logging.getLogger("daxfs.fsck")
 
 BS = fmt.BLOCK_SIZE
-S_IFMT = 0o170000
+S_IFMT = fmt.S_IFMT_BITS          # stat.S_IFMT as a mask, for numpy arrays of modes
 ROOT = fmt.ROOT_INO
 LOST_FOUND = b"lost+found"
 _DIRENT_NAME_OFF = fmt.DIRENT_DTYPE.fields["name"][1]

@@ -16,7 +16,8 @@ from .. import format as fmt
 from ..daemon.mounttab import is_locked
 from .checks import CHECKS
 from .context import BS, Context, JournalState, _journal_phase, _Mapping, _read_journal_header
-from .report import ERROR, EXIT_OPERATIONAL, FsckError, FsckReport
+from ..errors import EXIT_OPERATIONAL
+from .report import ERROR, FsckError, FsckReport
 
 log = logging.getLogger("daxfs.fsck")
 

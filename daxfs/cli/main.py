@@ -98,7 +98,10 @@ def build_parser() -> Parser:
                        description="Check an unmounted image. Exit status: 0 clean, 1 errors "
                                    "corrected, 4 errors left uncorrected, 8 operational error.")
     s.add_argument("image", metavar="IMAGE")
-    s.add_argument("--repair", "-y", action="store_true", help="repair what can be repaired")
+    # one spelling, --repair, and -y: what util-linux fsck(8) passes for "answer yes" (the
+    # same as `python -m daxfs.fsck`)
+    s.add_argument("--repair", "-y", action="store_true",
+                   help="repair what can be repaired (-y: as util-linux fsck passes it)")
 
     s = sub.add_parser("stat", parents=[common], help="space and sharing counters",
                        description="Logical/physical bytes, shared blocks, aliases, clones, COW "
@@ -187,10 +190,7 @@ def cmd_fsck(a) -> int:
         raise UsageError(f"cannot open {image}: {e.strerror}") from None
     if locked:
         raise UsageError(daemon.describe_lock(image) + "; unmount it before running fsck")
-    try:
-        from ..fsck import main_check
-    except ImportError as e:
-        raise UsageError(f"fsck is not available in this build ({e})") from None
+    from ..fsck import main_check
     code = int(main_check(image, a.repair) or EXIT_OK)
     if code < EXIT_OPERATIONAL:         # checked: a failure stays one line
         from ..daemon.mounttab import exposed_image_warning

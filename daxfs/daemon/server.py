@@ -77,6 +77,8 @@ class Server:
         try:
             from .. import fusehook          # must precede pyfuse3: it wraps fuse_session_new
         except ImportError as e:
+            # not a missing module: the extension's init refuses when it cannot find or
+            # re-open libfuse (dladdr/dlopen); serve without the hook then
             fusehook = None
             log.warning("daxfs.fusehook not available (%s): no copy_file_range (reflink), "
                         "lseek or fallocate", e)

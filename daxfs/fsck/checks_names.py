@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import format as fmt
-from .checks import _fmt_name, _groups, check_step
-from .context import _DIRENT_LEN_OFF, _DIRENT_NAME_OFF, ROOT, Context
+from .checks import fmt_name, groups, check_step
+from .context import DIRENT_LEN_OFF, DIRENT_NAME_OFF, ROOT, Context
 from .report import ERROR, INFO, Problem
 
 
@@ -31,7 +31,7 @@ def check_dirents(ctx: Context) -> None:
     for k in np.flatnonzero(~p_ok | ~t_ok).tolist():
         i = int(a[k])
         pi, ti = int(p[k]), int(t[k])
-        name = _fmt_name(ctx.dname(i))
+        name = fmt_name(ctx.dname(i))
         if not p_ok[k]:
             why = f"parent is not a directory ({ctx.type_name(pi)})"
         elif ti == ROOT:
@@ -49,8 +49,8 @@ def check_dirents(ctx: Context) -> None:
         parent = int(d["parent"][i])
         new = old.replace(b"/", b"_").replace(b"\0", b"_") if old else b"#%d" % int(d["ino"][i])
         new = ctx.unique_name(parent, new)
-        ctx.problem(ctx.dentry(i), f"invalid name {_fmt_name(old)} in directory {parent}",
-                    f"renamed to {_fmt_name(new)}")
+        ctx.problem(ctx.dentry(i), f"invalid name {fmt_name(old)} in directory {parent}",
+                    f"renamed to {fmt_name(new)}")
         ctx.set_dname(i, new)
     # duplicates: same parent and name (sorted by parent, length, name hash; then compared)
     for _round in range(4):
@@ -60,7 +60,7 @@ def check_dirents(ctx: Context) -> None:
         if a.size < 2:
             return
         par = d["parent"][a]
-        nl = ctx.drows()[a, _DIRENT_LEN_OFF]
+        nl = ctx.drows()[a, DIRENT_LEN_OFF]
         order = np.lexsort((hashes, nl, par))
         sp, sn, sh = par[order], nl[order], hashes[order]
         same = (sp[1:] == sp[:-1]) & (sn[1:] == sn[:-1]) & (sh[1:] == sh[:-1])
@@ -79,14 +79,14 @@ def check_dirents(ctx: Context) -> None:
             parent = int(d["parent"][i])
             ti, tk = int(d["ino"][i]), int(d["ino"][keep])
             if ti == tk:
-                ctx.problem(ctx.dentry(i), f"duplicate of {ctx.dentry(keep)} ({_fmt_name(name)} in "
+                ctx.problem(ctx.dentry(i), f"duplicate of {ctx.dentry(keep)} ({fmt_name(name)} in "
                             f"directory {parent} -> {ti})", "entry removed")
                 ctx.dalive[i] = False
             else:
                 new = ctx.unique_name(parent, name)
-                ctx.problem(ctx.dentry(i), f"name {_fmt_name(name)} in directory {parent} -> {ti} "
+                ctx.problem(ctx.dentry(i), f"name {fmt_name(name)} in directory {parent} -> {ti} "
                             f"is also used by {ctx.dentry(keep)} -> {tk}",
-                            f"renamed to {_fmt_name(new)}")
+                            f"renamed to {fmt_name(new)}")
                 ctx.set_dname(i, new)
         if not found:
             return
@@ -101,9 +101,9 @@ def _scan_names(rows: np.ndarray, a: np.ndarray, chunk: int = 1 << 16):
     prime = np.uint64(0x100000001B3)
     for s in range(0, a.size, chunk):
         idx = a[s:s + chunk]
-        nl = rows[idx, _DIRENT_LEN_OFF].astype(np.int64)
+        nl = rows[idx, DIRENT_LEN_OFF].astype(np.int64)
         m = int(nl.max()) if nl.size else 0
-        nm = rows[idx, _DIRENT_NAME_OFF:_DIRENT_NAME_OFF + m]
+        nm = rows[idx, DIRENT_NAME_OFF:DIRENT_NAME_OFF + m]
         inside = cols[None, :m] < nl[:, None]
         bad[s:s + chunk] = (nl == 0) | (((nm == 0) | (nm == 0x2F)) & inside).any(axis=1)
         h = np.full(idx.size, 0xCBF29CE484222325, np.uint64)
@@ -159,7 +159,7 @@ def check_tree(ctx: Context) -> None:
     # directories with several names (hard links to a directory)
     cnt = np.bincount(t[tdir], minlength=n)
     if (cnt > 1).any():
-        for dino, pos in _groups(t[tdir]):
+        for dino, pos in groups(t[tdir]):
             if pos.size < 2:
                 continue
             ents = a[tdir][pos]
@@ -167,7 +167,7 @@ def check_tree(ctx: Context) -> None:
             for e in ents.tolist():
                 if e != keep:
                     par = int(d["parent"][e])
-                    ctx.problem(ctx.dentry(e), f"extra name {_fmt_name(ctx.dname(e))} in directory "
+                    ctx.problem(ctx.dentry(e), f"extra name {fmt_name(ctx.dname(e))} in directory "
                                 f"{par} of directory {dino} (a directory has one name; keeping "
                                 f"{ctx.dentry(keep)})", "entry removed")
                     ctx.dalive[e] = False

@@ -1,10 +1,9 @@
-"""The image as fsck sees it: the private or shared mapping, the journal phase (replay before
+"""The image as fsck sees it: the journal phase (replay before
 anything is checked) and the `Context` of one run (working copies of the tables, problems)."""
 from __future__ import annotations
 
 import dataclasses
 import logging
-import mmap
 import stat
 import time
 
@@ -12,6 +11,7 @@ import numpy as np
 
 from .. import format as fmt
 from ..alloc import coverage as _coverage, implied_refcounts
+from ..journal import Journal
 from ..pmem import PMem
 from .report import ERROR, INFO, TYPE_NAMES, Problem
 
@@ -21,38 +21,11 @@ BS = fmt.BLOCK_SIZE
 S_IFMT = fmt.S_IFMT_BITS          # stat.S_IFMT as a mask, for numpy arrays of modes
 ROOT = fmt.ROOT_INO
 LOST_FOUND = b"lost+found"
-_DIRENT_NAME_OFF = fmt.DIRENT_DTYPE.fields["name"][1]
-_DIRENT_LEN_OFF = fmt.DIRENT_DTYPE.fields["namelen"][1]
+DIRENT_NAME_OFF = fmt.DIRENT_DTYPE.fields["name"][1]       # byte offsets in a dirent record
+DIRENT_LEN_OFF = fmt.DIRENT_DTYPE.fields["namelen"][1]
 
 
-# ------------------------------------------------------------------------------------ mapping
-class _Mapping(PMem):
-    """A PMem-like mapping over an fd we own: MAP_SHARED (repair: stores reach the file) or
-    MAP_PRIVATE (plain check: journal replay lands in a private copy-on-write copy)."""
-
-    def __init__(self, path: str, fd: int, size: int, shared: bool):   # noqa: D401 (no super)
-        self.path = path
-        self.fd = fd
-        self.size = size
-        self.shared = shared
-        self.readonly = False
-        self.dax = False
-        self.volatile = False           # always msync: repairs must reach the file
-        self._libpmem = None
-        flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
-        self.mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.buf = memoryview(self.mm)
-        self.u8 = np.frombuffer(self.mm, dtype=np.uint8)
-
-    def persist(self, offset: int, length: int) -> None:
-        if self.shared:
-            super().persist(offset, length)
-
-    def close(self) -> None:       # the fd belongs to check()
-        if self.mm is not None:
-            self.unmap(flush=self.shared)
-
-
+# ------------------------------------------------------------------------------------ journal
 @dataclasses.dataclass
 class JournalState:
     magic_ok: bool
@@ -60,29 +33,24 @@ class JournalState:
     pending: int | None = None      # committed transactions found before replay (None: unknown)
     replayed: int = 0
     ran_replay: bool = False        # Journal.replay() ran (it checkpoints: the header changed)
-    unavailable: str | None = None  # daxfs.journal could not be imported
     error: str | None = None        # replay failed
 
 
-def _read_journal_header(mem: _Mapping, g: fmt.Geometry) -> tuple[bool, int]:
-    off = g.journal_start * BS
-    return fmt.unpack_journal_header(mem.buf[off:off + fmt.JOURNAL_HEADER_DTYPE.itemsize])
+def read_journal_header(mem: PMem, g: fmt.Geometry) -> tuple[bool, int]:
+    """(magic ok, epoch) of the journal header in the mapping."""
+    return fmt.unpack_journal_header(
+        mem.read(g.journal_start * BS, fmt.JOURNAL_HEADER_DTYPE.itemsize))
 
 
-def _journal_phase(mem: _Mapping, sb, g: fmt.Geometry, replay: bool) -> JournalState:
-    """Replay committed transactions when needed (into whatever `mem` maps)."""
-    magic_ok, epoch = _read_journal_header(mem, g)
+def journal_phase(mem: PMem, sb, g: fmt.Geometry, replay: bool) -> JournalState:
+    """Replay committed transactions when needed (into whatever `mem` maps: the file when
+    repairing, a private copy-on-write mapping for a plain check)."""
+    magic_ok, epoch = read_journal_header(mem, g)
     js = JournalState(magic_ok, epoch)
     if not replay or not magic_ok or epoch == 0:
         return js
     try:
-        from .. import journal as jmod
-    except Exception as e:          # noqa: BLE001 (a half-written module must not stop fsck)
-        js.unavailable = f"{type(e).__name__}: {e}"
-        log.warning("daxfs.journal is unavailable (%s): journal replay skipped", js.unavailable)
-        return js
-    try:
-        j = jmod.Journal(mem, g)
+        j = Journal(mem, g)
         js.pending = int(j.pending())
         if int(sb["clean"]) != 1 or js.pending:
             js.ran_replay = True
@@ -98,7 +66,7 @@ def _journal_phase(mem: _Mapping, sb, g: fmt.Geometry, replay: bool) -> JournalS
 class Context:
     """Shared state of one check run: geometry, mapped tables, working copies, problems."""
 
-    def __init__(self, mem: _Mapping, sb, g: fmt.Geometry, *, repair: bool, journal: JournalState,
+    def __init__(self, mem: PMem, sb, g: fmt.Geometry, *, repair: bool, journal: JournalState,
                  file_size: int, in_use: bool = False):
         self.mem, self.sb, self.g, self.repair = mem, sb, g, repair
         self.journal = journal
@@ -178,14 +146,14 @@ class Context:
 
     def dname(self, i: int) -> bytes:
         r = self.drows()[i]
-        n = int(r[_DIRENT_LEN_OFF])
-        return r[_DIRENT_NAME_OFF:_DIRENT_NAME_OFF + n].tobytes()
+        n = int(r[DIRENT_LEN_OFF])
+        return r[DIRENT_NAME_OFF:DIRENT_NAME_OFF + n].tobytes()
 
     def set_dname(self, i: int, name: bytes) -> None:
         r = self.drows()[i]
-        r[_DIRENT_LEN_OFF] = len(name)
-        r[_DIRENT_NAME_OFF:] = 0
-        r[_DIRENT_NAME_OFF:_DIRENT_NAME_OFF + len(name)] = np.frombuffer(name, np.uint8)
+        r[DIRENT_LEN_OFF] = len(name)
+        r[DIRENT_NAME_OFF:] = 0
+        r[DIRENT_NAME_OFF:DIRENT_NAME_OFF + len(name)] = np.frombuffer(name, np.uint8)
 
     def dentry(self, i: int) -> str:
         return f"entry {int(self.dslot[i])}"

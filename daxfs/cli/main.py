@@ -50,7 +50,13 @@ def build_parser() -> Parser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="debug logging on stderr")
+    for add in (_add_mkfs, _add_mount, _add_umount, _add_fsck, _add_stat, _add_reflink,
+                _add_info):
+        add(sub, common)
+    return p
 
+
+def _add_mkfs(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("mkfs", parents=[common], help="create an empty daxfs image",
                        description="Create (or with --force overwrite) a daxfs image file.")
     s.add_argument("image", metavar="IMAGE")
@@ -65,6 +71,8 @@ def build_parser() -> Parser:
                    help="do not reserve the image's space on the host filesystem (the daemon "
                         "then dies of SIGBUS if that filesystem fills up)")
 
+
+def _add_mount(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser(
         "mount", parents=[common], help="mount an image (daemon in the background)",
         description="Mount IMAGE on MOUNTPOINT and return once it is mounted; the daemon keeps "
@@ -84,6 +92,8 @@ def build_parser() -> Parser:
     s.add_argument("-o", dest="options", action="append", metavar="OPTS",
                    help="comma-separated mount options")
 
+
+def _add_umount(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("umount", aliases=["unmount"], parents=[common],
                        help="unmount and wait for the daemon to finish",
                        description="Unmount a daxfs mount (given its mountpoint or its image) and "
@@ -94,6 +104,8 @@ def build_parser() -> Parser:
     s.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="how long to wait for the daemon to exit (default 60)")
 
+
+def _add_fsck(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("fsck", parents=[common], help="check (and repair) an unmounted image",
                        description="Check an unmounted image. Exit status: 0 clean, 1 errors "
                                    "corrected, 4 errors left uncorrected, 8 operational error.")
@@ -103,24 +115,29 @@ def build_parser() -> Parser:
     s.add_argument("--repair", "-y", action="store_true",
                    help="repair what can be repaired (-y: as util-linux fsck passes it)")
 
+
+def _add_stat(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("stat", parents=[common], help="space and sharing counters",
                        description="Logical/physical bytes, shared blocks, aliases, clones, COW "
                                    "breaks and bytes saved, of a mount (live) or an image.")
     s.add_argument("target", metavar="MOUNTPOINT|IMAGE")
     s.add_argument("--json", action="store_true", help="machine-readable output")
 
+
+def _add_reflink(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("reflink", parents=[common], help="clone SRC to DST; fail unless shared",
                        description="Clone a file on a daxfs mount through copy_file_range and "
                                    "fail if the result does not share every block.")
     s.add_argument("src", metavar="SRC")
     s.add_argument("dst", metavar="DST")
 
+
+def _add_info(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("info", parents=[common], help="show geometry, state and usage",
                        description="Show an image's geometry, state and usage (read-only; "
                                    "works on a mounted image too).")
     s.add_argument("image", metavar="IMAGE")
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    return p
 
 
 def _mount_helper_form(argv: list[str]) -> bool:

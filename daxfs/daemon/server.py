@@ -49,6 +49,22 @@ class Server:
             raise
 
     def _start(self) -> None:
+        self._lock_image()
+        self._open_engine()
+        ops = self._load_hook()
+        self._mount(ops)
+        if not self.opts.ro:
+            data = self.fs.g.data_start * fmt.BLOCK_SIZE
+            if self.fs.pm.prefault(data, self.fs.pm.size - data):
+                log.info("mapping the data area's pages in the background (first writes "
+                         "then take no page faults)")
+        if self.fusehook is not None:
+            if self.fusehook.hooked():
+                log.info("libfuse hook active: copy_file_range (reflink), lseek, fallocate")
+            else:
+                log.warning("libfuse hook did not take effect: cp will copy bytes, not share")
+
+    def _lock_image(self) -> None:
         try:
             fd = try_lock(self.image)
         except PermissionError as e:
@@ -62,6 +78,8 @@ class Server:
         warning = exposed_image_warning(self.image)
         if warning:
             log.warning("%s", warning)
+
+    def _open_engine(self) -> None:
         # the lock is ours: from here on nobody else touches the image
         from ..fs import FileSystem
         try:
@@ -74,6 +92,10 @@ class Server:
         except OSError as e:
             raise UsageError(f"cannot open {self.display}: {e.strerror or e}") from None
         log.info("opened %s%s", self.image, " read-only" if self.opts.ro else "")
+
+    def _load_hook(self):
+        """Import daxfs.fusehook, then pyfuse3, and wire the hook to the engine: the
+        adapter's Operations (returned)."""
         try:
             from .. import fusehook          # must precede pyfuse3: it wraps fuse_session_new
         except ImportError as e:
@@ -98,6 +120,10 @@ class Server:
                                       | fusehook.FUSE_CAP_ATOMIC_O_TRUNC)
             fusehook.set_capability_xattrs(bool(self.fs.xattrs.capability_inodes))
             self.fs.xattrs.capability_listener = fusehook.set_capability_xattrs
+        return ops
+
+    def _mount(self, ops) -> None:
+        pyfuse3 = self.pyfuse3
         options = self.opts.fuse_options(self.image)
         log.debug("pyfuse3.init(%s, %s)", self.mountpoint, sorted(options))
         failure = None
@@ -117,16 +143,6 @@ class Server:
             raise UsageError(f"cannot mount {self.display} on {self.mountpoint}: it became a "
                              f"mount point (of {below.source}) while mounting")
         log.info("mounted %s on %s", self.image, self.mountpoint)
-        if not self.opts.ro:
-            data = self.fs.g.data_start * fmt.BLOCK_SIZE
-            if self.fs.pm.prefault(data, self.fs.pm.size - data):
-                log.info("mapping the data area's pages in the background (first writes "
-                         "then take no page faults)")
-        if fusehook is not None:
-            if fusehook.hooked():
-                log.info("libfuse hook active: copy_file_range (reflink), lseek, fallocate")
-            else:
-                log.warning("libfuse hook did not take effect: cp will copy bytes, not share")
 
     def run(self) -> int:
         import trio

@@ -26,30 +26,31 @@ from .errors import FsError
 from .extents import HOLE
 from .inodes import Inode, InodeTable
 from .pmem import PMem
-from .txn import Transaction
+from .txn import Buffer, Transaction
 
 BS = fmt.BLOCK_SIZE
 SHIFT = fmt.BLOCK_SHIFT
+Segments = list[tuple[int, int, int]]    # ExtentMap.segments(): (lblk, count, pblk or HOLE)
 
 
 class Stats:
     """Counters for `daxfs stat`: cumulative since the image was mounted."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.cow_breaks = 0       # blocks copied because they were shared
         self.clones = 0           # copy_file_range calls that shared blocks (counted in fs.py)
         self.cloned_blocks = 0
 
 
 class BufCache:
-    def __init__(self, pm: PMem, alloc: BlockAllocator, inodes: InodeTable):
+    def __init__(self, pm: PMem, alloc: BlockAllocator, inodes: InodeTable) -> None:
         self.pm = pm
         self.alloc = alloc
         self.inodes = inodes
         self.stats = Stats()
 
     # -- read --------------------------------------------------------------------------------------
-    def read(self, node: Inode, off: int, size: int, *, view: bool = False):
+    def read(self, node: Inode, off: int, size: int, *, view: bool = False) -> bytes | memoryview:
         """Bytes [off, off+size) clipped to EOF. With `view`, a range inside one extent comes
         back as a memoryview of the frame itself (zero-copy: pyfuse3 replies from any buffer);
         the caller must drop it before the next request can change the mapping."""
@@ -73,12 +74,13 @@ class BufCache:
         return b"".join(parts)
 
     # -- write -------------------------------------------------------------------------------------
-    def overwrite(self, seg: tuple[int, int, int], off: int, data) -> None:
+    def overwrite(self, seg: tuple[int, int, int], off: int, data: Buffer) -> None:
         """Store `data` in place into blocks this inode alone maps: `seg` is the one segment
         (lblk, n, pblk) of extents.segments() covering it, and no block in it is shared."""
         self._store(seg[0], seg[1], seg[2], off, memoryview(data).cast("B"))
 
-    def write(self, txn: Transaction, node: Inode, off: int, data, segs=None) -> int:
+    def write(self, txn: Transaction, node: Inode, off: int, data: Buffer,
+              segs: Segments | None = None) -> int:
         """Store all of `data` at `off`; returns its length. The caller reserved the space
         (`write_needs` or `fit_write`, then `reserve`), so this never stops half way.
         `segs`: the caller's extents.segments() of the range, if it has them already."""
@@ -175,7 +177,8 @@ class BufCache:
     # read-only for everyone). Every mutating operation therefore adds up what it needs first
     # and calls `reserve`, which refuses with ENOSPC while nothing has changed yet.
 
-    def write_needs(self, node: Inode, off: int, end: int, segs=None) -> tuple[int, int]:
+    def write_needs(self, node: Inode, off: int, end: int,
+                    segs: Segments | None = None) -> tuple[int, int]:
         """(blocks, extent records) that writing bytes [off, end) of `node` may take: a fresh
         block for every hole and every shared block in the range, plus the old EOF block when
         the write grows the file and that block is shared (zero_tail breaks it). Each
@@ -205,7 +208,7 @@ class BufCache:
         runs = len(self.alloc.plan(blocks, home=node.ino))
         return blocks, 2 * min(blocks, runs + places)
 
-    def fit_write(self, node: Inode, off: int, end: int, segs=None) -> int:
+    def fit_write(self, node: Inode, off: int, end: int, segs: Segments | None = None) -> int:
         """The largest end' <= end such that writing [off, end') fits in the free blocks and
         extent records (the end of a short write(2) on a nearly full image); ENOSPC when not
         even the first block fits. Whole blocks only, and what it returns `write_needs` fits."""

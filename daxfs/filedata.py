@@ -17,6 +17,7 @@ from . import format as fmt
 from .errors import FsError
 from .extents import HOLE
 from .inodes import Inode, now_ns
+from .txn import Buffer
 
 if TYPE_CHECKING:
     from .fs import FileSystem
@@ -28,7 +29,7 @@ FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE = 0x01, 0x02, 0x10
 
 
 class FileData:
-    def __init__(self, fs: FileSystem, txn_blocks: int):
+    def __init__(self, fs: FileSystem, txn_blocks: int) -> None:
         self.fs = fs
         self.pm, self.tx, self.alloc = fs.pm, fs.tx, fs.alloc
         self.inodes, self.bufcache = fs.inodes, fs.bufcache
@@ -80,7 +81,7 @@ class FileData:
                 node.touch()
                 t.inode(node)
 
-    def read(self, ino: int, off: int, size: int, view: bool = False):
+    def read(self, ino: int, off: int, size: int, view: bool = False) -> bytes | memoryview:
         """File bytes; `view=True` may return a zero-copy memoryview of the image (the FUSE
         reply path), valid only until the next mutating call."""
         node = self.inodes.get(ino)
@@ -88,7 +89,7 @@ class FileData:
             raise FsError(errno.EISDIR)
         return self.bufcache.read(node, off, size, view=view)
 
-    def write(self, ino: int, off: int, data, whole: bool = False) -> int:
+    def write(self, ino: int, off: int, data: Buffer, whole: bool = False) -> int:
         """Store `data` at `off`; returns the count stored. On a nearly full image a write
         stores the blocks that fit and returns a short count, like ext4's write(2); with
         `whole` (page-cache writeback, whose short counts the kernel ignores) it is stored

@@ -26,7 +26,7 @@ import errno
 import logging
 import os
 import stat
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 
 from . import format as fmt
@@ -44,8 +44,11 @@ from .namespace import MAX_LINKS, MAX_SYMLINK, RENAME_EXCHANGE, RENAME_NOREPLACE
 from .namespace import Namespace
 from .orphans import Orphans
 from .pmem import PMem
-from .txn import Transactions
+from .txn import Buffer, Transactions
 from .xattrs import XattrStore
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +85,8 @@ class StatFs:
 
 
 class FileSystem:
-    def __init__(self, pm: PMem, sb, g: fmt.Geometry, readonly: bool,
-                 txn_blocks: int | None = None):
+    def __init__(self, pm: PMem, sb: np.void, g: fmt.Geometry, readonly: bool,
+                 txn_blocks: int | None = None) -> None:
         self.pm = pm
         self.g = g
         self.sb = sb
@@ -290,10 +293,10 @@ class FileSystem:
     def kill_privileges(self, ino: int, suidgid: bool) -> None:
         self.data.kill_privileges(ino, suidgid)
 
-    def read(self, ino: int, off: int, size: int, view: bool = False):
+    def read(self, ino: int, off: int, size: int, view: bool = False) -> bytes | memoryview:
         return self.data.read(ino, off, size, view)
 
-    def write(self, ino: int, off: int, data, whole: bool = False) -> int:
+    def write(self, ino: int, off: int, data: Buffer, whole: bool = False) -> int:
         return self.data.write(ino, off, data, whole)
 
     def truncate(self, node: Inode, size: int) -> None:

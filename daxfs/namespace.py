@@ -30,7 +30,7 @@ MAX_SYMLINK = fmt.BLOCK_SIZE - 1
 
 
 class Namespace:
-    def __init__(self, fs: FileSystem):
+    def __init__(self, fs: FileSystem) -> None:
         self.fs = fs
         self.g, self.tx = fs.g, fs.tx
         self.inodes, self.dirs, self.bufcache = fs.inodes, fs.dirs, fs.bufcache

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 class Orphans:
-    def __init__(self, fs: FileSystem):
+    def __init__(self, fs: FileSystem) -> None:
         self.fs = fs
         self.tx, self.alloc, self.inodes = fs.tx, fs.alloc, fs.inodes
 

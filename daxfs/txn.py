@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# what a write takes: bytes, a memoryview (the C hook passes libfuse's buffer), or any buffer
+Buffer = bytes | bytearray | memoryview
+
 # dirty timestamps of pure overwrites ride along with the next commit, at most this many
 TIMES_PER_COMMIT = 512
 
@@ -45,7 +48,7 @@ class Transaction:
 
     __slots__ = ("_g", "writes", "nodes", "data")
 
-    def __init__(self, g: fmt.Geometry):
+    def __init__(self, g: fmt.Geometry) -> None:
         self._g = g
         self.writes: dict[int, bytes] = {}       # image offset -> record bytes
         self.nodes: dict[int, Inode] = {}        # inodes to store (packed at commit)
@@ -81,7 +84,7 @@ class Transactions:
     """Opens and commits transactions; holds the failsafe state and the lazy timestamps."""
 
     def __init__(self, pm: PMem, g: fmt.Geometry, journal: Journal, alloc: BlockAllocator,
-                 readonly: bool):
+                 readonly: bool) -> None:
         self.pm, self.g, self.journal, self.alloc = pm, g, journal, alloc
         self.readonly = readonly
         self.failed: str | None = None

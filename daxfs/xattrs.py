@@ -45,7 +45,7 @@ class XattrStore:
     It also tracks which inodes hold security.capability: while none does, the C hook
     answers the kernel's getxattr before every write without a trip through Python."""
 
-    def __init__(self, fs: FileSystem):
+    def __init__(self, fs: FileSystem) -> None:
         self.fs = fs
         self.g, self.pm, self.tx = fs.g, fs.pm, fs.tx
         self.alloc, self.inodes = fs.alloc, fs.inodes

@@ -125,10 +125,6 @@ class PMem:
         self.u8 = np.frombuffer(mm, dtype=np.uint8)
 
     # -- views -------------------------------------------------------------------------------
-    def view(self, offset: int, dtype, count: int) -> np.ndarray:
-        """A numpy view of `count` records at `offset` (read-only use by convention)."""
-        return np.frombuffer(self.mm, dtype=dtype, count=count, offset=offset)
-
     def read(self, offset: int, length: int) -> memoryview:
         """The bytes [offset, offset+length) of the image, as a view of the mapping (zero-copy;
         read-only by convention, valid until the next store into the range)."""

@@ -92,6 +92,10 @@ class BlockAllocator:
             return int(self.rc[pblk] > 1)
         return int(np.count_nonzero(self.rc[pblk:pblk + n] > 1))
 
+    def shared_mask(self, pblk: int, n: int) -> np.ndarray:
+        """Per block of the run: True where it has more than one reference."""
+        return self.rc[pblk:pblk + n] > 1
+
     def max_count(self, pblk: int, n: int) -> int:
         return int(self.rc[pblk:pblk + n].max()) if n else 0
 
@@ -234,6 +238,11 @@ class BlockAllocator:
         return int(freed.size)
 
     # -- transaction hand-off --------------------------------------------------------------------
+    @property
+    def changed(self) -> bool:
+        """Refcounts changed since the last take_dirty (i.e. by the open transaction)."""
+        return bool(self.dirty)
+
     def take_dirty(self, table_offset: int) -> list[tuple[int, bytes]]:
         """Journal records for every refcount range changed since the last call."""
         if not self.dirty:

@@ -1,7 +1,7 @@
 """The data path: primary frames, alias descriptors, and the COW break.
 
-Physical block b's *primary frame* is its 4 KiB in the mapped image (`frame_offset(b)`), with
-its reference count in the allocator. Each inode that maps b holds an *alias descriptor* in
+Physical block b's *primary frame* is its 4 KiB in the mapped image (at byte b << BLOCK_SHIFT),
+with its reference count in the allocator. Each inode that maps b holds an *alias descriptor* in
 its extent map: (inode, file index) -> b. Many aliases may point at one frame, at different
 file indexes (the design's W/X/Y/Z example), and reads go straight from the frame.
 
@@ -23,50 +23,46 @@ import numpy as np
 from . import format as fmt
 from .alloc import BlockAllocator
 from .errors import FsError
-from .extents import HOLE, pack_extent, FREE_EXTENT
+from .extents import HOLE
 from .inodes import Inode, InodeTable
 from .pmem import PMem
-from .txn import Transaction
+from .txn import Buffer, Transaction
 
 BS = fmt.BLOCK_SIZE
 SHIFT = fmt.BLOCK_SHIFT
+Segments = list[tuple[int, int, int]]    # ExtentMap.segments(): (lblk, count, pblk or HOLE)
 
 
 class Stats:
     """Counters for `daxfs stat`: cumulative since the image was mounted."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.cow_breaks = 0       # blocks copied because they were shared
         self.clones = 0           # copy_file_range calls that shared blocks (counted in fs.py)
         self.cloned_blocks = 0
 
 
 class BufCache:
-    def __init__(self, pm: PMem, g: fmt.Geometry, alloc: BlockAllocator, inodes: InodeTable):
+    def __init__(self, pm: PMem, alloc: BlockAllocator, inodes: InodeTable) -> None:
         self.pm = pm
-        self.g = g
         self.alloc = alloc
         self.inodes = inodes
         self.stats = Stats()
 
-    @staticmethod
-    def frame_offset(pblk: int) -> int:
-        return pblk << SHIFT
-
     # -- read --------------------------------------------------------------------------------------
-    def read(self, node: Inode, off: int, size: int, *, view: bool = False):
+    def read(self, node: Inode, off: int, size: int, *, view: bool = False) -> bytes | memoryview:
         """Bytes [off, off+size) clipped to EOF. With `view`, a range inside one extent comes
         back as a memoryview of the frame itself (zero-copy: pyfuse3 replies from any buffer);
         the caller must drop it before the next request can change the mapping."""
         end = min(off + size, node.size)
         if off >= end:
             return b""
-        l0, l1 = off >> SHIFT, (end + BS - 1) >> SHIFT
+        l0, l1 = off >> SHIFT, fmt.blocks_for(end)
         segs = node.extents.segments(l0, l1)
-        buf = self.pm.buf
+        read = self.pm.read
         if len(segs) == 1 and segs[0][2] != HOLE:
             a = (segs[0][2] << SHIFT) + (off - (l0 << SHIFT))
-            return buf[a:a + end - off] if view else buf[a:a + end - off].tobytes()
+            return read(a, end - off) if view else read(a, end - off).tobytes()
         parts = []
         for l, n, p in segs:
             fa, fb = max(off, l << SHIFT), min(end, (l + n) << SHIFT)
@@ -74,16 +70,17 @@ class BufCache:
                 parts.append(bytes(fb - fa))
             else:
                 a = (p << SHIFT) + (fa - (l << SHIFT))
-                parts.append(buf[a:a + fb - fa])
+                parts.append(read(a, fb - fa))
         return b"".join(parts)
 
     # -- write -------------------------------------------------------------------------------------
-    def overwrite(self, seg: tuple[int, int, int], off: int, data) -> None:
+    def overwrite(self, seg: tuple[int, int, int], off: int, data: Buffer) -> None:
         """Store `data` in place into blocks this inode alone maps: `seg` is the one segment
         (lblk, n, pblk) of extents.segments() covering it, and no block in it is shared."""
         self._store(seg[0], seg[1], seg[2], off, memoryview(data).cast("B"))
 
-    def write(self, txn: Transaction, node: Inode, off: int, data, segs=None) -> int:
+    def write(self, txn: Transaction, node: Inode, off: int, data: Buffer,
+              segs: Segments | None = None) -> int:
         """Store all of `data` at `off`; returns its length. The caller reserved the space
         (`write_needs` or `fit_write`, then `reserve`), so this never stops half way.
         `segs`: the caller's extents.segments() of the range, if it has them already."""
@@ -92,7 +89,7 @@ class BufCache:
         if end > node.size:
             self.zero_tail(txn, node)
             segs = None                 # zero_tail may have broken a shared tail block
-        l0, l1 = off >> SHIFT, (end + BS - 1) >> SHIFT
+        l0, l1 = off >> SHIFT, fmt.blocks_for(end)
         for l, n, p in segs or node.extents.segments(l0, l1):
             if p != HOLE:
                 self._write_mapped(txn, node, l, n, p, off, mv)
@@ -104,7 +101,7 @@ class BufCache:
         return end - off
 
     def _write_mapped(self, txn: Transaction, node: Inode, l: int, n: int, p: int, off: int, mv) -> None:
-        shared_mask = self.alloc.rc[p:p + n] > 1
+        shared_mask = self.alloc.shared_mask(p, n)
         if not shared_mask.any():
             self._store(l, n, p, off, mv)
             return
@@ -136,9 +133,8 @@ class BufCache:
 
         Contract: the caller settled the space first (`write_needs` + `reserve`), so the
         allocation and the extent records cannot run out half way through a transaction."""
-        goal = node.extents.lookup(l - 1) + 1 if l > 0 else 0
         end = off + mv.nbytes
-        for q, k in self.alloc.alloc(n, goal if goal > 0 else 0, home=node.ino):
+        for q, k in self.alloc.alloc(n, node.extents.goal(l), home=node.ino):
             first, last = l, l + k - 1
             for b in {first, last}:
                 # a block the request covers only partly: initialise the uncovered bytes
@@ -162,9 +158,9 @@ class BufCache:
         drop the references the old mapping held."""
         res = node.extents.remap(l, n, p, self.inodes.extent_pool.take)
         for slot, lb, pb, ln in res.written:
-            txn.extent(slot, pack_extent(node.ino, lb, pb, ln))
+            txn.extent(slot, fmt.pack_extent(node.ino, lb, pb, ln))
         for slot in res.freed_slots:
-            txn.extent(slot, FREE_EXTENT)
+            txn.extent(slot, fmt.FREE_EXTENT)
             self.inodes.extent_pool.give(slot)
         for pb, ln in res.removed:
             self.alloc.decref(pb, ln)
@@ -181,7 +177,8 @@ class BufCache:
     # read-only for everyone). Every mutating operation therefore adds up what it needs first
     # and calls `reserve`, which refuses with ENOSPC while nothing has changed yet.
 
-    def write_needs(self, node: Inode, off: int, end: int, segs=None) -> tuple[int, int]:
+    def write_needs(self, node: Inode, off: int, end: int,
+                    segs: Segments | None = None) -> tuple[int, int]:
         """(blocks, extent records) that writing bytes [off, end) of `node` may take: a fresh
         block for every hole and every shared block in the range, plus the old EOF block when
         the write grows the file and that block is shared (zero_tail breaks it). Each
@@ -191,7 +188,7 @@ class BufCache:
         run)."""
         if end <= off:
             return 0, 0
-        l0, l1 = off >> SHIFT, (end + BS - 1) >> SHIFT
+        l0, l1 = off >> SHIFT, fmt.blocks_for(end)
         blocks = places = 0
         for _l, n, p in segs or node.extents.segments(l0, l1):
             k = n if p == HOLE else self.alloc.shared_count(p, n)
@@ -211,7 +208,7 @@ class BufCache:
         runs = len(self.alloc.plan(blocks, home=node.ino))
         return blocks, 2 * min(blocks, runs + places)
 
-    def fit_write(self, node: Inode, off: int, end: int, segs=None) -> int:
+    def fit_write(self, node: Inode, off: int, end: int, segs: Segments | None = None) -> int:
         """The largest end' <= end such that writing [off, end') fits in the free blocks and
         extent records (the end of a short write(2) on a nearly full image); ENOSPC when not
         even the first block fits. Whole blocks only, and what it returns `write_needs` fits."""
@@ -227,8 +224,8 @@ class BufCache:
                 budget -= 1                  # zero_tail's break of the shared EOF block
         l0 = off >> SHIFT
         cut = l0
-        for l, n, p in segs or node.extents.segments(l0, (end + BS - 1) >> SHIFT):
-            need = np.ones(n, bool) if p == HOLE else self.alloc.rc[p:p + n] > 1
+        for l, n, p in segs or node.extents.segments(l0, fmt.blocks_for(end)):
+            need = np.ones(n, bool) if p == HOLE else self.alloc.shared_mask(p, n)
             cum = np.cumsum(need)
             k = int(np.searchsorted(cum, budget, "right"))       # blocks of this seg that fit
             if k < n:

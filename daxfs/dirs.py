@@ -12,7 +12,6 @@ from __future__ import annotations
 import bisect
 import errno
 import logging
-import struct
 
 import numpy as np
 
@@ -20,10 +19,7 @@ from . import format as fmt
 from .alloc import SlotPool
 from .errors import FsError
 
-DIRENT_REC = struct.Struct("<IIB255s")
-assert DIRENT_REC.size == fmt.DIRENT_DTYPE.itemsize
 log = logging.getLogger(__name__)
-FREE_DIRENT = bytes(fmt.DIRENT_DTYPE.itemsize)
 FIRST_COOKIE = 3          # cookie of dirent slot 0; `.` is 1, `..` is 2
 
 
@@ -76,6 +72,16 @@ class Directories:
                     continue
                 self.parent[ino] = parent
 
+    # the parent of each directory ('..'): kept by the namespace as directories move
+    def parent_of(self, d: int, default: int) -> int:
+        return self.parent.get(d, default)
+
+    def set_parent(self, d: int, parent: int) -> None:
+        self.parent[d] = parent
+
+    def drop_parent(self, d: int) -> None:
+        self.parent.pop(d, None)
+
     def lookup(self, d: int, name: bytes) -> int | None:
         e = self.children.get(d)
         if e is None:
@@ -105,7 +111,7 @@ class Directories:
         slot = self.pool.take()
         self.children.setdefault(d, {})[name] = (ino, slot)
         self._list(d, slot, name)
-        return slot, DIRENT_REC.pack(d, ino, len(name), name)
+        return slot, fmt.pack_dirent(d, ino, name)
 
     def remove(self, d: int, name: bytes) -> tuple[int, bytes]:
         e = self.children[d]
@@ -114,7 +120,7 @@ class Directories:
             del self.children[d]
         self._unlist(d, slot)
         self.pool.give(slot)
-        return slot, FREE_DIRENT
+        return slot, fmt.FREE_DIRENT
 
     def move(self, d: int, name: bytes, nd: int, new_name: bytes) -> tuple[int, bytes]:
         """Rename to a name that does not exist yet, keeping the record slot: a rename needs
@@ -126,14 +132,14 @@ class Directories:
         self._unlist(d, slot)
         self.children.setdefault(nd, {})[new_name] = (ino, slot)
         self._list(nd, slot, new_name)
-        return slot, DIRENT_REC.pack(nd, ino, len(new_name), new_name)
+        return slot, fmt.pack_dirent(nd, ino, new_name)
 
     def retarget(self, d: int, name: bytes, ino: int) -> tuple[int, bytes]:
         """Point an existing name at another inode (rename over, exchange)."""
         e = self.children[d]
         _old, slot = e[name]
         e[name] = (ino, slot)
-        return slot, DIRENT_REC.pack(d, ino, len(name), name)
+        return slot, fmt.pack_dirent(d, ino, name)
 
     def listing(self, d: int, after: int = 0, limit: int | None = None
                 ) -> list[tuple[int, bytes, int]]:

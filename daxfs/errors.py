@@ -1,9 +1,23 @@
-"""Error types shared by all layers. Errors become errno values in exactly one place
-(`fuse_ops.py`) and exit codes in exactly one place (`cli/main.py`)."""
+"""Error types shared by all layers, and every exit status. Errors become errno values in
+exactly one place (`fuse_ops.py`) and exit statuses in exactly one place for each program
+(`cli/main.py` for the `daxfs` command, `daemon/` for the mount daemon, `fsck/run.py` for the
+fsck(8) convention); the statuses themselves are all named here."""
 from __future__ import annotations
 
 import errno
 import os
+
+EXIT_OK = 0
+EXIT_ERROR = 1              # a user error, one line on stderr; the daemon: mount or serving failed
+EXIT_USAGE = 2              # a bad command line
+EXIT_CLOSE_FAILED = 3       # the daemon: closing the filesystem failed (image left dirty)
+EXIT_INTERNAL = 8           # an unexpected error (a bug): traceback in the crash log
+EXIT_INTERRUPTED = 130      # 128 + SIGINT
+EXIT_BROKEN_PIPE = 141      # 128 + SIGPIPE: stdout's reader went away
+# `daxfs fsck`, fsck(8)'s convention (EXIT_OK: no errors)
+EXIT_CORRECTED = 1          # errors corrected, or the image otherwise modified
+EXIT_UNCORRECTED = 4        # errors left uncorrected
+EXIT_OPERATIONAL = 8        # cannot check: cannot open / lock, not a usable daxfs image
 
 
 class FsError(Exception):
@@ -22,6 +36,12 @@ class CorruptionError(FsError):
 
     def __init__(self, detail: str):
         super().__init__(errno.EIO, detail)
+
+
+class MountError(Exception):
+    """The engine refuses to mount an image for a reason found while mounting that is not a
+    format problem (format.FormatError): the file cannot be opened, or writing would be unsafe
+    (a read-only mount may still work); str() is a one-line reason."""
 
 
 class UsageError(Exception):

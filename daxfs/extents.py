@@ -14,14 +14,9 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import struct
 
 import numpy as np
 
-from . import format as fmt
-
-EXTENT_REC = struct.Struct("<IIQQ")
-assert EXTENT_REC.size == fmt.EXTENT_DTYPE.itemsize
 HOLE = -1
 _I64 = np.int64
 _U32 = np.uint32     # lengths and record slots: 24 bytes per extent in all (the alias budget is 32)
@@ -120,6 +115,12 @@ class ExtentMap:
         if i >= 0 and lblk < leaf.lblk[i] + leaf.length[i]:
             return int(leaf.pblk[i] + (lblk - leaf.lblk[i]))
         return HOLE
+
+    def goal(self, lblk: int) -> int:
+        """The physical block that would continue file block lblk - 1 contiguously: where to
+        allocate for `lblk`; 0 (no goal) when lblk is 0 or lblk - 1 is a hole."""
+        p = self.lookup(lblk - 1) if lblk > 0 else HOLE
+        return 0 if p == HOLE else p + 1
 
     def runs(self) -> list[tuple[int, int, int]]:
         return [r for leaf in self.leaves for r in
@@ -221,10 +222,3 @@ def _remap_flat(lb, pb, ln, sl, l0: int, n: int, p0: int, take_slot):
            np.concatenate((sl[:a], np.array(new_slots, _U32), sl[b:])))
     written = [(s, pc[0], pc[1], pc[2]) for s, pc in zip(new_slots, merged)]
     return (RemapResult(removed, written, freed), *out)
-
-
-def pack_extent(ino: int, lblk: int, pblk: int, length: int) -> bytes:
-    return EXTENT_REC.pack(ino, length, lblk, pblk)
-
-
-FREE_EXTENT = bytes(fmt.EXTENT_DTYPE.itemsize)

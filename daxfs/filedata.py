@@ -17,6 +17,7 @@ from . import format as fmt
 from .errors import FsError
 from .extents import HOLE
 from .inodes import Inode, now_ns
+from .txn import Buffer
 
 if TYPE_CHECKING:
     from .fs import FileSystem
@@ -28,7 +29,7 @@ FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE = 0x01, 0x02, 0x10
 
 
 class FileData:
-    def __init__(self, fs: FileSystem, txn_blocks: int):
+    def __init__(self, fs: FileSystem, txn_blocks: int) -> None:
         self.fs = fs
         self.pm, self.tx, self.alloc = fs.pm, fs.tx, fs.alloc
         self.inodes, self.bufcache = fs.inodes, fs.bufcache
@@ -55,7 +56,7 @@ class FileData:
             n = self.cached_writers.pop(ino, 0) - 1
             if n > 0:
                 self.cached_writers[ino] = n
-        node = self.inodes.cache.get(ino)
+        node = self.inodes.cached(ino)
         if node is None:
             return
         node.opens = max(0, node.opens - 1)
@@ -80,7 +81,7 @@ class FileData:
                 node.touch()
                 t.inode(node)
 
-    def read(self, ino: int, off: int, size: int, view: bool = False):
+    def read(self, ino: int, off: int, size: int, view: bool = False) -> bytes | memoryview:
         """File bytes; `view=True` may return a zero-copy memoryview of the image (the FUSE
         reply path), valid only until the next mutating call."""
         node = self.inodes.get(ino)
@@ -88,7 +89,7 @@ class FileData:
             raise FsError(errno.EISDIR)
         return self.bufcache.read(node, off, size, view=view)
 
-    def write(self, ino: int, off: int, data, whole: bool = False) -> int:
+    def write(self, ino: int, off: int, data: Buffer, whole: bool = False) -> int:
         """Store `data` at `off`; returns the count stored. On a nearly full image a write
         stores the blocks that fit and returns a short count, like ext4's write(2); with
         `whole` (page-cache writeback, whose short counts the kernel ignores) it is stored
@@ -100,17 +101,17 @@ class FileData:
             raise FsError(errno.EINVAL)
         if not len(data):
             return 0
-        if (off + len(data) + BS - 1) // BS >= fmt.MAX_FILE_BLOCKS:
+        if fmt.blocks_for(off + len(data)) >= fmt.MAX_FILE_BLOCKS:
             raise FsError(errno.EFBIG)
-        l0, l1 = off // BS, (off + len(data) + BS - 1) // BS
+        l0, l1 = off // BS, fmt.blocks_for(off + len(data))
         segs = node.extents.segments(l0, l1)
-        if len(segs) == 1 and segs[0][2] >= 0 and off + len(data) <= node.size \
+        if len(segs) == 1 and segs[0][2] != HOLE and off + len(data) <= node.size \
                 and not self.alloc.any_shared(segs[0][2], segs[0][1]) and not self.tx.readonly \
                 and not self.tx.failed:
             # overwrite of owned blocks: no metadata but timestamps, no transaction
             self.bufcache.overwrite(segs[0], off, data)
             node.mtime = node.ctime = now_ns()
-            self.tx.dirty_times[ino] = node
+            self.tx.note_times(node)
             return len(data)
         if whole:
             self.bufcache.reserve(*self.bufcache.write_needs(node, off, off + len(data), segs))
@@ -137,7 +138,7 @@ class FileData:
                 node.touch(m=True)
                 t.inode(node)
             return
-        keep = -(-size // BS)
+        keep = fmt.blocks_for(size)
         em = node.extents
         small = len(em) == 0 or em.end_block() - keep <= self.txn_blocks
         with self.tx.open() as t:
@@ -167,16 +168,16 @@ class FileData:
             return 0
         if src is dst and off_in < off_out + length and off_out < off_in + length:
             raise FsError(errno.EINVAL)
-        if (off_out + length + BS - 1) // BS >= fmt.MAX_FILE_BLOCKS:
+        if fmt.blocks_for(off_out + length) >= fmt.MAX_FILE_BLOCKS:
             raise FsError(errno.EFBIG)
         end_in = off_in + length
         if (off_in - off_out) % BS:
             return self._copy_bytes(src, off_in, dst, off_out, length)
         # [a, b) in source bytes: the part that can be shared block for block
-        a = -(-off_in // BS) * BS
+        a = fmt.blocks_for(off_in) * BS
         b = end_in // BS * BS
         if end_in == src.size and off_out + length >= dst.size:
-            b = -(-end_in // BS) * BS     # the EOF block too: its tail is invisible in dst
+            b = fmt.blocks_for(end_in) * BS     # the EOF block too: its tail is invisible in dst
         if b <= a:
             return self._copy_bytes(src, off_in, dst, off_out, length)
         # One transaction per chunk of self.txn_blocks: the first also copies the unaligned head,
@@ -248,8 +249,8 @@ class FileData:
             # write back before FUSE_LSEEK): "all data" is the answer that is always safe
             return off if whence == os.SEEK_DATA else node.size
         want_hole = whence == os.SEEK_HOLE
-        for l, _n, p in node.extents.segments(off // BS, -(-node.size // BS)):
-            if (p < 0) == want_hole:
+        for l, _n, p in node.extents.segments(off // BS, fmt.blocks_for(node.size)):
+            if (p == HOLE) == want_hole:
                 return min(node.size, max(off, l * BS))
         if want_hole:
             return node.size
@@ -268,18 +269,18 @@ class FileData:
         if mode & FALLOC_PUNCH_HOLE and not mode & FALLOC_KEEP_SIZE:
             raise FsError(errno.EINVAL)
         end = off + length
-        if (end + BS - 1) // BS >= fmt.MAX_FILE_BLOCKS:
+        if fmt.blocks_for(end) >= fmt.MAX_FILE_BLOCKS:
             raise FsError(errno.EFBIG)
         if mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE):
             keep = bool(mode & FALLOC_KEEP_SIZE)
             self._zero_range(node, off, min(end, node.size) if keep else end,
                              node.size if keep else max(end, node.size))
             return
-        self._preallocate(node, off // BS, -(-end // BS))
+        self._preallocate(node, off // BS, fmt.blocks_for(end))
         if not mode & FALLOC_KEEP_SIZE and end > node.size:
             self.truncate(node, end)
         node.touch(m=True)              # as ext4 (file_modified), even when nothing changed
-        self.tx.dirty_times[ino] = node
+        self.tx.note_times(node)
 
     def _zero_range(self, node: Inode, start: int, end: int, new_size: int) -> None:
         """Bytes [start, end) read as zeros afterwards and the size becomes `new_size`: whole
@@ -293,7 +294,7 @@ class FileData:
             if new_size != node.size:
                 self.truncate(node, new_size)
             return
-        a, b = -(-start // BS) * BS, end // BS * BS
+        a, b = fmt.blocks_for(start) * BS, end // BS * BS
         if b < a:                                    # inside one block
             pieces = [(start, end)]
         else:
@@ -357,7 +358,7 @@ class FileData:
         for l, n in holes:
             for c in range(l, l + n, self.txn_blocks):
                 k = min(self.txn_blocks, l + n - c)
-                goal = max(node.extents.lookup(c - 1) + 1 if c > 0 else 0, 0)
+                goal = node.extents.goal(c)
                 runs = self.alloc.plan(k, goal, home=node.ino)
                 self.bufcache.reserve(k, 2 * len(runs))
                 with self.tx.open() as t:
@@ -398,7 +399,7 @@ class FileData:
                 self.bufcache.punch(t, node, lo, hi)
 
     def trim(self, node: Inode) -> None:
-        self.punch_chunked(node, -(-node.size // BS))
+        self.punch_chunked(node, fmt.blocks_for(node.size))
         with self.tx.open() as t:
             node.flags &= ~fmt.IFLAG_TRIM
             t.inode(node)

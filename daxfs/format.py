@@ -13,12 +13,18 @@ Everything daxfs keeps lives in one image file, addressed in 4 KiB blocks:
 Every region's place derives from the superblock; nothing else is hard-coded but block 0.
 The tables are updated only by replaying journal records (see journal.py), so after any crash
 the image equals "tables as of the last checkpoint + every committed transaction since".
+
+This module is the one place that spells a layout: each record's numpy dtype (whole-table
+views) and its encode/decode for single records (`pack_inode`, `pack_dirent`, `pack_extent`,
+the struct formats derived from the dtypes), the xattr block and the journal's records, and
+the superblock's read, checksum and store. Every other module goes through these helpers.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import stat
+import struct
 import zlib
 from collections.abc import Callable
 
@@ -35,6 +41,10 @@ REFCOUNT_RESERVED = 0xFFFFFFFF   # refcount of metadata blocks: never allocatabl
 MAX_REFCOUNT = 0xFFFFFFF0        # clone refuses (EMLINK-like) beyond this
 MAX_FILE_BLOCKS = 1 << 40        # file blocks [0, 2**40) are addressable (4 PiB); EFBIG past it,
                                  #   and an extent reaching past it is corrupt
+# A regular file's size as stored is below this (the engine never grows one to MAX_FILE_BLOCKS;
+# a larger one is corrupt). A bound on size, not on blocks: 2**52 bytes = MAX_FILE_BLOCKS << 12.
+MAX_FILE_BYTES = MAX_FILE_BLOCKS << BLOCK_SHIFT
+assert BLOCK_SIZE == 1 << BLOCK_SHIFT and MAX_FILE_BYTES == 1 << 52
 
 SUPERBLOCK_DTYPE = np.dtype([
     ("magic", "S8"),            # == MAGIC
@@ -109,8 +119,147 @@ EXTENT_DTYPE = np.dtype([
 ])
 assert EXTENT_DTYPE.itemsize == 24
 
-# An xattr block: u16 count, then per entry u8 name_len, u16 value_len, name, value.
-XATTR_MAX_BYTES = BLOCK_SIZE - 2
+REFCOUNT_DTYPE = np.dtype("<u4")  # the refcount table: one per block of the image
+
+# The tables' record types, by region name (Geometry.region / Geometry.table).
+TABLE_DTYPES = {"inodes": INODE_DTYPE, "dirents": DIRENT_DTYPE, "extents": EXTENT_DTYPE,
+                "refcounts": REFCOUNT_DTYPE}
+
+
+# ------------------------------------------------------------------------------ record codecs
+def _struct_of(dtype: np.dtype) -> struct.Struct:
+    """The struct format of one packed little-endian record of `dtype` (so the layout is
+    spelled once, by the dtype)."""
+    spec = "<"
+    for name in dtype.names:
+        ft = dtype.fields[name][0]
+        if ft.kind == "S":
+            spec += f"{ft.itemsize}s"
+        elif ft.kind == "V":
+            spec += f"{ft.itemsize}x"
+        else:
+            spec += {("u", 1): "B", ("u", 2): "H", ("u", 4): "I", ("u", 8): "Q",
+                    ("i", 8): "q"}[ft.kind, ft.itemsize]
+    st = struct.Struct(spec)
+    assert st.size == dtype.itemsize, dtype
+    return st
+
+
+_INODE_REC = _struct_of(INODE_DTYPE)
+_DIRENT_REC = _struct_of(DIRENT_DTYPE)
+_EXTENT_REC = _struct_of(EXTENT_DTYPE)
+
+# The fields of an inode record that carry state (all but `reserved`), in record order: what
+# `pack_inode` takes and `unpack_inode` gives.
+INODE_FIELDS = INODE_DTYPE.names[:-1]
+assert INODE_DTYPE.names[-1] == "reserved"
+
+
+def pack_inode(mode: int, uid: int, gid: int, nlink: int, size: int, atime: int, mtime: int,
+               ctime: int, btime: int, generation: int, flags: int, xattr_blk: int,
+               rdev: int) -> bytes:
+    """One inode record (the INODE_FIELDS in order; `reserved` zero)."""
+    return _INODE_REC.pack(mode, uid, gid, nlink, size, atime, mtime, ctime, btime, generation,
+                           flags, xattr_blk, rdev)
+
+
+def unpack_inode(rec: np.void) -> tuple:
+    """The INODE_FIELDS of a record of an INODE_DTYPE view, as Python ints."""
+    return rec.item()[:len(INODE_FIELDS)]
+
+
+def free_inode_record(generation: int) -> bytes:
+    """A free inode slot: all zero but the generation, which the next user bumps."""
+    return pack_inode(0, 0, 0, 0, 0, 0, 0, 0, 0, generation, 0, 0, 0)
+
+
+def pack_dirent(parent: int, ino: int, name: bytes) -> bytes:
+    return _DIRENT_REC.pack(parent, ino, len(name), name)
+
+
+def pack_extent(ino: int, lblk: int, pblk: int, length: int) -> bytes:
+    return _EXTENT_REC.pack(ino, length, lblk, pblk)
+
+
+FREE_DIRENT = bytes(DIRENT_DTYPE.itemsize)
+FREE_EXTENT = bytes(EXTENT_DTYPE.itemsize)
+
+# ------------------------------------------------------------------------------ xattr block
+# An xattr block (one per inode that has xattrs, a whole data block): u16 count, then `count`
+# entries packed one after another: u8 name_len (>= 1), u16 value_len, name, value; the rest
+# of the block is zero.
+XATTR_COUNT = struct.Struct("<H")
+XATTR_ENTRY = struct.Struct("<BH")          # name_len, value_len
+XATTR_MIN_ENTRY = XATTR_ENTRY.size + 1      # an entry's smallest size (1-byte name, no value)
+
+
+def xattr_block_bytes(attrs: dict[bytes, bytes]) -> int:
+    """Bytes the xattr block holding `attrs` fills (fits iff <= BLOCK_SIZE)."""
+    return XATTR_COUNT.size + sum(XATTR_ENTRY.size + len(k) + len(v) for k, v in attrs.items())
+
+
+def pack_xattrs(attrs: dict[bytes, bytes]) -> bytes:
+    """The xattr block holding `attrs`; ValueError unless they fit (xattr_block_bytes)."""
+    if xattr_block_bytes(attrs) > BLOCK_SIZE:
+        raise ValueError("xattrs exceed one block")
+    out = bytearray(XATTR_COUNT.pack(len(attrs)))
+    for name, value in attrs.items():
+        out += XATTR_ENTRY.pack(len(name), len(value)) + name + value
+    return bytes(out) + bytes(BLOCK_SIZE - len(out))
+
+
+def unpack_xattrs(block: bytes) -> dict[bytes, bytes]:
+    """Parse an xattr block; ValueError on a malformed one."""
+    (count,) = XATTR_COUNT.unpack_from(block, 0)
+    out: dict[bytes, bytes] = {}
+    p = XATTR_COUNT.size
+    for _ in range(count):
+        if p + XATTR_ENTRY.size > len(block):
+            raise ValueError("xattr block truncated")
+        nlen, vlen = XATTR_ENTRY.unpack_from(block, p)
+        p += XATTR_ENTRY.size
+        if nlen == 0 or p + nlen + vlen > len(block):
+            raise ValueError("xattr entry out of bounds")
+        out[bytes(block[p:p + nlen])] = bytes(block[p + nlen:p + nlen + vlen])
+        p += nlen + vlen
+    return out
+
+
+# ------------------------------------------------------------------------------ journal
+# The journal header block starts with JOURNAL_HEADER_DTYPE; the log follows it (journal.py
+# explains the protocol). A transaction in the log:
+#     TXN_HEADER  magic TXN_MAGIC, nrec, body_len, crc32 (txn_crc), epoch, seq (32 bytes)
+#     body        nrec records: TXN_RECORD (offset u64, length u32, pad u32), then the data
+#                 padded to 8 bytes
+#     commit word u64 == commit_word(epoch, seq), 8-byte aligned, after the body
+JOURNAL_EPOCH_OFF = JOURNAL_HEADER_DTYPE.fields["epoch"][1]
+TXN_MAGIC = 0x31545844  # 'DXT1'
+TXN_HEADER = struct.Struct("<IIIIQQ")
+TXN_RECORD = struct.Struct("<QII")
+_TXN_CRC_FIELDS = struct.Struct("<IQQ")     # nrec, epoch, seq: what the crc covers before the body
+
+
+def pack_journal_header(epoch: int) -> bytes:
+    h = np.zeros(1, JOURNAL_HEADER_DTYPE)
+    h["magic"] = JOURNAL_MAGIC
+    h["epoch"] = epoch
+    return h.tobytes()
+
+
+def unpack_journal_header(raw: bytes) -> tuple[bool, int]:
+    """(magic ok, epoch) of a journal header block's first bytes."""
+    h = np.frombuffer(raw, JOURNAL_HEADER_DTYPE, 1)[0]
+    return bytes(h["magic"]) == JOURNAL_MAGIC, int(h["epoch"])
+
+
+def commit_word(epoch: int, seq: int) -> int:
+    return ((epoch * 0x9E3779B97F4A7C15) ^ (seq * 0xC2B2AE3D27D4EB4F) ^ 0xDA7F5C0117) & \
+        0xFFFFFFFFFFFFFFFF | 1
+
+
+def txn_crc(nrec: int, epoch: int, seq: int, body: bytes) -> int:
+    """crc32 over the header fields and the body: a damaged record count is a torn tail."""
+    return zlib.crc32(body, zlib.crc32(_TXN_CRC_FIELDS.pack(nrec, epoch, seq)))
 
 
 class FormatError(Exception):
@@ -154,7 +303,7 @@ class Geometry:
         extent_start = pos
         pos += blocks_for(extent_count * EXTENT_DTYPE.itemsize)
         refcount_start = pos
-        pos += blocks_for(nblocks * 4)
+        pos += blocks_for(nblocks * REFCOUNT_DTYPE.itemsize)
         if nblocks - pos < 64:
             raise FormatError(f"image size {size_bytes} leaves no room for data")
         return cls(nblocks, journal_start, journal_blocks, inode_start, inode_count, dirent_start,
@@ -173,13 +322,25 @@ class Geometry:
             "inodes": (g.inode_start, g.inode_count * INODE_DTYPE.itemsize),
             "dirents": (g.dirent_start, g.dirent_count * DIRENT_DTYPE.itemsize),
             "extents": (g.extent_start, g.extent_count * EXTENT_DTYPE.itemsize),
-            "refcounts": (g.refcount_start, g.nblocks * 4),
+            "refcounts": (g.refcount_start, g.nblocks * REFCOUNT_DTYPE.itemsize),
         }
         start, length = table[name]
         return start * BLOCK_SIZE, length
 
+    def record_offset(self, name: str, index: int) -> int:
+        """Byte offset in the image of record `index` of table `name` (TABLE_DTYPES)."""
+        return self.region(name)[0] + index * TABLE_DTYPES[name].itemsize
+
+    def table(self, buf, name: str) -> np.ndarray:
+        """A numpy view of table `name` (TABLE_DTYPES) in `buf`, the mapped image."""
+        off, length = self.region(name)
+        dtype = TABLE_DTYPES[name]
+        return np.frombuffer(buf, dtype, length // dtype.itemsize, off)
+
 
 def blocks_for(nbytes: int) -> int:
+    """Blocks needed to hold `nbytes` bytes (ceiling division; also: the file blocks that
+    bytes [0, nbytes) touch, i.e. one past the block of byte nbytes - 1)."""
     return -(-nbytes // BLOCK_SIZE)
 
 
@@ -198,8 +359,14 @@ def make_superblock(g: Geometry, uuid: bytes, created_ns: int) -> np.ndarray:
     sb["uuid"] = uuid
     sb["created_ns"] = created_ns
     sb["clean"] = 1
-    sb["checksum"] = superblock_checksum(sb)
+    seal_superblock(sb)
     return sb
+
+
+def seal_superblock(sb: np.void) -> bytes:
+    """The superblock's bytes with its checksum brought up to date (stored into `sb` too)."""
+    sb["checksum"] = superblock_checksum(sb)
+    return sb.tobytes()
 
 
 def parse_superblock(raw: bytes, file_size: int) -> tuple[np.void, Geometry]:
@@ -227,6 +394,43 @@ def parse_superblock(raw: bytes, file_size: int) -> tuple[np.void, Geometry]:
     if expect != g:
         raise FormatError("superblock geometry inconsistent (image corrupt)")
     return sb, g
+
+
+def read_superblock(path_or_fd: str | int) -> tuple[np.void, Geometry]:
+    """Read and validate block 0 of an image (a path, or an open fd, which stays open):
+    (a writable copy of the superblock, its geometry). OSError when the file cannot be opened
+    or read, FormatError (one-line reason) when it is not a usable daxfs image."""
+    if isinstance(path_or_fd, int):
+        return _read_superblock_fd(path_or_fd)
+    fd = os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _read_superblock_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_superblock_fd(fd: int) -> tuple[np.void, Geometry]:
+    size = os.fstat(fd).st_size
+    sb, g = parse_superblock(os.pread(fd, BLOCK_SIZE, 0), size)
+    return sb.copy(), g
+
+
+def store_superblock(target, sb: np.void) -> None:
+    """Seal `sb` (checksum) and write it to block 0 of `target`: an fd (os.pwrite; the caller
+    syncs), or a mapping with PMem's store / persist / fence, where it is durable on return."""
+    raw = seal_superblock(sb)
+    if isinstance(target, int):
+        os.pwrite(target, raw, 0)
+        return
+    target.store(0, raw)
+    target.persist(0, len(raw))
+    target.fence()
+
+
+def has_magic(path: str) -> bool:
+    """Whether the file at `path` starts like a daxfs image (OSError if it cannot be read)."""
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
 
 
 def open_regular(path: str, flags: int, *, open_error: Callable[[OSError], Exception],

@@ -26,16 +26,15 @@ import errno
 import logging
 import os
 import stat
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 
 from . import format as fmt
 from . import usage
 from .alloc import BlockAllocator, implied_refcounts
 from .bufcache import BufCache
 from .dirs import Directories
-from .errors import FsError
+from .errors import FsError, MountError
 # the parts' constants, for callers of the engine
 from .filedata import (FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE,  # noqa: F401
                        MAX_CLONE_BYTES, FileData)  # noqa: F401
@@ -45,8 +44,11 @@ from .namespace import MAX_LINKS, MAX_SYMLINK, RENAME_EXCHANGE, RENAME_NOREPLACE
 from .namespace import Namespace
 from .orphans import Orphans
 from .pmem import PMem
-from .txn import Transactions
+from .txn import Buffer, Transactions
 from .xattrs import XattrStore
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,8 @@ class StatFs:
 
 
 class FileSystem:
-    def __init__(self, pm: PMem, sb, g: fmt.Geometry, readonly: bool,
-                 txn_blocks: int | None = None):
+    def __init__(self, pm: PMem, sb: np.void, g: fmt.Geometry, readonly: bool,
+                 txn_blocks: int | None = None) -> None:
         self.pm = pm
         self.g = g
         self.sb = sb
@@ -115,26 +117,24 @@ class FileSystem:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            raise fmt.FormatError(f"cannot open {path}: {e.strerror}") from None
+            raise MountError(f"cannot open {path}: {e.strerror}") from None
         try:
-            size = os.fstat(fd).st_size
-            raw = os.pread(fd, BS, 0)
+            sb, g = fmt.read_superblock(fd)
         finally:
             os.close(fd)
-        sb, g = fmt.parse_superblock(raw, size)
         pm = make_pmem(path) if make_pmem else PMem(path, private=readonly)
         try:
-            return cls(pm, sb.copy(), g, readonly, txn_blocks)
+            return cls(pm, sb, g, readonly, txn_blocks)
         except BaseException:
             pm.close()
             raise
 
     def _load_tables(self, readonly: bool) -> None:
         g, pm = self.g, self.pm
-        iv = pm.view(g.region("inodes")[0], fmt.INODE_DTYPE, g.inode_count)
-        ev = self._extent_view()
-        dv = pm.view(g.region("dirents")[0], fmt.DIRENT_DTYPE, g.dirent_count)
-        rv = pm.view(g.region("refcounts")[0], np.uint32, g.nblocks)
+        iv = g.table(pm.mm, "inodes")
+        ev = g.table(pm.mm, "extents")
+        dv = g.table(pm.mm, "dirents")
+        rv = g.table(pm.mm, "refcounts")
         self.alloc = BlockAllocator(rv, g)
         self.inodes = InodeTable(iv, ev, g)
         if not readonly:
@@ -142,7 +142,7 @@ class FileSystem:
             bad = self.alloc.undercounted(implied_refcounts(e["pblk"], e["length"], iv,
                                                             g.nblocks))
             if bad.size:
-                raise fmt.FormatError(
+                raise MountError(
                     f"refcount table undercounts {bad.size} block(s) in use (first: {bad[0]}); "
                     "writing could overwrite files (run daxfs fsck --repair)")
         self.dirs = Directories(dv)
@@ -150,7 +150,7 @@ class FileSystem:
         if not isdir[fmt.ROOT_INO]:
             raise fmt.FormatError("root inode is not a directory (image corrupt; run daxfs fsck)")
         self.dirs.note_dir_parents(lambda ino: 0 < ino < isdir.size and bool(isdir[ino]))
-        self.bufcache = BufCache(pm, g, self.alloc, self.inodes)
+        self.bufcache = BufCache(pm, self.alloc, self.inodes)
 
     @property
     def readonly(self) -> bool:
@@ -165,7 +165,7 @@ class FileSystem:
         if self.pm.mm is None:
             return
         if self.tx.writable:
-            for node in list(self.inodes.cache.values()):
+            for node in self.inodes.cached_nodes():
                 if node.nlink == 0 and node.flags & fmt.IFLAG_ORPHAN:
                     node.lookups = node.opens = 0
                     self.orphans.reclaim(node)
@@ -179,10 +179,7 @@ class FileSystem:
         sb["clean"] = int(clean)
         if not clean:
             sb["mount_count"] = (int(sb["mount_count"]) + 1) & 0xFFFFFFFF     # wraps
-        sb["checksum"] = fmt.superblock_checksum(sb)
-        self.pm.store(0, sb.tobytes())
-        self.pm.persist(0, fmt.SUPERBLOCK_DTYPE.itemsize)
-        self.pm.fence()
+        fmt.store_superblock(self.pm, sb)
 
     def sync(self) -> None:
         """Make everything done so far durable (fsync, fdatasync, syncfs)."""
@@ -210,7 +207,7 @@ class FileSystem:
         self.inodes.get(ino).lookups += 1
 
     def forget(self, ino: int, n: int) -> None:
-        node = self.inodes.cache.get(ino)
+        node = self.inodes.cached(ino)
         if node is None:
             return
         node.lookups = max(0, node.lookups - n)
@@ -296,10 +293,10 @@ class FileSystem:
     def kill_privileges(self, ino: int, suidgid: bool) -> None:
         self.data.kill_privileges(ino, suidgid)
 
-    def read(self, ino: int, off: int, size: int, view: bool = False):
+    def read(self, ino: int, off: int, size: int, view: bool = False) -> bytes | memoryview:
         return self.data.read(ino, off, size, view)
 
-    def write(self, ino: int, off: int, data, whole: bool = False) -> int:
+    def write(self, ino: int, off: int, data: Buffer, whole: bool = False) -> int:
         return self.data.write(ino, off, data, whole)
 
     def truncate(self, node: Inode, size: int) -> None:
@@ -349,16 +346,12 @@ class FileSystem:
 
     def scan_stats(self) -> dict[str, int]:
         """The space figures of stats(), computed by a full scan of the committed tables."""
-        g = self.g
-        return usage.usage(self.inodes.view, self._extent_view(),
-                           self.pm.view(self.g.region("refcounts")[0], np.uint32, g.nblocks), g)
+        g, mm = self.g, self.pm.mm
+        return usage.usage(self.inodes.view, g.table(mm, "extents"), g.table(mm, "refcounts"), g)
 
     def aliases_of(self, pblk: int) -> list[tuple[int, int]]:
         """The reverse map: (inode, file block) pairs that alias physical block `pblk`."""
-        return usage.reverse_map(self._extent_view(), pblk)
-
-    def _extent_view(self) -> np.ndarray:
-        return self.pm.view(self.g.region("extents")[0], fmt.EXTENT_DTYPE, self.g.extent_count)
+        return usage.reverse_map(self.g.table(self.pm.mm, "extents"), pblk)
 
     def statfs(self) -> StatFs:
         g = self.g

@@ -1,9 +1,19 @@
-"""copy_file_range, lseek(SEEK_DATA/SEEK_HOLE) and fallocate for pyfuse3 mounts.
+"""The C hook at the libfuse boundary (:mod:`daxfs._fusehook`), seen from Python.
 
-pyfuse3 (3.5) registers no handler for these three FUSE operations.  The C
-extension :mod:`daxfs._fusehook` interposes libfuse's ``fuse_session_new`` and
-fills the empty slots of pyfuse3's operations table with C callbacks that call
-the synchronous Python handlers registered here.
+The extension interposes libfuse's ``fuse_session_new`` and patches pyfuse3's
+operations table:
+
+* copy_file_range, lseek(SEEK_DATA/SEEK_HOLE) and fallocate, for which pyfuse3
+  (3.5) registers no handler, call the synchronous handlers of
+  :func:`set_handlers`;
+* read and write, with :func:`set_fast_path`, are answered in C by calling
+  synchronous handlers (no coroutine, no copy of the write data), after which
+  the hook keeps serving what arrives for up to ``spin_us`` (:func:`fast_stats`
+  counts both);
+* getxattr("security.capability"), which the kernel sends before each
+  page-cache write, is answered ENODATA in C while :func:`set_capability_xattrs`
+  says no inode has that xattr; any other getxattr goes to pyfuse3;
+* :func:`set_conn_options` adjusts the connection settings at FUSE_INIT.
 
 **Import order matters**: this module must be imported *before* ``pyfuse3``.
 pyfuse3's extension binds ``fuse_session_new`` when it is loaded (Python loads
@@ -16,6 +26,7 @@ Usage::
     import pyfuse3
 
     fusehook.set_handlers(copy_file_range=..., lseek=..., fallocate=...)
+    fusehook.set_fast_path(read=..., write=..., spin_us=50)
     fusehook.set_conn_options(max_readahead=1 << 20)
     pyfuse3.init(ops, mountpoint, options)
     assert fusehook.hooked()
@@ -47,7 +58,8 @@ if "pyfuse3" in sys.modules:
 
 from . import _fusehook  # noqa: E402  (must precede pyfuse3)
 
-__all__ = ["set_handlers", "set_fast_path", "fast_stats", "set_conn_options", "hooked", "conn_info", "cap_names",
+__all__ = ["set_handlers", "set_fast_path", "fast_stats", "set_conn_options",
+           "set_capability_xattrs", "hooked", "conn_info", "cap_names",
            "CopyFileRange", "Lseek", "Fallocate"]
 
 # copy_file_range(ino_in, fh_in, off_in, ino_out, fh_out, off_out, length, flags) -> bytes copied

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import stat
-import struct
 import time
 
 import numpy as np
@@ -23,10 +22,6 @@ from .alloc import SlotPool
 from .errors import CorruptionError, FsError
 from .extents import ExtentMap
 
-INODE_REC = struct.Struct("<IIIIQqqqqIIQQ48x")
-assert INODE_REC.size == fmt.INODE_DTYPE.itemsize
-
-
 _KINDS = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK,
           stat.S_IFSOCK)
 
@@ -35,18 +30,13 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-# InodeTable.get builds an Inode from the first 13 fields of a record, in this order
-_RECORD_FIELDS = ("mode", "uid", "gid", "nlink", "size", "atime", "mtime", "ctime", "btime",
-                  "generation", "flags", "xattr_blk", "rdev")
-assert fmt.INODE_DTYPE.names[:13] == _RECORD_FIELDS
-
-
 class Inode:
     __slots__ = ("ino", "mode", "uid", "gid", "nlink", "_size", "atime", "mtime", "ctime", "btime",
                  "generation", "flags", "xattr_blk", "rdev", "_extents", "lookups", "opens",
                  "xattrs", "table")
 
     def __init__(self, table: "InodeTable", ino: int, rec: tuple):
+        """`rec`: the record's fmt.INODE_FIELDS, in order (fmt.unpack_inode)."""
         self.table = table
         self.ino = ino
         (self.mode, self.uid, self.gid, self.nlink, self._size, self.atime, self.mtime, self.ctime,
@@ -63,12 +53,12 @@ class Inode:
     @size.setter
     def size(self, value: int) -> None:
         # the sum of regular files' sizes is kept up to date for `daxfs stat` (O(1) reads)
-        if self.mode & 0o170000 == stat.S_IFREG:
+        if stat.S_ISREG(self.mode):
             self.table.logical_bytes += value - self._size
         self._size = value
 
     def pack(self) -> bytes:
-        return INODE_REC.pack(self.mode, self.uid, self.gid, self.nlink, self._size, self.atime,
+        return fmt.pack_inode(self.mode, self.uid, self.gid, self.nlink, self._size, self.atime,
                               self.mtime, self.ctime, self.btime, self.generation, self.flags,
                               self.xattr_blk, self.rdev)
 
@@ -115,8 +105,8 @@ class InodeTable:
         self.pool = SlotPool(free[free > fmt.ROOT_INO], "inodes")
         self.used = int(view.size - free.size)  # counts slot 0 as used; statfs subtracts it
         # running totals for `daxfs stat`: regular files' sizes, inodes holding an xattr block
-        reg = (modes & 0o170000) == stat.S_IFREG
-        self.logical_bytes = int(np.minimum(view["size"][reg], np.uint64(1 << 52))
+        reg = (modes & fmt.S_IFMT_BITS) == stat.S_IFREG
+        self.logical_bytes = int(np.minimum(view["size"][reg], np.uint64(fmt.MAX_FILE_BYTES))
                                  .astype(np.int64).sum())
         self.xattr_blocks = int(np.count_nonzero(view["xattr_blk"][modes != 0]))
         # sort the extent table once; per-inode slices become ExtentMaps on demand
@@ -145,6 +135,13 @@ class InodeTable:
         return ExtentMap(self._ext_lblk[a:b].copy(), self._ext_pblk[a:b].copy(),
                          self._ext_len[a:b].copy(), self._ext_slot[a:b].copy())
 
+    def cached(self, ino: int) -> Inode | None:
+        """The inode if it is loaded (in use since mount), else None; never reads the table."""
+        return self.cache.get(ino)
+
+    def cached_nodes(self) -> list[Inode]:
+        return list(self.cache.values())
+
     def get(self, ino: int) -> Inode:
         node = self.cache.get(ino)
         if node is not None:
@@ -154,9 +151,9 @@ class InodeTable:
         rec = self.view[ino]
         if rec["mode"] == 0:
             raise FsError(errno.ENOENT)
-        node = Inode(self, ino, rec.item()[:len(_RECORD_FIELDS)])
-        kind = node.mode & 0o170000
-        if kind not in _KINDS or (kind == stat.S_IFREG and node.size >= 1 << 52) or \
+        node = Inode(self, ino, fmt.unpack_inode(rec))
+        kind = stat.S_IFMT(node.mode)
+        if kind not in _KINDS or (kind == stat.S_IFREG and node.size >= fmt.MAX_FILE_BYTES) or \
                 (kind == stat.S_IFLNK and not 0 < node.size < fmt.BLOCK_SIZE) or \
                 node.size >= 1 << 63:             # st_size is signed: cannot be reported
             self.corrupt(f"inode {ino}: bad mode {node.mode:o} or size {node.size}")
@@ -194,9 +191,6 @@ class InodeTable:
         self.used -= 1
         if node.is_reg:
             self.logical_bytes -= node._size
-
-    def record_offset(self, ino: int, base: int) -> int:
-        return base + ino * fmt.INODE_DTYPE.itemsize
 
     def flagged(self, flag: int) -> list[int]:
         v = self.view

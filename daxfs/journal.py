@@ -1,6 +1,7 @@
 """Redo journal: every metadata change reaches the tables only through a committed transaction.
 
-Log layout (in the journal region, after its header block), one transaction after another:
+Log layout (in the journal region, after its header block; the bytes are spelled in
+format.py), one transaction after another:
 
     TXN_HEADER   magic 'DXT1', nrec, body_len, crc32(nrec,epoch,seq,body), epoch, seq (32 bytes)
     body         nrec records: offset u64, length u32, pad u32, data padded to 8 bytes
@@ -18,27 +19,12 @@ checksum and commit word all match; the first mismatch is the end of the log (a 
 from __future__ import annotations
 
 import logging
-import struct
-import zlib
 
 from . import format as fmt
+from .format import TXN_HEADER, TXN_MAGIC, TXN_RECORD, commit_word, txn_crc
 from .pmem import PMem
 
 log = logging.getLogger(__name__)
-
-TXN_MAGIC = 0x31545844  # 'DXT1'
-_HDR = struct.Struct("<IIIIQQ")
-_REC = struct.Struct("<QII")
-
-
-def commit_word(epoch: int, seq: int) -> int:
-    return ((epoch * 0x9E3779B97F4A7C15) ^ (seq * 0xC2B2AE3D27D4EB4F) ^ 0xDA7F5C0117) & \
-        0xFFFFFFFFFFFFFFFF | 1
-
-
-def _txn_crc(nrec: int, epoch: int, seq: int, body: bytes) -> int:
-    """crc32 over the header fields and the body: a damaged record count is a torn tail."""
-    return zlib.crc32(body, zlib.crc32(struct.pack("<IQQ", nrec, epoch, seq)))
 
 
 def _pad8(n: int) -> int:
@@ -52,8 +38,8 @@ class JournalFull(Exception):
 class Journal:
     def __init__(self, pm: PMem, g: fmt.Geometry):
         self.pm = pm
-        self.g = g
         self.hdr_off = g.journal_start * fmt.BLOCK_SIZE
+        self.epoch_off = self.hdr_off + fmt.JOURNAL_EPOCH_OFF     # 8 bytes, stored atomically
         self.log_off = self.hdr_off + fmt.BLOCK_SIZE
         self.log_len = (g.journal_blocks - 1) * fmt.BLOCK_SIZE
         self.meta_len = g.data_start * fmt.BLOCK_SIZE
@@ -67,11 +53,12 @@ class Journal:
 
     # -- header ----------------------------------------------------------------------------------
     def header_ok(self) -> bool:
-        return bytes(self.pm.buf[self.hdr_off:self.hdr_off + 8]) == fmt.JOURNAL_MAGIC
+        return fmt.unpack_journal_header(
+            self.pm.buf[self.hdr_off:self.hdr_off + fmt.JOURNAL_HEADER_DTYPE.itemsize])[0]
 
     @property
     def epoch(self) -> int:
-        return int.from_bytes(self.pm.buf[self.hdr_off + 8:self.hdr_off + 16], "little")
+        return int.from_bytes(self.pm.buf[self.epoch_off:self.epoch_off + 8], "little")
 
     @property
     def max_txn_bytes(self) -> int:
@@ -84,23 +71,23 @@ class Journal:
             return
         body = bytearray()
         for off, data in writes:
-            body += _REC.pack(off, len(data), 0)
+            body += TXN_RECORD.pack(off, len(data), 0)
             body += data
             body += bytes(_pad8(len(data)) - len(data))
-        need = _HDR.size + len(body) + 8
+        need = TXN_HEADER.size + len(body) + 8
         if need > self.max_txn_bytes:
             raise JournalFull(f"transaction of {need} bytes exceeds journal limit {self.max_txn_bytes}")
         if self.pos + need > self.log_len:
             self.checkpoint()
         epoch = self.epoch
         at = self.log_off + self.pos
-        hdr = _HDR.pack(TXN_MAGIC, len(writes), len(body), _txn_crc(len(writes), epoch, self.seq, body),
-                        epoch, self.seq)
+        hdr = TXN_HEADER.pack(TXN_MAGIC, len(writes), len(body),
+                              txn_crc(len(writes), epoch, self.seq, body), epoch, self.seq)
         pm = self.pm
         pm.store(at, hdr + body)
-        pm.persist(at, _HDR.size + len(body))
+        pm.persist(at, TXN_HEADER.size + len(body))
         pm.fence()
-        cw_at = at + _HDR.size + len(body)
+        cw_at = at + TXN_HEADER.size + len(body)
         pm.store(cw_at, commit_word(epoch, self.seq).to_bytes(8, "little"))
         pm.persist(cw_at, 8)
         pm.fence()
@@ -123,9 +110,9 @@ class Journal:
             pm.persist(off, length)
         self.data_ranges.clear()
         pm.fence()
-        pm.store(self.hdr_off + 8, max(1, (self.epoch + 1) & 0xFFFF_FFFF_FFFF_FFFF)
+        pm.store(self.epoch_off, max(1, (self.epoch + 1) & 0xFFFF_FFFF_FFFF_FFFF)
                  .to_bytes(8, "little"))         # wraps past 2**64 - 1, skipping 0 (invalid)
-        pm.persist(self.hdr_off + 8, 8)
+        pm.persist(self.epoch_off, 8)
         pm.fence()
         self.pos = 0
         self.seq = 0
@@ -137,27 +124,29 @@ class Journal:
         epoch = self.epoch
         buf = self.pm.buf
         pos, seq = 0, 0
-        while pos + _HDR.size + 8 <= self.log_len:
+        while pos + TXN_HEADER.size + 8 <= self.log_len:
             at = self.log_off + pos
-            magic, nrec, body_len, crc, t_epoch, t_seq = _HDR.unpack(bytes(buf[at:at + _HDR.size]))
+            magic, nrec, body_len, crc, t_epoch, t_seq = TXN_HEADER.unpack(
+                bytes(buf[at:at + TXN_HEADER.size]))
             if magic != TXN_MAGIC or t_epoch != epoch or t_seq != seq:
                 return
-            end = pos + _HDR.size + body_len + 8
+            end = pos + TXN_HEADER.size + body_len + 8
             if body_len % 8 or end > self.log_len:
                 return
-            body = bytes(buf[at + _HDR.size:at + _HDR.size + body_len])
-            if _txn_crc(nrec, t_epoch, t_seq, body) != crc:
+            body = bytes(buf[at + TXN_HEADER.size:at + TXN_HEADER.size + body_len])
+            if txn_crc(nrec, t_epoch, t_seq, body) != crc:
                 return
-            cw = int.from_bytes(buf[at + _HDR.size + body_len:at + _HDR.size + body_len + 8], "little")
+            cw_at = at + TXN_HEADER.size + body_len
+            cw = int.from_bytes(buf[cw_at:cw_at + 8], "little")
             if cw != commit_word(epoch, seq):
                 return
             records = []
             p = 0
             for _ in range(nrec):
-                if p + _REC.size > body_len:
+                if p + TXN_RECORD.size > body_len:
                     return
-                off, length, _pad = _REC.unpack_from(body, p)
-                p += _REC.size
+                off, length, _pad = TXN_RECORD.unpack_from(body, p)
+                p += TXN_RECORD.size
                 if p + length > body_len or off + length > self.meta_len and not self._data_ok(off, length):
                     return
                 records.append((off, body[p:p + length]))

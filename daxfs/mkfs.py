@@ -32,8 +32,7 @@ def parse_size(text: str) -> int:
 
 def is_daxfs_image(path: str) -> bool:
     try:
-        with open(path, "rb") as f:
-            return f.read(8) == fmt.MAGIC
+        return fmt.has_magic(path)
     except OSError:
         return False
 
@@ -51,6 +50,33 @@ def _reserve(fd: int, path: str, size: int, created: bool) -> None:
         raise UsageError(f"cannot reserve {size} bytes for {path}: {e.strerror}") from None
 
 
+def _refuse_to_overwrite(path: str, force: bool) -> None:
+    if os.path.islink(path):
+        # a symlink planted where the image goes (dangling or not) must not redirect mkfs
+        raise UsageError(f"{path} is a symbolic link; mkfs does not follow it (give the "
+                         f"target's path)")
+    if os.path.exists(path) and not force:
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode) and st.st_size > 0:
+            what = "a daxfs image" if is_daxfs_image(path) else "a non-empty file"
+            raise UsageError(f"{path} is {what}; use --force to overwrite it")
+
+
+def _write_empty_fs(fd: int, g: fmt.Geometry) -> None:
+    """The journal header, the root directory, the reserved refcounts, and last (after an
+    fsync) the superblock, which makes it an image; the file is zeroed and sized already."""
+    now = time.time_ns()
+    os.pwrite(fd, fmt.pack_journal_header(1), g.journal_start * fmt.BLOCK_SIZE)
+    root = fmt.pack_inode(stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), 2, 0, now, now, now,
+                          now, 1, 0, 0, 0)
+    os.pwrite(fd, root, g.record_offset("inodes", fmt.ROOT_INO))
+    reserved = np.full(g.data_start, fmt.REFCOUNT_RESERVED, dtype=fmt.REFCOUNT_DTYPE)
+    os.pwrite(fd, reserved.tobytes(), g.region("refcounts")[0])
+    os.fsync(fd)
+    fmt.store_superblock(fd, fmt.make_superblock(g, uuidlib.uuid4().bytes, now))
+    os.fsync(fd)
+
+
 def make_image(path: str, size: int, *, force: bool = False, inode_count: int | None = None,
                extent_count: int | None = None, sparse: bool = True) -> fmt.Geometry:
     """Format `path` as an empty daxfs of `size` bytes. Refuses to overwrite data (a daxfs
@@ -62,15 +88,7 @@ def make_image(path: str, size: int, *, force: bool = False, inode_count: int | 
         g = fmt.Geometry.for_size(size, inode_count, extent_count)
     except fmt.FormatError as e:
         raise UsageError(str(e)) from None
-    if os.path.islink(path):
-        # a symlink planted where the image goes (dangling or not) must not redirect mkfs
-        raise UsageError(f"{path} is a symbolic link; mkfs does not follow it (give the "
-                         f"target's path)")
-    if os.path.exists(path) and not force:
-        st = os.stat(path)
-        if stat.S_ISREG(st.st_mode) and st.st_size > 0:
-            what = "a daxfs image" if is_daxfs_image(path) else "a non-empty file"
-            raise UsageError(f"{path} is {what}; use --force to overwrite it")
+    _refuse_to_overwrite(path, force)
     created = not os.path.lexists(path)
     # O_NOFOLLOW, and O_EXCL when creating: a symlink or file planted between the checks above
     # and the open makes it fail instead of writing elsewhere. 0600: the image holds every
@@ -95,26 +113,7 @@ def make_image(path: str, size: int, *, force: bool = False, inode_count: int | 
         os.ftruncate(fd, size)
         if not sparse:
             _reserve(fd, path, size, created)
-        now = time.time_ns()
-        jh = np.zeros(1, fmt.JOURNAL_HEADER_DTYPE)
-        jh["magic"] = fmt.JOURNAL_MAGIC
-        jh["epoch"] = 1
-        os.pwrite(fd, jh.tobytes(), g.journal_start * fmt.BLOCK_SIZE)
-        root = np.zeros(1, fmt.INODE_DTYPE)
-        root["mode"] = stat.S_IFDIR | 0o755
-        root["uid"] = os.getuid()
-        root["gid"] = os.getgid()
-        root["nlink"] = 2
-        for f in ("atime", "mtime", "ctime", "btime"):
-            root[f] = now
-        root["generation"] = 1
-        os.pwrite(fd, root.tobytes(), g.inode_start * fmt.BLOCK_SIZE + fmt.ROOT_INO * fmt.INODE_DTYPE.itemsize)
-        reserved = np.full(g.data_start, fmt.REFCOUNT_RESERVED, dtype="<u4")
-        os.pwrite(fd, reserved.tobytes(), g.refcount_start * fmt.BLOCK_SIZE)
-        os.fsync(fd)
-        sb = fmt.make_superblock(g, uuidlib.uuid4().bytes, now)
-        os.pwrite(fd, sb.tobytes(), 0)
-        os.fsync(fd)
+        _write_empty_fs(fd, g)
     except OSError as e:
         if created:                    # leave nothing behind that looks like an image attempt
             try:

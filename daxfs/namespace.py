@@ -30,7 +30,7 @@ MAX_SYMLINK = fmt.BLOCK_SIZE - 1
 
 
 class Namespace:
-    def __init__(self, fs: FileSystem):
+    def __init__(self, fs: FileSystem) -> None:
         self.fs = fs
         self.g, self.tx = fs.g, fs.tx
         self.inodes, self.dirs, self.bufcache = fs.inodes, fs.dirs, fs.bufcache
@@ -80,7 +80,7 @@ class Namespace:
             if is_dir:
                 node.nlink = 2
                 pnode.nlink += 1
-                self.dirs.parent[node.ino] = parent
+                self.dirs.set_parent(node.ino, parent)
             slot, rec = self.dirs.add(parent, name, node.ino)
             t.dirent(slot, rec)
             if target is not None:
@@ -172,7 +172,7 @@ class Namespace:
         if node.is_dir:
             node.nlink = 0
             pnode.nlink -= 1
-            self.dirs.parent.pop(node.ino, None)
+            self.dirs.drop_parent(node.ino)
         else:
             node.nlink -= 1
         node.touch()
@@ -240,7 +240,7 @@ class Namespace:
         if node.is_dir and old_parent is not new_parent:
             old_parent.nlink -= 1
             new_parent.nlink += 1
-            self.dirs.parent[node.ino] = new_parent.ino
+            self.dirs.set_parent(node.ino, new_parent.ino)
 
     def _is_ancestor(self, anc: int, ino: int) -> bool:
         """True if `anc` is `ino` or one of its ancestors."""
@@ -250,7 +250,7 @@ class Namespace:
                 return True
             if ino == fmt.ROOT_INO:
                 return False
-            ino = self.dirs.parent.get(ino, fmt.ROOT_INO)
+            ino = self.dirs.parent_of(ino, fmt.ROOT_INO)
             seen += 1
             if seen > self.g.inode_count:
                 raise CorruptionError("directory cycle")
@@ -276,7 +276,7 @@ class Namespace:
         if dots and start < 1:
             out.append((1, b".", ino))
         if dots and start < 2:
-            out.append((2, b"..", self.dirs.parent.get(ino, ino)))
+            out.append((2, b"..", self.dirs.parent_of(ino, ino)))
         return out + self.dirs.listing(ino, start, None if limit is None else limit - len(out))
 
     def releasedir(self, fh: int) -> None:

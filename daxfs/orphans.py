@@ -11,7 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from . import format as fmt
-from .inodes import INODE_REC, Inode
+from .inodes import Inode
 
 if TYPE_CHECKING:
     from .fs import FileSystem
@@ -20,14 +20,14 @@ log = logging.getLogger(__name__)
 
 
 class Orphans:
-    def __init__(self, fs: FileSystem):
+    def __init__(self, fs: FileSystem) -> None:
         self.fs = fs
         self.tx, self.alloc, self.inodes = fs.tx, fs.alloc, fs.inodes
 
     def maybe_reclaim(self, node: Inode) -> None:
         # IFLAG_ORPHAN, not just nlink 0: a damaged link count must never delete a named file
         if not (node.nlink == 0 and node.flags & fmt.IFLAG_ORPHAN and not self.tx.readonly
-                and not self.tx.failed and node.ino in self.inodes.cache):
+                and not self.tx.failed and self.inodes.cached(node.ino) is node):
             return
         if not node.in_use:
             self.reclaim(node)
@@ -44,10 +44,9 @@ class Orphans:
                 self.alloc.decref(node.xattr_blk, 1)
                 node.xattr_blk = 0
                 self.inodes.xattr_blocks -= 1
-            free_rec = INODE_REC.pack(0, 0, 0, 0, 0, 0, 0, 0, 0, node.generation, 0, 0, 0)
-            t.free_inode(node.ino, free_rec)
+            t.free_inode(node.ino, fmt.free_inode_record(node.generation))
             self.inodes.release(node)
-            self.tx.dirty_times.pop(node.ino, None)
+            self.tx.drop_times(node.ino)
         self.fs.xattrs.note_capability(node.ino, False)
 
     def recover(self) -> None:

@@ -4,13 +4,19 @@ Every byte daxfs writes to the image goes through `PMem.store` / `PMem.zero` / `
 becomes durable against power loss only after `persist` of its range followed by `fence`.
 Crash tests subclass `PMem` (or set `observer`) to see every store and persist point.
 
-Two backends, chosen at map time:
+Three backends, chosen at map time:
 - DAX: the image sits on a DAX filesystem/device and MAP_SHARED_VALIDATE|MAP_SYNC succeeds; a
-  persist is a cache-line flush (libpmem via ctypes when present, else msync) and a fence is sfence.
+  persist is libpmem's pmem_persist (cache-line flushes and a fence; libpmem loaded through
+  ctypes when present), else msync of the range.
 - page cache (the usual case: ext4, XFS): a persist is msync(MS_SYNC) of the page-aligned
   range; stores reach the page cache immediately, so a killed daemon loses nothing it stored.
 - RAM (tmpfs, ramfs: the emulated pmem of tests and benchmarks): the page cache is the medium,
   so a persist is only a recorded persist point (crash tests still see every one).
+
+`fence` issues nothing: every persist above is complete when it returns (msync(MS_SYNC) waits
+for the data, pmem_persist ends with its own fence), so stores are already ordered by their
+persists; the call marks the ordering point for crash tests (`observer`).
+`PMem.over_fd` maps a descriptor fsck owns, without probing the backend.
 """
 from __future__ import annotations
 
@@ -89,19 +95,40 @@ class PMem:
                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
             elif mm is None:
                 mm = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED, prot=prot)
-            self.mm = mm
         except BaseException:
             os.close(self.fd)
             raise
         self.volatile = _on_ram_fs(self.fd)
+        self._owns_fd = True
+        self._attach(mm)
+        log.debug("mapped %s (%d bytes, %s backend)", path, self.size,
+                  "DAX" if self.dax else "RAM" if self.volatile else "msync")
+
+    @classmethod
+    def over_fd(cls, path: str, fd: int, size: int, *, shared: bool) -> "PMem":
+        """A mapping of `fd`, which the caller keeps owning (close() only unmaps), with no
+        backend probing (fsck's): `shared`, MAP_SHARED and every persist an msync whatever
+        the medium (a repair must reach the file); else a MAP_PRIVATE copy-on-write mapping
+        whose stores stay in this process and whose persists do nothing (a plain check
+        replays the journal into it)."""
+        pm = cls.__new__(cls)
+        pm.path, pm.fd, pm.size = path, fd, size
+        pm.readonly = not shared
+        pm.dax, pm.volatile, pm._libpmem, pm._owns_fd = False, False, None, False
+        flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
+        pm._attach(mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE))
+        return pm
+
+    def _attach(self, mm: mmap.mmap) -> None:
+        self.mm = mm
         self.buf = memoryview(mm)
         self.u8 = np.frombuffer(mm, dtype=np.uint8)
-        log.debug("mapped %s (%d bytes, %s backend)", path, self.size, "DAX" if self.dax else "msync")
 
     # -- views -------------------------------------------------------------------------------
-    def view(self, offset: int, dtype, count: int) -> np.ndarray:
-        """A numpy view of `count` records at `offset` (read-only use by convention)."""
-        return np.frombuffer(self.mm, dtype=dtype, count=count, offset=offset)
+    def read(self, offset: int, length: int) -> memoryview:
+        """The bytes [offset, offset+length) of the image, as a view of the mapping (zero-copy;
+        read-only by convention, valid until the next store into the range)."""
+        return self.buf[offset:offset + length]
 
     # -- stores --------------------------------------------------------------------------------
     def store(self, offset: int, data) -> None:
@@ -138,8 +165,7 @@ class PMem:
         self.mm.flush(start, end - start)
 
     def fence(self) -> None:
-        # msync(MS_SYNC) returns after the data is durable, and pmem_persist ends with a fence,
-        # so ordering is already given; the call exists so that crash tests see each fence.
+        """An ordering point; does nothing but tell the observer (see the module docstring)."""
         if self.observer:
             self.observer("fence", 0, 0)
 
@@ -184,7 +210,8 @@ class PMem:
     def close(self) -> None:
         if self.mm is not None:
             self.unmap(flush=not self.readonly)
-            os.close(self.fd)
+            if self._owns_fd:
+                os.close(self.fd)
 
     def unmap(self, flush: bool) -> None:
         thread = getattr(self, "_prefault_thread", None)

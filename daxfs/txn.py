@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# what a write takes: bytes, a memoryview (the C hook passes libfuse's buffer), or any buffer
+Buffer = bytes | bytearray | memoryview
+
 # dirty timestamps of pure overwrites ride along with the next commit, at most this many
 TIMES_PER_COMMIT = 512
 
@@ -45,7 +48,7 @@ class Transaction:
 
     __slots__ = ("_g", "writes", "nodes", "data")
 
-    def __init__(self, g: fmt.Geometry):
+    def __init__(self, g: fmt.Geometry) -> None:
         self._g = g
         self.writes: dict[int, bytes] = {}       # image offset -> record bytes
         self.nodes: dict[int, Inode] = {}        # inodes to store (packed at commit)
@@ -55,14 +58,14 @@ class Transaction:
         self.nodes[node.ino] = node
 
     def dirent(self, slot: int, record: bytes) -> None:
-        self.writes[self._g.region("dirents")[0] + slot * fmt.DIRENT_DTYPE.itemsize] = record
+        self.writes[self._g.record_offset("dirents", slot)] = record
 
     def extent(self, slot: int, record: bytes) -> None:
-        self.writes[self._g.region("extents")[0] + slot * fmt.EXTENT_DTYPE.itemsize] = record
+        self.writes[self._g.record_offset("extents", slot)] = record
 
     def free_inode(self, ino: int, record: bytes) -> None:
         self.nodes.pop(ino, None)
-        self.writes[self._g.region("inodes")[0] + ino * fmt.INODE_DTYPE.itemsize] = record
+        self.writes[self._g.record_offset("inodes", ino)] = record
 
     def xattr_block(self, blk: int, block: bytes) -> None:
         """A whole xattr block, journaled (xattrs are metadata, unlike file data)."""
@@ -81,13 +84,19 @@ class Transactions:
     """Opens and commits transactions; holds the failsafe state and the lazy timestamps."""
 
     def __init__(self, pm: PMem, g: fmt.Geometry, journal: Journal, alloc: BlockAllocator,
-                 readonly: bool):
+                 readonly: bool) -> None:
         self.pm, self.g, self.journal, self.alloc = pm, g, journal, alloc
         self.readonly = readonly
         self.failed: str | None = None
         self.dirty_times: dict[int, Inode] = {}  # overwritten files: timestamps not yet stored
-        self._inode_base = g.region("inodes")[0]
         self._rc_base = g.region("refcounts")[0]
+
+    def note_times(self, node: Inode) -> None:
+        """`node` changed only in its timestamps: they ride along with a later commit."""
+        self.dirty_times[node.ino] = node
+
+    def drop_times(self, ino: int) -> None:
+        self.dirty_times.pop(ino, None)
 
     @property
     def writable(self) -> bool:
@@ -103,7 +112,7 @@ class Transactions:
         try:
             yield t
         except FsError as e:
-            if not t.empty or self.alloc.dirty or isinstance(e, CorruptionError):
+            if not t.empty or self.alloc.changed or isinstance(e, CorruptionError):
                 self.fail(e)
             raise
         except BaseException as e:
@@ -125,8 +134,8 @@ class Transactions:
         if self.dirty_times and len(self.dirty_times) < TIMES_PER_COMMIT:
             t.nodes.update(self.dirty_times)
             self.dirty_times.clear()
-        size = fmt.INODE_DTYPE.itemsize
-        writes += [(self._inode_base + ino * size, node.pack()) for ino, node in t.nodes.items()]
+        at = self.g.record_offset
+        writes += [(at("inodes", ino), node.pack()) for ino, node in t.nodes.items()]
         writes += t.writes.items()
         if t.data:
             for off, length in t.data:

@@ -23,7 +23,7 @@ def reverse_map(extents: np.ndarray, pblk: int) -> list[tuple[int, int]]:
 def usage(inodes: np.ndarray, extents: np.ndarray, refcounts: np.ndarray,
           g: fmt.Geometry) -> dict[str, int]:
     modes = inodes["mode"]
-    is_reg = (modes & 0o170000) == st.S_IFREG
+    is_reg = (modes & fmt.S_IFMT_BITS) == st.S_IFREG
     rc = refcounts[g.data_start:].astype(np.int64)
     aliases = int(extents["length"][extents["ino"] != 0].astype(np.int64).sum())
     xattr_blocks = int(np.count_nonzero(inodes["xattr_blk"]))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import struct
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -17,7 +16,6 @@ if TYPE_CHECKING:
     from .inodes import Inode
     from .fs import FileSystem
 
-_ENTRY = struct.Struct("<BH")
 NAMESPACES = (b"user.", b"trusted.", b"security.")
 XATTR_CREATE, XATTR_REPLACE = 1, 2
 XATTR_SIZE_MAX = 65536       # the kernel's limit on one value (E2BIG past it)
@@ -33,35 +31,12 @@ def check_name(name: bytes) -> None:
         raise FsError(errno.EOPNOTSUPP)
 
 
-def decode(block: bytes) -> dict[bytes, bytes]:
-    """Parse an xattr block; raises ValueError on a malformed one."""
-    count = int.from_bytes(block[:2], "little")
-    out: dict[bytes, bytes] = {}
-    p = 2
-    for _ in range(count):
-        if p + _ENTRY.size > len(block):
-            raise ValueError("xattr block truncated")
-        nlen, vlen = _ENTRY.unpack_from(block, p)
-        p += _ENTRY.size
-        if nlen == 0 or p + nlen + vlen > len(block):
-            raise ValueError("xattr entry out of bounds")
-        out[bytes(block[p:p + nlen])] = bytes(block[p + nlen:p + nlen + vlen])
-        p += nlen + vlen
-    return out
-
-
 def encode(attrs: dict[bytes, bytes]) -> bytes:
-    """The xattr block holding `attrs`; ENOSPC (as ext4 says for a value that fits no block)
-    when they do not fit in one, checked before any length is packed into its field."""
-    need = 2 + sum(_ENTRY.size + len(k) + len(v) for k, v in attrs.items())
-    if need > fmt.BLOCK_SIZE:
+    """The xattr block holding `attrs` (layout: format.py); ENOSPC (as ext4 says for a value
+    that fits no block) when they do not fit in one, checked before anything is packed."""
+    if fmt.xattr_block_bytes(attrs) > fmt.BLOCK_SIZE:
         raise FsError(errno.ENOSPC, "xattrs exceed one block")
-    out = bytearray(len(attrs).to_bytes(2, "little"))
-    for name, value in attrs.items():
-        out += _ENTRY.pack(len(name), len(value)) + name + value
-    if len(out) > fmt.BLOCK_SIZE:
-        raise FsError(errno.ENOSPC, "xattrs exceed one block")
-    return bytes(out) + bytes(fmt.BLOCK_SIZE - len(out))
+    return fmt.pack_xattrs(attrs)
 
 
 class XattrStore:
@@ -70,7 +45,7 @@ class XattrStore:
     It also tracks which inodes hold security.capability: while none does, the C hook
     answers the kernel's getxattr before every write without a trip through Python."""
 
-    def __init__(self, fs: FileSystem):
+    def __init__(self, fs: FileSystem) -> None:
         self.fs = fs
         self.g, self.pm, self.tx = fs.g, fs.pm, fs.tx
         self.alloc, self.inodes = fs.alloc, fs.inodes
@@ -102,7 +77,7 @@ class XattrStore:
                 if not self.g.data_start <= node.xattr_blk < self.g.nblocks:
                     self.inodes.corrupt(f"inode {node.ino}: xattr block out of range")
                 try:
-                    node.xattrs = decode(self.pm.buf[off:off + fmt.BLOCK_SIZE])
+                    node.xattrs = fmt.unpack_xattrs(self.pm.read(off, fmt.BLOCK_SIZE))
                 except ValueError as e:
                     self.inodes.corrupt(f"inode {node.ino}: {e}")
         return node.xattrs

@@ -13,6 +13,7 @@ import numpy as np
 from .. import daemon
 from .. import format as fmt
 from ..errors import UsageError
+from ..usage import usage as space_usage
 
 
 def gather(image: str) -> dict:
@@ -21,9 +22,8 @@ def gather(image: str) -> dict:
         else f"cannot open {image}: {e.strerror}"),
         not_regular=UsageError(f"{image} is not a regular file"))
     try:
-        raw = os.pread(fd, fmt.BLOCK_SIZE, 0)
         try:
-            sb, g = fmt.parse_superblock(raw, st.st_size)
+            sb, g = fmt.read_superblock(fd)
         except fmt.FormatError as e:
             raise UsageError(f"{image}: {e}") from None
         mm = mmap.mmap(fd, g.nblocks * fmt.BLOCK_SIZE, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED)
@@ -74,10 +74,11 @@ def gather(image: str) -> dict:
 
 
 def _usage(mm: mmap.mmap, g: fmt.Geometry) -> dict:
-    refc = np.frombuffer(mm, "<u4", g.nblocks, g.refcount_start * fmt.BLOCK_SIZE)[g.data_start:]
-    inodes = np.frombuffer(mm, fmt.INODE_DTYPE, g.inode_count, g.inode_start * fmt.BLOCK_SIZE)
-    dirents = np.frombuffer(mm, fmt.DIRENT_DTYPE, g.dirent_count, g.dirent_start * fmt.BLOCK_SIZE)
-    extents = np.frombuffer(mm, fmt.EXTENT_DTYPE, g.extent_count, g.extent_start * fmt.BLOCK_SIZE)
+    all_refc = g.table(mm, "refcounts")
+    refc = all_refc[g.data_start:]
+    inodes = g.table(mm, "inodes")
+    dirents = g.table(mm, "dirents")
+    extents = g.table(mm, "extents")
     free = int(np.count_nonzero(refc == 0))
     shared = int(np.count_nonzero((refc > 1) & (refc != fmt.REFCOUNT_RESERVED)))
     reserved = int(np.count_nonzero(refc == fmt.REFCOUNT_RESERVED))
@@ -92,14 +93,12 @@ def _usage(mm: mmap.mmap, g: fmt.Geometry) -> dict:
         "extents_used": int(np.count_nonzero(extents["ino"] != 0)),
     }
     try:
-        from ..usage import usage as space_usage
-        u = space_usage(inodes, extents, np.frombuffer(mm, "<u4", g.nblocks,
-                                                       g.refcount_start * fmt.BLOCK_SIZE), g)
+        u = space_usage(inodes, extents, all_refc, g)
         out["logical_bytes"] = int(u["logical_bytes"])
         out["bytes_saved"] = int(u["bytes_saved"])
-    except (ImportError, KeyError, ValueError):
+    except (KeyError, ValueError):
         pass
-    del refc, inodes, dirents, extents
+    del refc, all_refc, inodes, dirents, extents
     return out
 
 

@@ -1,8 +1,9 @@
 """The `daxfs` command: mkfs, mount, umount, fsck, info, stat, reflink.
 
 Every user error ends as ONE line on stderr ("daxfs: ...") and a non-zero exit status, never a
-traceback. Exit statuses: 0 ok, 1 error, 2 bad command line, 8 internal error; `daxfs fsck` uses
-the fsck(8) convention (0 clean, 1 corrected, 4 uncorrected, 8 operational error).
+traceback. Exit statuses (named in errors.py): 0 ok, 1 error, 2 bad command line, 8 internal
+error; `daxfs fsck` uses the fsck(8) convention (0 clean, 1 corrected, 4 uncorrected, 8
+operational error).
 
 Mount-helper form: `mount -t fuse.daxfs IMAGE MNT -o OPTS` makes mount.fuse3 run
 `daxfs IMAGE MNT -o OPTS`, which is taken as `daxfs mount IMAGE MNT -o OPTS`.
@@ -18,7 +19,8 @@ import sys
 import traceback
 
 from .. import __version__
-from ..errors import UsageError
+from ..errors import (EXIT_BROKEN_PIPE, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK,
+                      EXIT_OPERATIONAL, EXIT_USAGE, MountError, UsageError)
 from ..format import FormatError
 
 log = logging.getLogger("daxfs.cli")
@@ -30,7 +32,7 @@ CRASH_LOG_NAME = "daxfs-cli.log"        # in the private log directory (daemon/s
 class CliExit(Exception):
     """Raised by the argument parser instead of printing usage + exiting."""
 
-    def __init__(self, message: str, code: int = 2):
+    def __init__(self, message: str, code: int = EXIT_USAGE):
         super().__init__(message)
         self.code = code
 
@@ -48,7 +50,13 @@ def build_parser() -> Parser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="debug logging on stderr")
+    for add in (_add_mkfs, _add_mount, _add_umount, _add_fsck, _add_stat, _add_reflink,
+                _add_info):
+        add(sub, common)
+    return p
 
+
+def _add_mkfs(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("mkfs", parents=[common], help="create an empty daxfs image",
                        description="Create (or with --force overwrite) a daxfs image file.")
     s.add_argument("image", metavar="IMAGE")
@@ -63,6 +71,8 @@ def build_parser() -> Parser:
                    help="do not reserve the image's space on the host filesystem (the daemon "
                         "then dies of SIGBUS if that filesystem fills up)")
 
+
+def _add_mount(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser(
         "mount", parents=[common], help="mount an image (daemon in the background)",
         description="Mount IMAGE on MOUNTPOINT and return once it is mounted; the daemon keeps "
@@ -82,6 +92,8 @@ def build_parser() -> Parser:
     s.add_argument("-o", dest="options", action="append", metavar="OPTS",
                    help="comma-separated mount options")
 
+
+def _add_umount(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("umount", aliases=["unmount"], parents=[common],
                        help="unmount and wait for the daemon to finish",
                        description="Unmount a daxfs mount (given its mountpoint or its image) and "
@@ -92,30 +104,40 @@ def build_parser() -> Parser:
     s.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="how long to wait for the daemon to exit (default 60)")
 
+
+def _add_fsck(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("fsck", parents=[common], help="check (and repair) an unmounted image",
                        description="Check an unmounted image. Exit status: 0 clean, 1 errors "
                                    "corrected, 4 errors left uncorrected, 8 operational error.")
     s.add_argument("image", metavar="IMAGE")
-    s.add_argument("--repair", "-y", action="store_true", help="repair what can be repaired")
+    # one spelling, --repair, and -y: what util-linux fsck(8) passes for "answer yes" (the
+    # same as `python -m daxfs.fsck`)
+    s.add_argument("--repair", "-y", action="store_true",
+                   help="repair what can be repaired (-y: as util-linux fsck passes it)")
 
+
+def _add_stat(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("stat", parents=[common], help="space and sharing counters",
                        description="Logical/physical bytes, shared blocks, aliases, clones, COW "
                                    "breaks and bytes saved, of a mount (live) or an image.")
     s.add_argument("target", metavar="MOUNTPOINT|IMAGE")
     s.add_argument("--json", action="store_true", help="machine-readable output")
 
+
+def _add_reflink(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("reflink", parents=[common], help="clone SRC to DST; fail unless shared",
                        description="Clone a file on a daxfs mount through copy_file_range and "
                                    "fail if the result does not share every block.")
     s.add_argument("src", metavar="SRC")
     s.add_argument("dst", metavar="DST")
 
+
+def _add_info(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("info", parents=[common], help="show geometry, state and usage",
                        description="Show an image's geometry, state and usage (read-only; "
                                    "works on a mounted image too).")
     s.add_argument("image", metavar="IMAGE")
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    return p
 
 
 def _mount_helper_form(argv: list[str]) -> bool:
@@ -158,7 +180,7 @@ def cmd_mkfs(a) -> int:
     from ..format import BLOCK_SIZE
     print(f"daxfs: created {a.image}: {g.nblocks * BLOCK_SIZE} bytes, {g.nblocks} blocks of "
           f"{BLOCK_SIZE}, {g.data_blocks} data blocks, {g.inode_count - 1} inodes")
-    return 0
+    return EXIT_OK
 
 
 def cmd_mount(a) -> int:
@@ -185,12 +207,9 @@ def cmd_fsck(a) -> int:
         raise UsageError(f"cannot open {image}: {e.strerror}") from None
     if locked:
         raise UsageError(daemon.describe_lock(image) + "; unmount it before running fsck")
-    try:
-        from ..fsck import main_check
-    except ImportError as e:
-        raise UsageError(f"fsck is not available in this build ({e})") from None
-    code = int(main_check(image, a.repair) or 0)
-    if code < 8:                        # checked: a failure stays one line
+    from ..fsck import main_check
+    code = int(main_check(image, a.repair) or EXIT_OK)
+    if code < EXIT_OPERATIONAL:         # checked: a failure stays one line
         from ..daemon.mounttab import exposed_image_warning
         warning = exposed_image_warning(image)
         if warning:
@@ -255,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if _mount_helper_form(argv):
         argv = ["mount", *argv]
-    error_code = 8 if argv[:1] == ["fsck"] else 1
+    error_code = EXIT_OPERATIONAL if argv[:1] == ["fsck"] else EXIT_ERROR
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="daxfs: %(levelname)s %(name)s: %(message)s")
@@ -275,14 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # `daxfs stat MNT | head`: the reader went away; stop quietly like a SIGPIPE death
         _silence_stdout()
-        return 141
+        return EXIT_BROKEN_PIPE
     except CliExit as e:
         _error(str(e))
         return e.code
     except UsageError as e:
         _error(str(e))
         return error_code
-    except FormatError as e:
+    except (FormatError, MountError) as e:
         _error(str(e))
         return error_code
     except OSError as e:
@@ -291,14 +310,14 @@ def main(argv: list[str] | None = None) -> int:
         return error_code
     except KeyboardInterrupt:
         _error("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
     except SystemExit:
         raise
     except BaseException as e:                         # noqa: BLE001
         path = _crash_log(e)
         where = f"see {path}" if path else "run with --debug for details"
         _error(f"internal error: {type(e).__name__}: {e} ({where})")
-        return 8
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import json
 import os
 
 from .. import daemon
-from ..errors import UsageError
+from .. import format as fmt
+from ..errors import MountError, UsageError
 from ..format import FormatError
 from ..fs import FileSystem
 from ..xattrs import STATS_XATTR
@@ -36,7 +37,7 @@ def read_stats(target: str) -> dict:
         raise UsageError(daemon.describe_lock(target) + "; run daxfs stat on its mountpoint")
     try:
         fs = FileSystem.open(target, readonly=True)
-    except FormatError as e:
+    except (FormatError, MountError) as e:
         raise UsageError(f"{target}: {e}") from None
     try:
         return fs.stats()
@@ -72,7 +73,7 @@ def _mount_root(path: str) -> str:
     return path
 
 
-def mapped_blocks(fd: int, size: int, bs: int = 4096) -> int:
+def mapped_blocks(fd: int, size: int) -> int:
     """Blocks of the file below `size` that hold data (SEEK_DATA/SEEK_HOLE), i.e. what a
     clone can share; a sparse file's holes are not counted."""
     n, pos = 0, 0
@@ -83,13 +84,13 @@ def mapped_blocks(fd: int, size: int, bs: int = 4096) -> int:
             if e.errno == errno.ENXIO:          # no data past pos
                 break
             if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                return -(-(size - pos) // bs) + n      # no SEEK_DATA: all data
+                return fmt.blocks_for(size - pos) + n   # no SEEK_DATA: all data
             raise
         if data >= size:
             break
         hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
-        n += -(-hole // bs) - data // bs
-        pos = -(-hole // bs) * bs
+        n += fmt.blocks_for(hole) - data // fmt.BLOCK_SIZE
+        pos = fmt.blocks_for(hole) * fmt.BLOCK_SIZE
     return n
 
 

@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-from ..errors import UsageError
+from ..errors import EXIT_ERROR, EXIT_OK, UsageError
 from .options import MountOptions
 from .preflight import check_image, check_mountpoint
 from .mounttab import exposed_image_warning, notice
@@ -73,7 +73,7 @@ def mount(image: str, mountpoint: str, opts: MountOptions, *, foreground: bool =
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:                                       # the daemon
-        code = 1
+        code = EXIT_ERROR
         try:
             os.close(rfd)
             code = _daemon_child(image_abs, mnt, opts, log_fd, log_path, wfd, image)
@@ -97,7 +97,7 @@ def mount(image: str, mountpoint: str, opts: MountOptions, *, foreground: bool =
     text = reply.decode("utf-8", "replace").strip()
     if text == "ok":
         _warn_if_exposed(image)
-        return 0
+        return EXIT_OK
     # the child exits right after reporting a failure; reap it
     status = _reap(pid, timeout=10.0)
     if text.startswith("error "):
@@ -168,12 +168,12 @@ def _daemon_child(image: str, mnt: str, opts: MountOptions, log_fd: int, log_pat
         except UsageError as e:
             log.error("mount failed: %s", e)
             report(f"error {e}")
-            return 1
+            return EXIT_ERROR
         except BaseException as e:                     # noqa: BLE001
             log.exception("mount failed")
             report(f"error unexpected failure while mounting ({type(e).__name__}: {e}); "
                    f"see {log_path}")
-            return 1
+            return EXIT_ERROR
         report("ok")
     finally:
         os.close(wfd)

@@ -169,12 +169,11 @@ def exposed_image_warning(path: str) -> str | None:
     read every file's data out of it, and lock it (which blocks mount and fsck)."""
     try:
         st = os.stat(path)
-        with open(path, "rb") as f:
-            magic = f.read(8)
+        is_image = fmt.has_magic(path)
     except OSError:
         return None
     mode = stat.S_IMODE(st.st_mode)
-    if not mode & 0o077 or not stat.S_ISREG(st.st_mode) or magic != fmt.MAGIC:
+    if not mode & 0o077 or not stat.S_ISREG(st.st_mode) or not is_image:
         return None
     return (f"warning: {path} is accessible to other users (mode {mode:04o}): they can read "
             f"every file's data from it and lock it against mounting; chmod 600 {path}")

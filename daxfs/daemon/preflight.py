@@ -24,12 +24,9 @@ def check_image(image: str) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise UsageError(f"{image} is not a regular file")
     try:
-        with open(image, "rb") as f:
-            raw = f.read(fmt.BLOCK_SIZE)
+        fmt.read_superblock(image)
     except OSError as e:
         raise UsageError(f"cannot read {image}: {e.strerror}") from None
-    try:
-        fmt.parse_superblock(raw, st.st_size)
     except fmt.FormatError as e:
         raise UsageError(f"{image}: {e}") from None
     if is_locked(image):

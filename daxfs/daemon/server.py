@@ -10,7 +10,7 @@ import sys
 import tempfile
 
 from .. import format as fmt
-from ..errors import FsError, UsageError
+from ..errors import EXIT_CLOSE_FAILED, EXIT_ERROR, EXIT_OK, FsError, MountError, UsageError
 from .mounttab import describe_lock, exposed_image_warning, mounts_below, try_lock
 from .options import MountOptions
 
@@ -49,6 +49,22 @@ class Server:
             raise
 
     def _start(self) -> None:
+        self._lock_image()
+        self._open_engine()
+        ops = self._load_hook()
+        self._mount(ops)
+        if not self.opts.ro:
+            data = self.fs.g.data_start * fmt.BLOCK_SIZE
+            if self.fs.pm.prefault(data, self.fs.pm.size - data):
+                log.info("mapping the data area's pages in the background (first writes "
+                         "then take no page faults)")
+        if self.fusehook is not None:
+            if self.fusehook.hooked():
+                log.info("libfuse hook active: copy_file_range (reflink), lseek, fallocate")
+            else:
+                log.warning("libfuse hook did not take effect: cp will copy bytes, not share")
+
+    def _lock_image(self) -> None:
         try:
             fd = try_lock(self.image)
         except PermissionError as e:
@@ -62,11 +78,13 @@ class Server:
         warning = exposed_image_warning(self.image)
         if warning:
             log.warning("%s", warning)
+
+    def _open_engine(self) -> None:
         # the lock is ours: from here on nobody else touches the image
         from ..fs import FileSystem
         try:
             self.fs = FileSystem.open(self.image, readonly=self.opts.ro)
-        except fmt.FormatError as e:
+        except (fmt.FormatError, MountError) as e:
             raise UsageError(f"{self.display}: {e}") from None
         except FsError as e:
             raise UsageError(f"{self.display}: cannot open the filesystem: {e} "
@@ -74,9 +92,15 @@ class Server:
         except OSError as e:
             raise UsageError(f"cannot open {self.display}: {e.strerror or e}") from None
         log.info("opened %s%s", self.image, " read-only" if self.opts.ro else "")
+
+    def _load_hook(self):
+        """Import daxfs.fusehook, then pyfuse3, and wire the hook to the engine: the
+        adapter's Operations (returned)."""
         try:
             from .. import fusehook          # must precede pyfuse3: it wraps fuse_session_new
         except ImportError as e:
+            # not a missing module: the extension's init refuses when it cannot find or
+            # re-open libfuse (dladdr/dlopen); serve without the hook then
             fusehook = None
             log.warning("daxfs.fusehook not available (%s): no copy_file_range (reflink), "
                         "lseek or fallocate", e)
@@ -96,6 +120,10 @@ class Server:
                                       | fusehook.FUSE_CAP_ATOMIC_O_TRUNC)
             fusehook.set_capability_xattrs(bool(self.fs.xattrs.capability_inodes))
             self.fs.xattrs.capability_listener = fusehook.set_capability_xattrs
+        return ops
+
+    def _mount(self, ops) -> None:
+        pyfuse3 = self.pyfuse3
         options = self.opts.fuse_options(self.image)
         log.debug("pyfuse3.init(%s, %s)", self.mountpoint, sorted(options))
         failure = None
@@ -115,16 +143,6 @@ class Server:
             raise UsageError(f"cannot mount {self.display} on {self.mountpoint}: it became a "
                              f"mount point (of {below.source}) while mounting")
         log.info("mounted %s on %s", self.image, self.mountpoint)
-        if not self.opts.ro:
-            data = self.fs.g.data_start * fmt.BLOCK_SIZE
-            if self.fs.pm.prefault(data, self.fs.pm.size - data):
-                log.info("mapping the data area's pages in the background (first writes "
-                         "then take no page faults)")
-        if fusehook is not None:
-            if fusehook.hooked():
-                log.info("libfuse hook active: copy_file_range (reflink), lseek, fallocate")
-            else:
-                log.warning("libfuse hook did not take effect: cp will copy bytes, not share")
 
     def run(self) -> int:
         import trio
@@ -155,13 +173,13 @@ class Server:
                 await pyfuse3.main(min_tasks=self.opts.min_tasks, max_tasks=self.opts.max_tasks)
                 nursery.cancel_scope.cancel()
 
-        code = 0
+        code = EXIT_OK
         try:
             trio.run(serve)
             log.info("main loop ended")
         except BaseException:                       # noqa: BLE001
             log.exception("FUSE main loop failed")
-            code = 1
+            code = EXIT_ERROR
         return self._shutdown(code)
 
     def _shutdown(self, code: int) -> int:
@@ -171,7 +189,7 @@ class Server:
                 log.info("unmounted %s", self.mountpoint)
             except BaseException:                   # noqa: BLE001
                 log.exception("pyfuse3.close failed")
-                code = code or 1
+                code = code or EXIT_ERROR
             self.mounted = False
         if self.fs is not None:
             try:
@@ -180,7 +198,7 @@ class Server:
             except BaseException:                   # noqa: BLE001
                 log.exception("closing the filesystem failed: the image is left dirty and will "
                               "be recovered at the next mount")
-                code = code or 3
+                code = code or EXIT_CLOSE_FAILED
             self.fs = None
         self._release()
         log.info("daemon exiting with status %d", code)

@@ -19,9 +19,7 @@ def _check_closed_cleanly(target: str, image: str, entry: MountEntry) -> int:
     if "ro" in entry.options.split(","):
         return 0
     try:
-        with open(image, "rb") as f:
-            raw = f.read(fmt.SUPERBLOCK_DTYPE.itemsize)
-        sb, _ = fmt.parse_superblock(raw + bytes(fmt.BLOCK_SIZE - len(raw)), os.path.getsize(image))
+        sb, _ = fmt.read_superblock(image)
     except (OSError, fmt.FormatError) as e:
         raise UsageError(f"unmounted {target}, but {image} is unreadable afterwards: {e}") from None
     if not int(sb["clean"]):

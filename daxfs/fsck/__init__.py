@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from .checks import CHECKS, check_step
 from .context import Context
-from .report import (ERROR, EXIT_CORRECTED, EXIT_OK, EXIT_OPERATIONAL, EXIT_UNCORRECTED, INFO,
-                     TYPE_NAMES, FsckError, FsckReport, Problem)
+from ..errors import EXIT_CORRECTED, EXIT_OK, EXIT_OPERATIONAL, EXIT_UNCORRECTED
+from .report import ERROR, INFO, TYPE_NAMES, FsckError, FsckReport, Problem
 from .run import check, main, main_check
 
 __all__ = ["check", "main_check", "main", "FsckError", "FsckReport", "Problem",

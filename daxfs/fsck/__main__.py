@@ -1,4 +1,4 @@
-"""`python -m daxfs.fsck IMAGE [--repair]`."""
+"""`python -m daxfs.fsck IMAGE [--repair|-y]`."""
 import sys
 
 from .run import main

@@ -21,11 +21,11 @@ _SIZELESS_TYPES = np.array([stat.S_IFDIR, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFI
 MAX_LBLK = fmt.MAX_FILE_BLOCKS     # what the engine addresses (and refuses past)
 
 
-def _fmt_name(name: bytes) -> str:
+def fmt_name(name: bytes) -> str:
     return repr(name.decode("utf-8", "backslashreplace"))
 
 
-def _groups(keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
+def groups(keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """[(key, positions)] for the distinct values of `keys` (positions in original order)."""
     if keys.size == 0:
         return []
@@ -79,9 +79,6 @@ def check_journal(ctx: Context) -> None:
                     "header reset, log emptied (committed transactions in it are lost)")
         ctx.fix_journal_header = True
         return
-    if js.unavailable:
-        ctx.problem("log", f"not replayed: daxfs.journal unavailable ({js.unavailable})",
-                    repairable=False, severity=INFO)
     if js.error:
         ctx.problem("log", f"replay failed: {js.error}", repairable=False)
     elif js.ran_replay and ctx.repair:
@@ -118,7 +115,7 @@ def check_inodes(ctx: Context) -> None:
         ctx.free_inode(i)
     size = ino["size"]
     badlen = np.flatnonzero((ft == stat.S_IFLNK) & ((size == 0) | (size >= BS)))
-    badlen = np.union1d(badlen, np.flatnonzero((ft == stat.S_IFREG) & (size >= np.uint64(1 << 52))))
+    badlen = np.union1d(badlen, np.flatnonzero((ft == stat.S_IFREG) & (size >= np.uint64(fmt.MAX_FILE_BYTES))))
     for i in badlen.tolist():
         ctx.problem(f"inode {i}", f"impossible size {int(size[i])} for its type "
                     f"(mode 0o{int(mode[i]):o})", "inode freed")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import format as fmt
-from .checks import _fmt_name, _groups, check_step
-from .context import _DIRENT_LEN_OFF, _DIRENT_NAME_OFF, ROOT, Context
+from .checks import fmt_name, groups, check_step
+from .context import DIRENT_LEN_OFF, DIRENT_NAME_OFF, ROOT, Context
 from .report import ERROR, INFO, Problem
 
 
@@ -14,11 +14,19 @@ from .report import ERROR, INFO, Problem
 def check_dirents(ctx: Context) -> None:
     """Each entry: parent a directory, target a used inode (never root), a valid name, and
     names unique within a directory."""
+    if ctx.alive_d().size == 0:
+        return
+    _drop_dangling_entries(ctx)
+    a, hashes, renamed = _fix_invalid_names(ctx)
+    _fix_duplicate_names(ctx, a, hashes, rescan=renamed)
+
+
+def _drop_dangling_entries(ctx: Context) -> None:
+    """Entries whose parent is not a directory or whose target is not a used inode (or is
+    the root) are removed."""
     n = ctx.n_inodes
     d = ctx.dirents
     a = ctx.alive_d()
-    if a.size == 0:
-        return
     mode = ctx.inodes["mode"]
     isdir = ctx.isdir()
     p = d["parent"][a].astype(np.int64)
@@ -31,7 +39,7 @@ def check_dirents(ctx: Context) -> None:
     for k in np.flatnonzero(~p_ok | ~t_ok).tolist():
         i = int(a[k])
         pi, ti = int(p[k]), int(t[k])
-        name = _fmt_name(ctx.dname(i))
+        name = fmt_name(ctx.dname(i))
         if not p_ok[k]:
             why = f"parent is not a directory ({ctx.type_name(pi)})"
         elif ti == ROOT:
@@ -40,7 +48,13 @@ def check_dirents(ctx: Context) -> None:
             why = f"target is not a valid inode ({ctx.type_name(ti)})"
         ctx.problem(ctx.dentry(i), f"{name} in directory {pi} -> {ti}: {why}", "entry removed")
         ctx.dalive[i] = False
-    # names: 1..255 bytes, no '/' and no NUL
+
+
+def _fix_invalid_names(ctx: Context) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Names must be 1..255 bytes with no '/' and no NUL: bad ones are renamed. Returns the
+    live entries, their name hashes as scanned, and whether any was renamed (the hashes are
+    stale then)."""
+    d = ctx.dirents
     a = ctx.alive_d()
     badname, hashes = _scan_names(ctx.drows(), a)
     for k in np.flatnonzero(badname).tolist():
@@ -49,18 +63,25 @@ def check_dirents(ctx: Context) -> None:
         parent = int(d["parent"][i])
         new = old.replace(b"/", b"_").replace(b"\0", b"_") if old else b"#%d" % int(d["ino"][i])
         new = ctx.unique_name(parent, new)
-        ctx.problem(ctx.dentry(i), f"invalid name {_fmt_name(old)} in directory {parent}",
-                    f"renamed to {_fmt_name(new)}")
+        ctx.problem(ctx.dentry(i), f"invalid name {fmt_name(old)} in directory {parent}",
+                    f"renamed to {fmt_name(new)}")
         ctx.set_dname(i, new)
-    # duplicates: same parent and name (sorted by parent, length, name hash; then compared)
+    return a, hashes, bool(badname.any())
+
+
+def _fix_duplicate_names(ctx: Context, a: np.ndarray, hashes: np.ndarray, rescan: bool) -> None:
+    """Same parent and name: sorted by parent, length and name hash, then compared; an
+    exact duplicate (same target) is removed, another target's entry renamed. Up to four
+    rounds (a rename may collide again)."""
+    d = ctx.dirents
     for _round in range(4):
-        if _round or badname.any():
+        if _round or rescan:
             a = ctx.alive_d()
             hashes = _scan_names(ctx.drows(), a)[1]
         if a.size < 2:
             return
         par = d["parent"][a]
-        nl = ctx.drows()[a, _DIRENT_LEN_OFF]
+        nl = ctx.drows()[a, DIRENT_LEN_OFF]
         order = np.lexsort((hashes, nl, par))
         sp, sn, sh = par[order], nl[order], hashes[order]
         same = (sp[1:] == sp[:-1]) & (sn[1:] == sn[:-1]) & (sh[1:] == sh[:-1])
@@ -79,14 +100,14 @@ def check_dirents(ctx: Context) -> None:
             parent = int(d["parent"][i])
             ti, tk = int(d["ino"][i]), int(d["ino"][keep])
             if ti == tk:
-                ctx.problem(ctx.dentry(i), f"duplicate of {ctx.dentry(keep)} ({_fmt_name(name)} in "
+                ctx.problem(ctx.dentry(i), f"duplicate of {ctx.dentry(keep)} ({fmt_name(name)} in "
                             f"directory {parent} -> {ti})", "entry removed")
                 ctx.dalive[i] = False
             else:
                 new = ctx.unique_name(parent, name)
-                ctx.problem(ctx.dentry(i), f"name {_fmt_name(name)} in directory {parent} -> {ti} "
+                ctx.problem(ctx.dentry(i), f"name {fmt_name(name)} in directory {parent} -> {ti} "
                             f"is also used by {ctx.dentry(keep)} -> {tk}",
-                            f"renamed to {_fmt_name(new)}")
+                            f"renamed to {fmt_name(new)}")
                 ctx.set_dname(i, new)
         if not found:
             return
@@ -101,9 +122,9 @@ def _scan_names(rows: np.ndarray, a: np.ndarray, chunk: int = 1 << 16):
     prime = np.uint64(0x100000001B3)
     for s in range(0, a.size, chunk):
         idx = a[s:s + chunk]
-        nl = rows[idx, _DIRENT_LEN_OFF].astype(np.int64)
+        nl = rows[idx, DIRENT_LEN_OFF].astype(np.int64)
         m = int(nl.max()) if nl.size else 0
-        nm = rows[idx, _DIRENT_NAME_OFF:_DIRENT_NAME_OFF + m]
+        nm = rows[idx, DIRENT_NAME_OFF:DIRENT_NAME_OFF + m]
         inside = cols[None, :m] < nl[:, None]
         bad[s:s + chunk] = (nl == 0) | (((nm == 0) | (nm == 0x2F)) & inside).any(axis=1)
         h = np.full(idx.size, 0xCBF29CE484222325, np.uint64)
@@ -152,29 +173,11 @@ def check_tree(ctx: Context) -> None:
     n = ctx.n_inodes
     d = ctx.dirents
     isdir = ctx.isdir()
+    _drop_extra_directory_names(ctx)
     a = ctx.alive_d()
     t = d["ino"][a].astype(np.int64)
     p = d["parent"][a].astype(np.int64)
     tdir = isdir[t]
-    # directories with several names (hard links to a directory)
-    cnt = np.bincount(t[tdir], minlength=n)
-    if (cnt > 1).any():
-        for dino, pos in _groups(t[tdir]):
-            if pos.size < 2:
-                continue
-            ents = a[tdir][pos]
-            keep = next((int(e) for e in ents if int(d["parent"][e]) != dino), int(ents[0]))
-            for e in ents.tolist():
-                if e != keep:
-                    par = int(d["parent"][e])
-                    ctx.problem(ctx.dentry(e), f"extra name {_fmt_name(ctx.dname(e))} in directory "
-                                f"{par} of directory {dino} (a directory has one name; keeping "
-                                f"{ctx.dentry(keep)})", "entry removed")
-                    ctx.dalive[e] = False
-        a = ctx.alive_d()
-        t = d["ino"][a].astype(np.int64)
-        p = d["parent"][a].astype(np.int64)
-        tdir = isdir[t]
     par = np.zeros(n, np.int64)
     par[t[tdir]] = p[tdir]
     par[ROOT] = ROOT
@@ -189,7 +192,50 @@ def check_tree(ctx: Context) -> None:
     lost = np.flatnonzero(isdir & (anc != ROOT))
     if lost.size == 0:
         return
-    # components of the unreachable part: walk up each chain once
+    comp, tops = _unreachable_components(par, lost)
+    sizes = np.bincount(np.fromiter(comp.values(), np.int64, len(comp)), minlength=len(tops))
+    for cid, (top, cyc) in enumerate(tops):
+        size = int(sizes[cid])
+        extra = f" ({size} directories cut off)" if size > 1 else ""
+        ent = int(entry_of[top])
+        if cyc is not None:
+            chain = " -> ".join(str(c) for c in cyc + cyc[:1])
+            what = f"directory cycle {chain} is unreachable from root{extra}"
+        else:
+            what = f"directory is not named by any entry{extra}"
+        prob = ctx.problem(f"inode {top}", what, f"moved to /lost+found as #{top}")
+        if not ctx.reconnect(top, ent if ent >= 0 else None):
+            _cannot_reconnect(prob)
+
+
+def _drop_extra_directory_names(ctx: Context) -> None:
+    """A directory has one name: of several (hard links to a directory) the first entry
+    outside the directory itself is kept, the others are removed."""
+    d = ctx.dirents
+    a = ctx.alive_d()
+    t = d["ino"][a].astype(np.int64)
+    tdir = ctx.isdir()[t]
+    cnt = np.bincount(t[tdir], minlength=ctx.n_inodes)
+    if not (cnt > 1).any():
+        return
+    for dino, pos in groups(t[tdir]):
+        if pos.size < 2:
+            continue
+        ents = a[tdir][pos]
+        keep = next((int(e) for e in ents if int(d["parent"][e]) != dino), int(ents[0]))
+        for e in ents.tolist():
+            if e != keep:
+                par = int(d["parent"][e])
+                ctx.problem(ctx.dentry(e), f"extra name {fmt_name(ctx.dname(e))} in directory "
+                            f"{par} of directory {dino} (a directory has one name; keeping "
+                            f"{ctx.dentry(keep)})", "entry removed")
+                ctx.dalive[e] = False
+
+
+def _unreachable_components(par: np.ndarray, lost: np.ndarray
+                            ) -> tuple[dict[int, int], list[tuple[int, list[int] | None]]]:
+    """Group the unreachable directories `lost` by walking up each parent chain once:
+    (directory -> component, [(top directory, cycle members or None)] per component)."""
     par_l = par.tolist()
     comp: dict[int, int] = {}
     tops: list[tuple[int, list[int] | None]] = []   # (top directory, cycle members or None)
@@ -218,19 +264,7 @@ def check_tree(ctx: Context) -> None:
             x = up
         for y in path:
             comp[y] = cid
-    sizes = np.bincount(np.fromiter(comp.values(), np.int64, len(comp)), minlength=len(tops))
-    for cid, (top, cyc) in enumerate(tops):
-        size = int(sizes[cid])
-        extra = f" ({size} directories cut off)" if size > 1 else ""
-        ent = int(entry_of[top])
-        if cyc is not None:
-            chain = " -> ".join(str(c) for c in cyc + cyc[:1])
-            what = f"directory cycle {chain} is unreachable from root{extra}"
-        else:
-            what = f"directory is not named by any entry{extra}"
-        prob = ctx.problem(f"inode {top}", what, f"moved to /lost+found as #{top}")
-        if not ctx.reconnect(top, ent if ent >= 0 else None):
-            _cannot_reconnect(prob)
+    return comp, tops
 
 
 def _cannot_reconnect(p: Problem) -> None:

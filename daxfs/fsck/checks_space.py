@@ -6,7 +6,7 @@ import stat
 import numpy as np
 
 from .. import format as fmt
-from .checks import MAX_LBLK, _groups, check_step
+from .checks import MAX_LBLK, groups, check_step
 from .context import BS, S_IFMT, Context
 from .report import INFO
 
@@ -25,7 +25,7 @@ def check_extents(ctx: Context) -> None:
         ft = np.zeros(a.size, np.uint32)
         ft[inr] = mode[owner[inr]] & S_IFMT
         bad = ~((ft == stat.S_IFREG) | (ft == stat.S_IFLNK))
-        for o, pos in _groups(owner[bad]):
+        for o, pos in groups(owner[bad]):
             ctx.problem(f"inode {o}", f"{pos.size} extent(s) owned by {ctx.type_name(o)} "
                         "(only regular files and symlinks own blocks)", "extents removed")
         ctx.ealive[a[bad]] = False
@@ -37,7 +37,7 @@ def check_extents(ctx: Context) -> None:
         oob = ((ln == 0) | (pb < ds) | (pb > nb) | (ln > nb - np.minimum(pb, nb))
                | (lb > ml) | (ln > ml - np.minimum(lb, ml)))
         owner = e["ino"][a].astype(np.int64)
-        for o, pos in _groups(owner[oob]):
+        for o, pos in groups(owner[oob]):
             k = int(a[oob][pos[0]])
             ctx.problem(f"inode {o}", f"{pos.size} extent(s) empty or outside the data region "
                         f"[{g.data_start}, {g.nblocks}) (first: slot {int(ctx.eslot[k])}, file "
@@ -74,7 +74,7 @@ def _check_overlaps(ctx: Context) -> None:
     ov = np.flatnonzero(lb < prev)
     if ov.size == 0:
         return
-    for o, pos in _groups(owner[ov]):
+    for o, pos in groups(owner[ov]):
         k = ov[pos]
         cut = int(np.count_nonzero(end[k] > prev[k]))
         ctx.problem(f"inode {o}", f"{k.size} extent(s) overlap earlier ones in the file (first at "
@@ -98,7 +98,7 @@ def _check_past_eof(ctx: Context) -> None:
     lb = e["lblk"][a]
     end = lb + e["length"][a].astype(np.uint64)
     trim_o = (fl[owner] & fmt.IFLAG_TRIM) != 0
-    is_reg = (ctx.inodes["mode"][owner] & 0o170000) == stat.S_IFREG
+    is_reg = (ctx.inodes["mode"][owner] & S_IFMT) == stat.S_IFREG
     # a regular file may own zero-filled blocks past EOF (fallocate KEEP_SIZE): only a
     # symlink's, or those of a file whose truncate was interrupted, must go
     wholly = (lb >= eof) & (trim_o | ~is_reg)
@@ -106,7 +106,7 @@ def _check_past_eof(ctx: Context) -> None:
     trimming = np.flatnonzero(ctx.used() & ((fl & fmt.IFLAG_TRIM) != 0))
     if not wholly.any() and not trimming.size:
         return
-    past_by = {o: pos for o, pos in _groups(owner[wholly])}
+    past_by = {o: pos for o, pos in groups(owner[wholly])}
     for o, pos in past_by.items():
         if fl[o] & fmt.IFLAG_TRIM:
             continue
@@ -149,7 +149,7 @@ def check_xattrs(ctx: Context) -> None:
         xb[i] = 0
     has = has[ok]
     blk = xb[has].astype(np.int64)
-    for b, pos in _groups(blk):
+    for b, pos in groups(blk):
         if pos.size > 1:
             inos = has[pos]
             for i in inos[1:].tolist():
@@ -167,23 +167,26 @@ def check_xattrs(ctx: Context) -> None:
 
 
 def _xattr_layout_ok(u8: np.ndarray, blocks: np.ndarray) -> np.ndarray:
-    """Vectorized form of xattrs.decode's validation: u16 count, then per entry u8 name_len
-    (>= 1), u16 value_len, name, value, all inside the block."""
+    """Vectorized form of format.unpack_xattrs's validation (the layout is format.py's): u16
+    count, then per entry u8 name_len (>= 1), u16 value_len, name, value, all inside the
+    block."""
+    head, entry = fmt.XATTR_COUNT.size, fmt.XATTR_ENTRY.size
+    assert (head, entry) == (2, 3)             # the little-endian fields read below
     base = blocks * BS
     cnt = u8[base].astype(np.int64) | (u8[base + 1].astype(np.int64) << 8)
-    ok = cnt * 4 <= BS - 2                     # an entry takes at least 4 bytes
-    pos = np.full(blocks.size, 2, np.int64)
+    ok = cnt * fmt.XATTR_MIN_ENTRY <= BS - head
+    pos = np.full(blocks.size, head, np.int64)
     left = np.where(ok, cnt, 0)
     act = np.flatnonzero(left > 0)
     while act.size:
         p = pos[act]
-        fits = p + 3 <= BS
+        fits = p + entry <= BS
         ok[act[~fits]] = False
         act, p = act[fits], p[fits]
         at = base[act] + p
         nl = u8[at].astype(np.int64)
         vl = u8[at + 1].astype(np.int64) | (u8[at + 2].astype(np.int64) << 8)
-        end = p + 3 + nl + vl
+        end = p + entry + nl + vl
         good = (nl > 0) & (end <= BS)
         ok[act[~good]] = False
         act = act[good]

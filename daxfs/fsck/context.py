@@ -1,10 +1,9 @@
-"""The image as fsck sees it: the private or shared mapping, the journal phase (replay before
+"""The image as fsck sees it: the journal phase (replay before
 anything is checked) and the `Context` of one run (working copies of the tables, problems)."""
 from __future__ import annotations
 
 import dataclasses
 import logging
-import mmap
 import stat
 import time
 
@@ -12,47 +11,21 @@ import numpy as np
 
 from .. import format as fmt
 from ..alloc import coverage as _coverage, implied_refcounts
+from ..journal import Journal
 from ..pmem import PMem
 from .report import ERROR, INFO, TYPE_NAMES, Problem
 
 log = logging.getLogger("daxfs.fsck")
 
 BS = fmt.BLOCK_SIZE
-S_IFMT = 0o170000
+S_IFMT = fmt.S_IFMT_BITS          # stat.S_IFMT as a mask, for numpy arrays of modes
 ROOT = fmt.ROOT_INO
 LOST_FOUND = b"lost+found"
-_DIRENT_NAME_OFF = fmt.DIRENT_DTYPE.fields["name"][1]
-_DIRENT_LEN_OFF = fmt.DIRENT_DTYPE.fields["namelen"][1]
+DIRENT_NAME_OFF = fmt.DIRENT_DTYPE.fields["name"][1]       # byte offsets in a dirent record
+DIRENT_LEN_OFF = fmt.DIRENT_DTYPE.fields["namelen"][1]
 
 
-# ------------------------------------------------------------------------------------ mapping
-class _Mapping(PMem):
-    """A PMem-like mapping over an fd we own: MAP_SHARED (repair: stores reach the file) or
-    MAP_PRIVATE (plain check: journal replay lands in a private copy-on-write copy)."""
-
-    def __init__(self, path: str, fd: int, size: int, shared: bool):   # noqa: D401 (no super)
-        self.path = path
-        self.fd = fd
-        self.size = size
-        self.shared = shared
-        self.readonly = False
-        self.dax = False
-        self.volatile = False           # always msync: repairs must reach the file
-        self._libpmem = None
-        flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
-        self.mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.buf = memoryview(self.mm)
-        self.u8 = np.frombuffer(self.mm, dtype=np.uint8)
-
-    def persist(self, offset: int, length: int) -> None:
-        if self.shared:
-            super().persist(offset, length)
-
-    def close(self) -> None:       # the fd belongs to check()
-        if self.mm is not None:
-            self.unmap(flush=self.shared)
-
-
+# ------------------------------------------------------------------------------------ journal
 @dataclasses.dataclass
 class JournalState:
     magic_ok: bool
@@ -60,29 +33,24 @@ class JournalState:
     pending: int | None = None      # committed transactions found before replay (None: unknown)
     replayed: int = 0
     ran_replay: bool = False        # Journal.replay() ran (it checkpoints: the header changed)
-    unavailable: str | None = None  # daxfs.journal could not be imported
     error: str | None = None        # replay failed
 
 
-def _read_journal_header(mem: _Mapping, g: fmt.Geometry) -> tuple[bool, int]:
-    h = np.frombuffer(mem.mm, fmt.JOURNAL_HEADER_DTYPE, 1, g.journal_start * BS)[0]
-    return bytes(h["magic"]) == fmt.JOURNAL_MAGIC, int(h["epoch"])
+def read_journal_header(mem: PMem, g: fmt.Geometry) -> tuple[bool, int]:
+    """(magic ok, epoch) of the journal header in the mapping."""
+    return fmt.unpack_journal_header(
+        mem.read(g.journal_start * BS, fmt.JOURNAL_HEADER_DTYPE.itemsize))
 
 
-def _journal_phase(mem: _Mapping, sb, g: fmt.Geometry, replay: bool) -> JournalState:
-    """Replay committed transactions when needed (into whatever `mem` maps)."""
-    magic_ok, epoch = _read_journal_header(mem, g)
+def journal_phase(mem: PMem, sb, g: fmt.Geometry, replay: bool) -> JournalState:
+    """Replay committed transactions when needed (into whatever `mem` maps: the file when
+    repairing, a private copy-on-write mapping for a plain check)."""
+    magic_ok, epoch = read_journal_header(mem, g)
     js = JournalState(magic_ok, epoch)
     if not replay or not magic_ok or epoch == 0:
         return js
     try:
-        from .. import journal as jmod
-    except Exception as e:          # noqa: BLE001 (a half-written module must not stop fsck)
-        js.unavailable = f"{type(e).__name__}: {e}"
-        log.warning("daxfs.journal is unavailable (%s): journal replay skipped", js.unavailable)
-        return js
-    try:
-        j = jmod.Journal(mem, g)
+        j = Journal(mem, g)
         js.pending = int(j.pending())
         if int(sb["clean"]) != 1 or js.pending:
             js.ran_replay = True
@@ -98,7 +66,7 @@ def _journal_phase(mem: _Mapping, sb, g: fmt.Geometry, replay: bool) -> JournalS
 class Context:
     """Shared state of one check run: geometry, mapped tables, working copies, problems."""
 
-    def __init__(self, mem: _Mapping, sb, g: fmt.Geometry, *, repair: bool, journal: JournalState,
+    def __init__(self, mem: PMem, sb, g: fmt.Geometry, *, repair: bool, journal: JournalState,
                  file_size: int, in_use: bool = False):
         self.mem, self.sb, self.g, self.repair = mem, sb, g, repair
         self.journal = journal
@@ -108,10 +76,10 @@ class Context:
         self.check_name = "-"
         self.now = time.time_ns()
         mm = mem.mm
-        self.v_inodes = np.frombuffer(mm, fmt.INODE_DTYPE, g.inode_count, g.region("inodes")[0])
-        self.v_dirents = np.frombuffer(mm, fmt.DIRENT_DTYPE, g.dirent_count, g.region("dirents")[0])
-        self.v_extents = np.frombuffer(mm, fmt.EXTENT_DTYPE, g.extent_count, g.region("extents")[0])
-        self.v_refcounts = np.frombuffer(mm, "<u4", g.nblocks, g.region("refcounts")[0])
+        self.v_inodes = g.table(mm, "inodes")
+        self.v_dirents = g.table(mm, "dirents")
+        self.v_extents = g.table(mm, "extents")
+        self.v_refcounts = g.table(mm, "refcounts")
         # working copies
         self.inodes = self.v_inodes.copy()
         self.dslot = np.flatnonzero(self.v_dirents["parent"] != 0)
@@ -178,14 +146,14 @@ class Context:
 
     def dname(self, i: int) -> bytes:
         r = self.drows()[i]
-        n = int(r[_DIRENT_LEN_OFF])
-        return r[_DIRENT_NAME_OFF:_DIRENT_NAME_OFF + n].tobytes()
+        n = int(r[DIRENT_LEN_OFF])
+        return r[DIRENT_NAME_OFF:DIRENT_NAME_OFF + n].tobytes()
 
     def set_dname(self, i: int, name: bytes) -> None:
         r = self.drows()[i]
-        r[_DIRENT_LEN_OFF] = len(name)
-        r[_DIRENT_NAME_OFF:] = 0
-        r[_DIRENT_NAME_OFF:_DIRENT_NAME_OFF + len(name)] = np.frombuffer(name, np.uint8)
+        r[DIRENT_LEN_OFF] = len(name)
+        r[DIRENT_NAME_OFF:] = 0
+        r[DIRENT_NAME_OFF:DIRENT_NAME_OFF + len(name)] = np.frombuffer(name, np.uint8)
 
     def dentry(self, i: int) -> str:
         return f"entry {int(self.dslot[i])}"

@@ -1,12 +1,14 @@
 """fsck results: one `Problem` per finding, the `FsckReport` of a run, `FsckError` (the image
-cannot be checked at all), severities and fsck(8) exit codes."""
+cannot be checked at all), severities and the fsck(8) exit code of a report (the codes are
+named in errors.py)."""
 from __future__ import annotations
 
 import dataclasses
 import stat
 
+from ..errors import EXIT_CORRECTED, EXIT_OK, EXIT_UNCORRECTED
+
 ERROR, INFO = "error", "info"
-EXIT_OK, EXIT_CORRECTED, EXIT_UNCORRECTED, EXIT_OPERATIONAL = 0, 1, 4, 8
 
 TYPE_NAMES = {stat.S_IFREG: "regular file", stat.S_IFDIR: "directory", stat.S_IFLNK: "symlink",
               stat.S_IFCHR: "character device", stat.S_IFBLK: "block device",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
-import mmap
 import os
 import stat
 import sys
@@ -16,8 +15,10 @@ import numpy as np
 from .. import format as fmt
 from ..daemon.mounttab import is_locked
 from .checks import CHECKS
-from .context import BS, Context, JournalState, _journal_phase, _Mapping, _read_journal_header
-from .report import ERROR, EXIT_OPERATIONAL, FsckError, FsckReport
+from ..pmem import PMem
+from .context import BS, Context, JournalState, journal_phase, read_journal_header
+from ..errors import EXIT_OPERATIONAL
+from .report import ERROR, FsckError, FsckReport
 
 log = logging.getLogger("daxfs.fsck")
 
@@ -83,20 +84,15 @@ def _write_back(ctx: Context) -> bool:
         wrote = True
     if ctx.fix_journal_header:
         off = g.journal_start * BS
-        _, epoch = _read_journal_header(mem, g)
-        hdr = np.zeros(1, fmt.JOURNAL_HEADER_DTYPE)
-        hdr["magic"] = fmt.JOURNAL_MAGIC
-        hdr["epoch"] = max(1, (epoch + 1) & 0xFFFFFFFFFFFFFFFF)
+        _, epoch = read_journal_header(mem, g)
         mem.zero(off + BS, 64)          # replay stops at the first bad transaction header
-        mem.store(off, hdr.tobytes())
+        mem.store(off, fmt.pack_journal_header(max(1, (epoch + 1) & 0xFFFFFFFFFFFFFFFF)))
         wrote = True
-    mem.mm.flush()
+    mem.persist(0, mem.size)
     if ctx.mark_clean or (wrote and int(ctx.sb["clean"]) != 1):
         sb = ctx.sb.copy()
         sb["clean"] = 1
-        sb["checksum"] = fmt.superblock_checksum(sb)
-        mem.store(0, sb.tobytes())
-        mem.mm.flush(0, mmap.PAGESIZE)
+        fmt.store_superblock(mem, sb)       # msync'ed: the mapping is shared when repairing
         ctx.sb = sb
         wrote = True
     return wrote
@@ -135,23 +131,20 @@ def check(path: str, repair: bool = False) -> FsckReport:
     mem = None
     try:
         try:
-            raw = os.pread(fd, BS, 0)
+            sb, g = fmt.read_superblock(fd)
         except OSError as e:
             raise FsckError(f"{path}: cannot read: {e.strerror}") from None
-        try:
-            sb, g = fmt.parse_superblock(raw, st.st_size)
         except fmt.FormatError as e:
             raise FsckError(f"{path}: {e}") from None
-        sb = sb.copy()
         try:
-            mem = _Mapping(path, fd, st.st_size, shared=repair)
+            mem = PMem.over_fd(path, fd, st.st_size, shared=repair)
         except (OSError, ValueError) as e:
             raise FsckError(f"{path}: cannot map: {e}") from None
         needs_replay = int(sb["clean"]) != 1
-        js = _journal_phase(mem, sb, g, replay=True)
-        if repair and (js.unavailable or js.error) and needs_replay:
+        js = journal_phase(mem, sb, g, replay=True)
+        if repair and js.error and needs_replay:
             raise FsckError(f"{path}: the journal must be replayed before repair, but "
-                            f"{'replay failed: ' + js.error if js.error else 'daxfs.journal is unavailable'}")
+                            f"replay failed: {js.error}")
         ctx = Context(mem, sb, g, repair=repair, journal=js, file_size=st.st_size, in_use=in_use)
         _run_checks(ctx)
         problems = ctx.problems
@@ -163,7 +156,7 @@ def check(path: str, repair: bool = False) -> FsckReport:
             modified = _write_back(ctx) or js.ran_replay
             for p in problems:
                 p.repaired = p.repairable
-            magic_ok, epoch = _read_journal_header(mem, g)
+            magic_ok, epoch = read_journal_header(mem, g)
             again = Context(mem, ctx.sb, g, repair=False, journal=JournalState(magic_ok, epoch),
                             file_size=st.st_size)
             _run_checks(again)
@@ -205,10 +198,14 @@ def main_check(path: str, repair: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m daxfs.fsck`: the command line of `daxfs fsck` (cli/main.py), IMAGE and
+    `--repair`, which is also spelled `-y`, the "answer yes" flag util-linux fsck(8) passes
+    on to a filesystem's checker."""
     import argparse
     ap = argparse.ArgumentParser(prog="python -m daxfs.fsck",
                                  description="Check (and repair) an unmounted daxfs image.")
-    ap.add_argument("image")
-    ap.add_argument("--repair", "-r", action="store_true", help="fix what can be fixed")
+    ap.add_argument("image", metavar="IMAGE")
+    ap.add_argument("--repair", "-y", action="store_true",
+                    help="repair what can be repaired (-y: as util-linux fsck passes it)")
     a = ap.parse_args(argv)
     return main_check(a.image, a.repair)

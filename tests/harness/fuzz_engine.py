@@ -8,7 +8,7 @@ import hashlib
 import traceback
 
 from daxfs import format as fmt
-from daxfs.errors import FsError
+from daxfs.errors import FsError, MountError
 from daxfs.fs import FileSystem
 
 from .fuzz_bases import Base
@@ -24,7 +24,7 @@ def _engine_check(b: Base, case: Case, epath: str, d_t, good_paths, expect_state
     F = res.findings
     try:
         fs = FileSystem.open(epath)
-    except fmt.FormatError as e:
+    except (fmt.FormatError, MountError) as e:
         res.mount = f"refused: {e}"
         if "\n" in str(e) or not str(e):
             F.append(Finding("mount", "open", "refusal is not one line", repr(str(e))))

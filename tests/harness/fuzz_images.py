@@ -17,7 +17,7 @@ mostly inside the used part (slots in use). Then:
 
   * fsck (in-process `daxfs.fsck.check`; a sample through the real `daxfs fsck`) must not raise,
     must exit in {0,1,4,8}, and must report the damage when a field it can check changed;
-  * the engine (`FileSystem.open`) must refuse with a FormatError (one line) or open, and then
+  * the engine (`FileSystem.open`) must refuse with a FormatError or MountError (one line) or open, and then
     walking the tree and reading everything may fail only with EIO; after an EIO the failsafe
     must be on (writes give EROFS/EIO) and the image must not change any more; undamaged files
     read their original content; a sample is mounted for real (`daxfs mount`, ls -R/cat in a

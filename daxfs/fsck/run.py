@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from .. import format as fmt
+from ..progress import Progress
 from ..daemon.mounttab import is_locked
 from .checks import CHECKS
 from .context import BS, Context, JournalState, _journal_phase, _Mapping, _read_journal_header
@@ -24,9 +25,12 @@ log = logging.getLogger("daxfs.fsck")
 
 # ------------------------------------------------------------------------------------ running
 def _run_checks(ctx: Context) -> None:
-    for name, fn in CHECKS:
+    progress = Progress("fsck")
+    for i, (name, fn) in enumerate(CHECKS):
+        progress.show(i, len(CHECKS), name)
         ctx.check_name = name
         fn(ctx)
+    progress.done()
     used = ctx.used()
     used[0] = False
     ft = ctx.ftype()

@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml setup.py daxfs/_fusehook.c daxfs/_fusehook.map
 	$(PY) -m pip install -q -e '.[test]'
 	# mount(8) runs `daxfs` for `-t fuse.daxfs` (via /sbin/mount.fuse), so put it on PATH
 	-ln -sf $(abspath $(DAXFS)) /usr/local/bin/daxfs
+	# and mkfs -t daxfs / fsck -t daxfs run mkfs.daxfs / fsck.daxfs from PATH
+	-ln -sf $(abspath $(VENV)/bin/mkfs.daxfs) /usr/local/bin/mkfs.daxfs
+	-ln -sf $(abspath $(VENV)/bin/fsck.daxfs) /usr/local/bin/fsck.daxfs
 	touch $(STAMP)
 
 run: setup

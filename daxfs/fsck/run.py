@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from .. import format as fmt
+from ..progress import Progress
 from ..daemon.mounttab import is_locked
 from .checks import CHECKS
 from ..pmem import PMem
@@ -25,9 +26,12 @@ log = logging.getLogger("daxfs.fsck")
 
 # ------------------------------------------------------------------------------------ running
 def _run_checks(ctx: Context) -> None:
-    for name, fn in CHECKS:
+    progress = Progress("fsck")
+    for i, (name, fn) in enumerate(CHECKS):
+        progress.show(i, len(CHECKS), name)
         ctx.check_name = name
         fn(ctx)
+    progress.done()
     used = ctx.used()
     used[0] = False
     ft = ctx.ftype()

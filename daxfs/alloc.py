@@ -96,6 +96,16 @@ class BlockAllocator:
         """Per block of the run: True where it has more than one reference."""
         return self.rc[pblk:pblk + n] > 1
 
+    def counts(self) -> np.ndarray:
+        """The reference counts of every block, read-only (indexes built from them)."""
+        v = self.rc.view()
+        v.flags.writeable = False
+        return v
+
+    def single_mask(self, pblk: int, n: int) -> np.ndarray:
+        """Per block of the run: does exactly one reference hold it?"""
+        return self.rc[pblk:pblk + n] == 1
+
     def max_count(self, pblk: int, n: int) -> int:
         return int(self.rc[pblk:pblk + n].max()) if n else 0
 

@@ -21,9 +21,10 @@ import errno
 import numpy as np
 
 from . import format as fmt
-from .alloc import BlockAllocator
+from .alloc import BlockAllocator, runs_of
 from .errors import FsError
 from .extents import HOLE
+from .frames import FrameIndex
 from .inodes import Inode, InodeTable
 from .pmem import PMem
 from .txn import Buffer, Transaction
@@ -43,10 +44,12 @@ class Stats:
 
 
 class BufCache:
-    def __init__(self, pm: PMem, alloc: BlockAllocator, inodes: InodeTable) -> None:
+    def __init__(self, pm: PMem, alloc: BlockAllocator, inodes: InodeTable,
+                 frames: FrameIndex) -> None:
         self.pm = pm
         self.alloc = alloc
         self.inodes = inodes
+        self.frames = frames        # shared blocks -> aliases; changed in step with the maps
         self.stats = Stats()
 
     # -- read --------------------------------------------------------------------------------------
@@ -162,9 +165,32 @@ class BufCache:
         for slot in res.freed_slots:
             txn.extent(slot, fmt.FREE_EXTENT)
             self.inodes.extent_pool.give(slot)
-        for pb, ln in res.removed:
-            self.alloc.decref(pb, ln)
+        for pb, ln, lb in res.removed:
+            self._unmap(node.ino, pb, ln, lb)
         txn.inode(node)
+
+    def _unmap(self, ino: int, pb: int, ln: int, lb: int) -> None:
+        """`ino` stops mapping blocks [pb, pb+ln) at file blocks [lb, lb+ln): drop its
+        references, its aliases of the shared ones, and the last alias of any that this
+        leaves with a single owner."""
+        alloc = self.alloc
+        if ln == 1:                                  # the COW break's case, scalar
+            if alloc.count(pb) > 1:
+                self.frames.remove(ino, pb, 1, lb)
+                alloc.decref(pb, 1)
+                if alloc.count(pb) == 1:
+                    self.frames.remove_all(pb, 1)
+            else:
+                alloc.decref(pb, 1)
+            return
+        was_shared = alloc.shared_mask(pb, ln)
+        if not was_shared.any():
+            alloc.decref(pb, ln)
+            return
+        self.frames.remove(ino, pb, ln, lb)
+        alloc.decref(pb, ln)
+        for s, k in runs_of(np.flatnonzero(was_shared & alloc.single_mask(pb, ln)) + pb):
+            self.frames.remove_all(s, k)
 
     def extent_room(self, n: int) -> None:
         """ENOSPC unless n more extent records can be taken (checked before any change)."""
@@ -286,8 +312,12 @@ class BufCache:
             if p == HOLE:
                 self.punch(txn, dst, target, target + k)
                 continue
+            # blocks shared for the first time get the source's alias too
+            for s, m in runs_of(np.flatnonzero(self.alloc.single_mask(p, k)) + p):
+                self.frames.add(src.ino, l + (s - p), s, m)
             self.alloc.incref(p, k)
             self.remap(txn, dst, target, k, p)
+            self.frames.add(dst.ino, target, p, k)
             shared += k
         self.stats.cloned_blocks += shared
         return shared

@@ -24,7 +24,8 @@ _U32 = np.uint32     # lengths and record slots: 24 bytes per extent in all (the
 
 @dataclasses.dataclass
 class RemapResult:
-    removed: list[tuple[int, int]]         # physical runs (pblk, n) no longer mapped here
+    removed: list[tuple[int, int, int]]    # (pblk, n, lblk): physical runs no longer mapped here,
+                                           #   and the file blocks that mapped them
     written: list[tuple[int, int, int, int]]  # records to store: (slot, lblk, pblk, length)
     freed_slots: list[int]                 # records to clear
 
@@ -181,7 +182,7 @@ class ExtentMap:
         else:
             self.leaves[li] = _Leaf(nlb, npb, nln, nsl)
             self.count += 2
-        return RemapResult([(p + l0 - s, n)],
+        return RemapResult([(p + l0 - s, n, l0)],
                            [(int(leaf.slot[a]), s, p, l0 - s), (s1, l0, p0, n),
                             (s2, l1, p + l1 - s, e - l1)], [])
 
@@ -193,7 +194,7 @@ def _remap_flat(lb, pb, ln, sl, l0: int, n: int, p0: int, take_slot):
     if a < 0 or lb[a] + ln[a] < l0:
         a += 1
     b = int(np.searchsorted(lb, l1, "right"))
-    removed: list[tuple[int, int]] = []
+    removed: list[tuple[int, int, int]] = []
     pieces: list[list[int]] = []          # [lblk, pblk, length]
     for s, p, m in zip(lb[a:b].tolist(), pb[a:b].tolist(), ln[a:b].tolist()):
         e = s + m
@@ -201,7 +202,7 @@ def _remap_flat(lb, pb, ln, sl, l0: int, n: int, p0: int, take_slot):
             pieces.append([s, p, min(e, l0) - s])
         ov0, ov1 = max(s, l0), min(e, l1)
         if ov0 < ov1:
-            removed.append((p + ov0 - s, ov1 - ov0))
+            removed.append((p + ov0 - s, ov1 - ov0, ov0))
         if e > l1:
             pieces.append([max(s, l1), p + max(s, l1) - s, e - max(s, l1)])
     if p0 != HOLE:

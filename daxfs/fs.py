@@ -38,6 +38,7 @@ from .errors import FsError, MountError
 # the parts' constants, for callers of the engine
 from .filedata import (FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE,  # noqa: F401
                        MAX_CLONE_BYTES, FileData)  # noqa: F401
+from .frames import FrameIndex
 from .inodes import Inode, InodeTable, now_ns
 from .journal import Journal
 from .namespace import MAX_LINKS, MAX_SYMLINK, RENAME_EXCHANGE, RENAME_NOREPLACE  # noqa: F401
@@ -150,7 +151,8 @@ class FileSystem:
         if not isdir[fmt.ROOT_INO]:
             raise fmt.FormatError("root inode is not a directory (image corrupt; run daxfs fsck)")
         self.dirs.note_dir_parents(lambda ino: 0 < ino < isdir.size and bool(isdir[ino]))
-        self.bufcache = BufCache(pm, self.alloc, self.inodes)
+        self.frames = FrameIndex.build(*self.inodes.extent_arrays(), self.alloc.counts())
+        self.bufcache = BufCache(pm, self.alloc, self.inodes, self.frames)
 
     @property
     def readonly(self) -> bool:
@@ -350,8 +352,18 @@ class FileSystem:
         return usage.usage(self.inodes.view, g.table(mm, "extents"), g.table(mm, "refcounts"), g)
 
     def aliases_of(self, pblk: int) -> list[tuple[int, int]]:
-        """The reverse map: (inode, file block) pairs that alias physical block `pblk`."""
-        return usage.reverse_map(self.g.table(self.pm.mm, "extents"), pblk)
+        """The aliases of physical block `pblk`, from the frame index: (inode, file block) of
+        every inode mapping it while it is shared, [] while one inode owns it."""
+        return self.frames.aliases(pblk)
+
+    def frames_match_tables(self) -> bool:
+        """The frame index equals a rebuild from the committed tables (tests, fsck)."""
+        g, mm = self.g, self.pm.mm
+        ev = g.table(mm, "extents")
+        used = ev[ev["ino"] != 0]
+        fresh = FrameIndex.build(used["ino"], used["lblk"], used["pblk"], used["length"],
+                                 g.table(mm, "refcounts"))
+        return fresh.blocks() == self.frames.blocks()
 
     def statfs(self) -> StatFs:
         g = self.g

@@ -124,6 +124,10 @@ class InodeTable:
                                     minlength=view.size).astype(np.int64)
         self.extent_pool = SlotPool(np.flatnonzero(extent_view["ino"] == 0), "extent records")
 
+    def extent_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ino, lblk, pblk, length) of the extent records as of mount, sorted by inode."""
+        return self._ext_ino, self._ext_lblk, self._ext_pblk, self._ext_len
+
     def load_extents(self, ino: int) -> ExtentMap:
         a = int(np.searchsorted(self._ext_ino, ino, "left"))
         b = int(np.searchsorted(self._ext_ino, ino, "right"))

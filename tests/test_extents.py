@@ -41,8 +41,8 @@ def test_random_remaps_match_a_block_model(seed):
         if em.count == before + 2 and len(res.written) == 3 and not res.freed_slots:
             split_hits += 1
         # removed runs are exactly the old physical blocks of the range
-        removed = sorted(p + k for p, m in res.removed for k in range(m))
-        assert removed == sorted(model[l] for l in range(l0, l0 + n) if l in model)
+        removed = sorted((lb + k, p + k) for p, m, lb in res.removed for k in range(m))
+        assert removed == sorted((l, model[l]) for l in range(l0, l0 + n) if l in model)
         for l in range(l0, l0 + n):
             model.pop(l, None)
             if p0 != HOLE:

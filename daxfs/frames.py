@@ -1,0 +1,191 @@
+"""The frame index: shared physical blocks and their aliases, indexed by physical block.
+
+This is the design's buffer cache indexed by physical location (../shared/seed/). A block
+that one inode maps is that inode's alone and costs nothing here. When a clone (or dedupe)
+makes a block shared, the index gets one *alias* per inode that maps it: (inode, file block)
+pointing at the one primary frame, the block's bytes in the mapped image, which every alias
+reads. A write to a shared block breaks the sharing for that inode (bufcache.py: allocate,
+copy, remap) and drops its alias; when one reference is left, the last alias goes too and the
+block is single-owned again.
+
+Aliases are kept as runs (pblk, n, ino, lblk): blocks [pblk, pblk+n) are mapped by `ino` at
+file blocks [lblk, lblk+n); a 1 GiB clone is one run per inode, not 262,144 entries. Runs
+live in leaves of at most LEAF entries sorted by pblk (a one-level B+ tree of numpy arrays),
+with each leaf's first pblk and largest run end in two arrays, so a lookup selects its
+leaves with one vectorised comparison and a change rewrites one leaf. 24 bytes per run.
+
+The index is derived state: built at mount from the extent and refcount tables in one
+vectorised pass, changed in step with them by BufCache.remap/share, never persisted; fsck
+and tests compare it with a rebuild (`matches_tables`). Nothing here awaits.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_I64, _U32 = np.int64, np.uint32
+LEAF = 512
+
+
+class FrameIndex:
+    __slots__ = ("pblk", "n", "ino", "lblk", "first", "maxend")
+
+    def __init__(self):
+        self.pblk: list[np.ndarray] = []      # per leaf, sorted by pblk
+        self.n: list[np.ndarray] = []
+        self.ino: list[np.ndarray] = []
+        self.lblk: list[np.ndarray] = []
+        self.first = np.empty(0, _I64)        # first pblk of each leaf
+        self.maxend = np.empty(0, _I64)       # largest pblk + n in each leaf
+
+    # -- building ------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, ext_ino, ext_lblk, ext_pblk, ext_len, rc: np.ndarray) -> "FrameIndex":
+        """From the extent records in use and the refcounts: the runs of every extent that
+        lie on blocks with more than one reference. Vectorised: one repeat over the blocks of
+        the extents that touch a shared block, one cut into runs."""
+        idx = cls()
+        shared = rc > 1
+        if not shared.any() or not len(ext_pblk):
+            return idx
+        pb = np.asarray(ext_pblk, _I64)
+        ln = np.asarray(ext_len, _I64)
+        # extents touching a shared block: prefix sums of the shared mask
+        cum = np.concatenate(([0], np.cumsum(shared, dtype=_I64)))
+        ok = (pb >= 0) & (pb + ln <= rc.size)
+        touch = np.zeros(pb.size, bool)
+        touch[ok] = cum[(pb + ln)[ok]] > cum[pb[ok]]
+        if not touch.any():
+            return idx
+        pb, ln = pb[touch], ln[touch]
+        ino = np.asarray(ext_ino, _I64)[touch]
+        lb = np.asarray(ext_lblk, _I64)[touch]
+        # one entry per block of those extents, kept where the block is shared
+        e = np.repeat(np.arange(pb.size), ln)
+        off = np.arange(e.size) - np.repeat(np.cumsum(ln) - ln, ln)
+        blk = pb[e] + off
+        keep = shared[blk]
+        e, off, blk = e[keep], off[keep], blk[keep]
+        # runs: consecutive blocks of one extent
+        cut = np.flatnonzero((np.diff(e) != 0) | (np.diff(off) != 1)) + 1
+        starts = np.concatenate(([0], cut))
+        lens = np.diff(np.concatenate((starts, [e.size])))
+        r_pb, r_e, r_off = blk[starts], e[starts], off[starts]
+        order = np.lexsort((ino[r_e], r_pb))
+        idx._set_all(r_pb[order], lens[order].astype(_U32), ino[r_e][order].astype(_U32),
+                     (lb[r_e] + r_off)[order])
+        return idx
+
+    def _set_all(self, pb, n, ino, lb) -> None:
+        self.pblk, self.n, self.ino, self.lblk = [], [], [], []
+        for k in range(0, pb.size, LEAF):
+            self.pblk.append(pb[k:k + LEAF].copy())
+            self.n.append(n[k:k + LEAF].copy())
+            self.ino.append(ino[k:k + LEAF].copy())
+            self.lblk.append(lb[k:k + LEAF].copy())
+        self._summaries()
+
+    def _summaries(self) -> None:
+        self.first = np.array([p[0] for p in self.pblk], _I64)
+        self.maxend = np.array([int((p + n).max()) for p, n in zip(self.pblk, self.n)], _I64)
+
+    # -- queries -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return sum(p.size for p in self.pblk)
+
+    def nbytes(self) -> int:
+        return sum(p.nbytes + n.nbytes + i.nbytes + lb.nbytes
+                   for p, n, i, lb in zip(self.pblk, self.n, self.ino, self.lblk))
+
+    def _leaves(self, a: int, b: int) -> np.ndarray:
+        return np.flatnonzero((self.first < b) & (self.maxend > a))
+
+    def runs(self, a: int, b: int) -> list[tuple[int, int, int, int]]:
+        """Alias runs (pblk, n, ino, lblk) that overlap physical blocks [a, b), clipped."""
+        out = []
+        for li in self._leaves(a, b).tolist():
+            p, n, i, lb = self.pblk[li], self.n[li], self.ino[li], self.lblk[li]
+            hit = np.flatnonzero((p < b) & (p + n > a))
+            for k in hit.tolist():
+                s, e = max(a, int(p[k])), min(b, int(p[k] + n[k]))
+                out.append((s, e - s, int(i[k]), int(lb[k]) + s - int(p[k])))
+        return sorted(out)
+
+    def aliases(self, pblk: int) -> list[tuple[int, int]]:
+        """(inode, file block) of every alias of physical block `pblk` ([] if unshared)."""
+        return sorted((ino, lb) for _p, _n, ino, lb in self.runs(pblk, pblk + 1))
+
+    # -- changes -------------------------------------------------------------------------------
+    def add(self, ino: int, lblk: int, pblk: int, n: int) -> None:
+        """`ino` maps shared blocks [pblk, pblk+n) at file blocks [lblk, lblk+n)."""
+        if n <= 0:
+            return
+        li = int(np.searchsorted(self.first, pblk, "right")) - 1 if self.first.size else -1
+        if li < 0:
+            if not self.pblk:
+                self.pblk, self.n = [np.array([pblk], _I64)], [np.array([n], _U32)]
+                self.ino, self.lblk = [np.array([ino], _U32)], [np.array([lblk], _I64)]
+                self._summaries()
+                return
+            li = 0
+        p = self.pblk[li]
+        k = int(np.searchsorted(p, pblk, "right"))
+        self._replace(li, np.insert(p, k, pblk), np.insert(self.n[li], k, n),
+                      np.insert(self.ino[li], k, ino), np.insert(self.lblk[li], k, lblk))
+
+    def remove(self, ino: int, pblk: int, n: int, lblk: int) -> None:
+        """`ino` no longer maps blocks [pblk, pblk+n) at file blocks [lblk, lblk+n): cut them
+        out of that run (one inode may map a block at several file blocks)."""
+        self._cut(pblk, pblk + n, ino, lblk - pblk)
+
+    def remove_all(self, pblk: int, n: int) -> None:
+        """Blocks [pblk, pblk+n) are no longer shared: drop every alias of them."""
+        self._cut(pblk, pblk + n, None)
+
+    def _cut(self, a: int, b: int, ino: int | None, diag: int = 0) -> None:
+        for li in reversed(self._leaves(a, b).tolist()):
+            p, n, i, lb = self.pblk[li], self.n[li], self.ino[li], self.lblk[li]
+            end = p + n
+            hit = (p < b) & (end > a)
+            if ino is not None:                  # that inode's run on that diagonal
+                hit &= (i == ino) & (lb - p == diag)
+            if not hit.any():
+                continue
+            h = np.flatnonzero(hit)
+            # what is left of each hit run: a piece before a and a piece from b
+            head = p[h] < a
+            tail = end[h] > b
+            keep = ~hit
+            np_, nn, ni, nl = [p[keep]], [n[keep]], [i[keep]], [lb[keep]]
+            hh = h[head]
+            np_.append(p[hh]), nn.append((a - p[hh]).astype(_U32)), ni.append(i[hh])
+            nl.append(lb[hh])
+            ht = h[tail]
+            np_.append(np.full(ht.size, b, _I64)), nn.append((end[ht] - b).astype(_U32))
+            ni.append(i[ht]), nl.append(lb[ht] + (b - p[ht]))
+            pp = np.concatenate(np_)
+            order = np.argsort(pp, kind="stable")
+            self._replace(li, pp[order], np.concatenate(nn)[order], np.concatenate(ni)[order],
+                          np.concatenate(nl)[order])
+
+    def _replace(self, li: int, p, n, i, lb) -> None:
+        """Leaf li becomes these (sorted) runs: dropped if empty, split if over LEAF."""
+        parts = [(p[k:k + LEAF], n[k:k + LEAF], i[k:k + LEAF], lb[k:k + LEAF])
+                 for k in range(0, p.size, LEAF)]
+        self.pblk[li:li + 1] = [x[0] for x in parts]
+        self.n[li:li + 1] = [x[1] for x in parts]
+        self.ino[li:li + 1] = [x[2] for x in parts]
+        self.lblk[li:li + 1] = [x[3] for x in parts]
+        if len(parts) == 1 and self.first.size == len(self.pblk):
+            self.first[li] = int(p[0])
+            self.maxend[li] = int((p + n).max())
+        else:
+            self._summaries()
+
+    # -- checking ------------------------------------------------------------------------------
+    def blocks(self) -> list[tuple[int, int, int]]:
+        """Sorted (pblk, ino, lblk) of every alias, block by block (tests; small images)."""
+        out = []
+        for p, n, i, lb in zip(self.pblk, self.n, self.ino, self.lblk):
+            for s, k, ino, l0 in zip(p.tolist(), n.tolist(), i.tolist(), lb.tolist()):
+                out += [(s + d, ino, l0 + d) for d in range(k)]
+        return sorted(out)

@@ -82,6 +82,34 @@ class Directories:
     def drop_parent(self, d: int) -> None:
         self.parent.pop(d, None)
 
+    def names_of(self, inos: set[int]) -> dict[int, tuple[int, bytes]]:
+        """One (directory, name) for each of `inos` that has a name: a scan of every
+        directory, for reports (`daxfs stat FILE`), not for request paths."""
+        out: dict[int, tuple[int, bytes]] = {}
+        for d, entries in self.children.items():
+            for name, (ino, _slot) in entries.items():
+                if ino in inos and ino not in out:
+                    out[ino] = (d, name)
+        return out
+
+    def path(self, d: int, name: bytes, root: int) -> bytes:
+        """The path of `name` in directory `d`, from the root (b"/a/b")."""
+        parts = [name]
+        seen = 0
+        while d != root and seen < 4096:
+            parent = self.parent.get(d)
+            if parent is None:
+                return b"?/" + b"/".join(reversed(parts))
+            parts.append(self._name_in(parent, d))
+            d, seen = parent, seen + 1
+        return b"/" + b"/".join(reversed(parts))
+
+    def _name_in(self, parent: int, d: int) -> bytes:
+        for name, (ino, _slot) in self.children[parent].items():
+            if ino == d:
+                return name
+        raise KeyError(d)
+
     def lookup(self, d: int, name: bytes) -> int | None:
         e = self.children.get(d)
         if e is None:

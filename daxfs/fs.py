@@ -315,8 +315,8 @@ class FileSystem:
         self.data.fallocate(ino, mode, off, length)
 
     # extended attributes (xattrs.py)
-    def getxattr(self, ino: int, name: bytes) -> bytes:
-        return self.xattrs.get(ino, name)
+    def getxattr(self, ino: int, name: bytes, uid: int = 0) -> bytes:
+        return self.xattrs.get(ino, name, uid)
 
     def listxattr(self, ino: int) -> list[bytes]:
         return self.xattrs.list(ino)

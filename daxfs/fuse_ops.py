@@ -245,7 +245,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def getxattr(self, inode, name, ctx):
-        return self.fs.getxattr(inode, name)
+        return self.fs.getxattr(inode, name, ctx.uid)
 
     @_errors
     async def listxattr(self, inode, ctx):

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from . import format as fmt
+from . import sharing
 from .errors import FsError
 
 if TYPE_CHECKING:
@@ -21,6 +22,8 @@ XATTR_CREATE, XATTR_REPLACE = 1, 2
 XATTR_SIZE_MAX = 65536       # the kernel's limit on one value (E2BIG past it)
 # A read-only virtual xattr of the root: the running daemon's counters as JSON (`daxfs stat`).
 STATS_XATTR = b"user.daxfs.stats"
+SHARING_XATTR = b"user.daxfs.sharing"     # of a file: its shared ranges (sharing.py)
+VIRTUAL = (STATS_XATTR, SHARING_XATTR)
 CAPABILITY_XATTR = b"security.capability"
 
 
@@ -82,9 +85,14 @@ class XattrStore:
                     self.inodes.corrupt(f"inode {node.ino}: {e}")
         return node.xattrs
 
-    def get(self, ino: int, name: bytes) -> bytes:
+    def get(self, ino: int, name: bytes, uid: int = 0) -> bytes:
+        """The value of `name`; two are virtual and read-only: the root's STATS_XATTR (the
+        daemon's counters) and a regular file's SHARING_XATTR (sharing.py; `uid` is the
+        caller, who sees the names of other files only as root or as their owner)."""
         if ino == fmt.ROOT_INO and name == STATS_XATTR:
             return json.dumps(self.fs.stats(), sort_keys=True).encode()
+        if name == SHARING_XATTR:
+            return json.dumps(sharing.report(self.fs, ino, uid)).encode()
         attrs = self.load(self.inodes.get(ino))
         if name not in attrs:
             raise FsError(errno.ENODATA)
@@ -95,7 +103,7 @@ class XattrStore:
 
     def set(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         check_name(name)
-        if name == STATS_XATTR:
+        if name in VIRTUAL:
             raise FsError(errno.EPERM)
         if len(value) > XATTR_SIZE_MAX:
             raise FsError(errno.E2BIG)
@@ -110,7 +118,7 @@ class XattrStore:
         self._store(node, new)
 
     def remove(self, ino: int, name: bytes) -> None:
-        if name == STATS_XATTR:
+        if name in VIRTUAL:
             raise FsError(errno.EPERM)
         node = self.inodes.get(ino)
         attrs = self.load(node)

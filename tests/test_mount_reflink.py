@@ -190,3 +190,32 @@ def test_daxfs_reflink_cli(mounted, tmp_path):
     assert (mounted / "b").read_bytes() == (mounted / "a").read_bytes()
     p = daxfs_cli("reflink", mounted / "a", tmp_path / "elsewhere", check=False)
     assert p.returncode == 1 and "same daxfs mount" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_daxfs_stat_file_names_what_it_shares_with(mounted):
+    """`daxfs stat FILE` (issue 11): each shared range of a file, the other file and offset;
+    --json in the documented shape; a COW break takes its block out of the report."""
+    src = mounted / "src"
+    src.write_bytes(os.urandom(8 * BS))
+    (mounted / "d").mkdir()
+    part = mounted / "d" / "part"
+    with open(src, "rb") as s, open(part, "wb") as d:
+        assert os.copy_file_range(s.fileno(), d.fileno(), 4 * BS, 2 * BS, 0) == 4 * BS
+    rep = json.loads(daxfs_cli("stat", "--json", part).stdout)
+    assert rep["path"] == str(part) and rep["size"] == 4 * BS
+    assert [(r["offset"], r["length"], r["other"], r["other_offset"]) for r in rep["shared"]] \
+        == [(0, 4 * BS, "/src", 2 * BS)]
+    rep = json.loads(daxfs_cli("stat", "--json", src).stdout)
+    assert [(r["offset"], r["length"], r["other"], r["other_offset"]) for r in rep["shared"]] \
+        == [(2 * BS, 4 * BS, "/d/part", 0)]
+    with open(part, "r+b") as f:                      # COW break of part's block 1
+        f.seek(BS)
+        f.write(b"x" * BS)
+    rep = json.loads(daxfs_cli("stat", "--json", part).stdout)
+    assert [(r["offset"], r["length"], r["other_offset"]) for r in rep["shared"]] == \
+        [(0, BS, 2 * BS), (2 * BS, 2 * BS, 4 * BS)]
+    text = daxfs_cli("stat", src).stdout
+    assert "shared with /d/part at offset 0" in text
+    assert json.loads(daxfs_cli("stat", "--json", mounted / "nothing-shared"
+                                if (mounted / "nothing-shared").write_bytes(b"x") else src)
+                      .stdout)["shared"] == []

@@ -119,8 +119,10 @@ def _add_fsck(sub, common: argparse.ArgumentParser) -> None:
 def _add_stat(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("stat", parents=[common], help="space and sharing counters",
                        description="Logical/physical bytes, shared blocks, aliases, clones, COW "
-                                   "breaks and bytes saved, of a mount (live) or an image.")
-    s.add_argument("target", metavar="MOUNTPOINT|IMAGE")
+                                   "breaks and bytes saved, of a mount (live) or an image; for a "
+                                   "FILE on a mount, which of its ranges share blocks with which "
+                                   "other files, at which offsets.")
+    s.add_argument("target", metavar="MOUNTPOINT|IMAGE|FILE")
     s.add_argument("--json", action="store_true", help="machine-readable output")
 
 

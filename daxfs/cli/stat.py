@@ -1,4 +1,5 @@
-"""`daxfs stat` (space and sharing counters) and `daxfs reflink` (a clone that must share).
+"""`daxfs stat` (space and sharing counters of a mount or image; the shared ranges of a file)
+and `daxfs reflink` (a clone that must share).
 
 copy_file_range cannot tell its caller whether blocks were shared or copied; the counters can.
 A running daemon serves them as the read-only virtual xattr `user.daxfs.stats` of the root;
@@ -15,7 +16,7 @@ from .. import format as fmt
 from ..errors import MountError, UsageError
 from ..format import FormatError
 from ..fs import FileSystem
-from ..xattrs import STATS_XATTR
+from ..xattrs import SHARING_XATTR, STATS_XATTR
 
 ROWS = [("logical_bytes", "logical bytes (file sizes)"), ("physical_bytes", "physical bytes in use"),
         ("free_bytes", "free bytes"), ("files", "inodes in use"),
@@ -45,7 +46,38 @@ def read_stats(target: str) -> dict:
         fs.close()
 
 
+def read_sharing(path: str) -> dict | None:
+    """The sharing report of a file on a daxfs mount, or None for anything else."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        raw = os.getxattr(path, SHARING_XATTR.decode())
+    except OSError:
+        return None                              # not on daxfs (an image, say)
+    return {"path": path, **json.loads(raw)}
+
+
+def print_sharing(rep: dict, as_json: bool) -> None:
+    if as_json:
+        shared = [{k: r[k] for k in ("offset", "length", "other", "other_offset")}
+                  | {"other_ino": r["other_ino"]} for r in rep["shared"]]
+        print(json.dumps({"path": rep["path"], "size": rep["size"], "shared": shared},
+                         indent=2))
+        return
+    total = sum(r["length"] for r in rep["shared"])
+    print(f"{rep['path']}: {rep['size']} bytes, {len(rep['shared'])} shared range(s), "
+          f"{total} bytes shared")
+    for r in rep["shared"]:
+        other = r["other"] if r["other"] is not None else f"inode {r['other_ino']}"
+        print(f"  offset {r['offset']}, {r['length']} bytes: shared with {other} "
+              f"at offset {r['other_offset']}")
+
+
 def main_stat(target: str, as_json: bool) -> int:
+    rep = read_sharing(target)
+    if rep is not None:
+        print_sharing(rep, as_json)
+        return 0
     st = read_stats(target)
     if as_json:
         print(json.dumps(st, indent=2, sort_keys=True))

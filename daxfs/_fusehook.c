@@ -36,6 +36,10 @@
 
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <sys/uio.h>
+#include <unistd.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
@@ -94,6 +98,11 @@ static long long opt_max_readahead = -1, opt_max_write = -1,
                  opt_max_background = -1, opt_congestion = -1,
                  opt_time_gran = -1;
 static unsigned opt_want_on, opt_want_off;
+
+/* dax mode (see install_custom_io): add FUSE_DIRECT_IO_ALLOW_MMAP to the INIT reply */
+static int want_dio_mmap;
+static int init_reply_pending;
+static int dio_mmap_sent;
 
 /* What was negotiated, as handed back to libfuse at the end of init. */
 static struct fuse_conn_info conn_seen;
@@ -429,6 +438,7 @@ static void hook_init(void *userdata, struct fuse_conn_info *conn)
 
     conn_seen = *conn;
     conn_valid = 1;
+    init_reply_pending = want_dio_mmap;     /* libfuse replies right after us */
 }
 
 /* ------------------------------------------------------------------ */
@@ -492,9 +502,59 @@ static const struct fuse_lowlevel_ops *patch_ops(const struct fuse_lowlevel_ops 
     return o;
 }
 
+/* ------------------------------------------------------------------ */
+/* dax mode: mmap of direct-I/O files                                  */
+
+/* With FOPEN_DIRECT_IO on every open (-o dax), the kernel refuses MAP_SHARED
+ * mappings unless the server sets FUSE_DIRECT_IO_ALLOW_MMAP (kernel >= 6.6),
+ * bit 36 of the INIT flags: flags2 bit 4.  libfuse 3.14 knows no such
+ * capability and builds flags2 only from the bits it knows, so we pass the
+ * session a custom writev (fuse_session_custom_io, libfuse >= 3.14) that adds
+ * the bit to the one INIT reply; the flag is honoured only when the kernel
+ * announced FUSE_INIT_EXT, as libfuse does for its own flags2 bits.
+ * struct fuse_init_out: flags at byte 12, flags2 at byte 32. */
+#define INIT_EXT_BIT        (1u << 30)
+#define DIO_ALLOW_MMAP_BIT2 (1u << 4)
+
+static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
+{
+    if (init_reply_pending && count >= 2 && iov[1].iov_len >= 36) {
+        init_reply_pending = 0;
+        uint32_t flags, flags2;
+        memcpy(&flags, (char *)iov[1].iov_base + 12, 4);
+        memcpy(&flags2, (char *)iov[1].iov_base + 32, 4);
+        if (flags & INIT_EXT_BIT) {
+            flags2 |= DIO_ALLOW_MMAP_BIT2;
+            memcpy((char *)iov[1].iov_base + 32, &flags2, 4);
+            dio_mmap_sent = 1;
+        }
+    }
+    return writev(fd, iov, count);
+}
+
+static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
+{
+    return read(fd, buf, len);
+}
+
+static void install_custom_io(struct fuse_session *se)
+{
+    static const struct fuse_custom_io io = {.writev = io_writev, .read = io_read};
+    /* custom_io wants an fd; fuse_session_mount() replaces it with /dev/fuse's
+     * and keeps se->io, so a placeholder that we close at once will do. */
+    int fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    if (fuse_session_custom_io(se, &io, fd) != 0)
+        want_dio_mmap = 0;
+    close(fd);
+}
+
 static void note_session(struct fuse_session *se)
 {
     session = se;
+    if (se && want_dio_mmap)
+        install_custom_io(se);
     if (se && ops_copy.ops.copy_file_range && ops_copy.ops.lseek &&
         ops_copy.ops.fallocate)
         hooked = 1;
@@ -601,6 +661,20 @@ static PyObject *py_set_conn_options(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_set_direct_io_mmap(PyObject *self, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    want_dio_mmap = on;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_direct_io_mmap_sent(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(dio_mmap_sent);
+}
+
 static PyObject *py_set_capability_xattrs(PyObject *self, PyObject *arg)
 {
     int v = PyObject_IsTrue(arg);
@@ -644,6 +718,8 @@ static PyMethodDef methods[] = {
     {"fast_stats", py_fast_stats, METH_NOARGS, NULL},
     {"hooked", py_hooked, METH_NOARGS, NULL},
     {"set_capability_xattrs", py_set_capability_xattrs, METH_O, NULL},
+    {"set_direct_io_mmap", py_set_direct_io_mmap, METH_O, NULL},
+    {"direct_io_mmap_sent", py_direct_io_mmap_sent, METH_NOARGS, NULL},
     {"conn_info", py_conn_info, METH_NOARGS, NULL},
     {"_paths", py_paths, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},

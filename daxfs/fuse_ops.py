@@ -74,10 +74,11 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: FileSystem, *, timeout: float = 1.0):
+    def __init__(self, fs: FileSystem, *, timeout: float = 1.0, dax: bool = False):
         super().__init__()
         self.fs = fs
         self.timeout = timeout
+        self.dax = dax          # -o dax: every open direct I/O, no page-cache copy per inode
 
     # -- helpers --------------------------------------------------------------------------------
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
@@ -162,11 +163,11 @@ class Operations(pyfuse3.Operations):
 
     # -- files ----------------------------------------------------------------------------------
     def _open(self, ino: int, flags: int, ctx, truncate: bool = False) -> pyfuse3.FileInfo:
-        direct = bool(flags & os.O_DIRECT)
+        direct = self.dax or bool(flags & os.O_DIRECT)
         # Only a shared writable mapping leaves dirty pages in the kernel (the writeback cache
         # is off: write(2) is write-through), and mmap(MAP_SHARED, PROT_WRITE) needs O_RDWR;
-        # direct-I/O opens cannot be mapped shared at all.
-        writer = (flags & os.O_ACCMODE) == os.O_RDWR and not direct
+        # direct-I/O opens cannot be mapped shared, but in dax mode (FUSE_DIRECT_IO_ALLOW_MMAP).
+        writer = (flags & os.O_ACCMODE) == os.O_RDWR and (self.dax or not direct)
         # O_TRUNC only arrives when atomic O_TRUNC was negotiated (not by our daemon): then no
         # SETATTR follows, and who may keep setuid/setgid is judged by uid alone
         self.fs.open_file(ino, truncate=truncate, kill_suidgid=truncate and ctx.uid != 0,

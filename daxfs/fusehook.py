@@ -59,7 +59,8 @@ if "pyfuse3" in sys.modules:
 from . import _fusehook  # noqa: E402  (must precede pyfuse3)
 
 __all__ = ["set_handlers", "set_fast_path", "fast_stats", "set_conn_options",
-           "set_capability_xattrs", "hooked", "conn_info", "cap_names",
+           "set_capability_xattrs", "set_direct_io_mmap", "direct_io_mmap_sent", "hooked",
+           "conn_info", "cap_names",
            "CopyFileRange", "Lseek", "Fallocate"]
 
 # copy_file_range(ino_in, fh_in, off_in, ino_out, fh_out, off_out, length, flags) -> bytes copied
@@ -149,6 +150,18 @@ def set_capability_xattrs(present: bool) -> None:
     """Tell the hook whether any inode has a security.capability xattr. While none does,
     the kernel's getxattr("security.capability") before each write is answered in C."""
     _fusehook.set_capability_xattrs(bool(present))
+
+
+def set_direct_io_mmap(on: bool) -> None:
+    """Before the session is made: ask the kernel to allow MAP_SHARED on direct-I/O opens
+    (FUSE_DIRECT_IO_ALLOW_MMAP, kernel >= 6.6), which libfuse 3.14 cannot request itself;
+    for `-o dax`, where every open is direct I/O."""
+    _fusehook.set_direct_io_mmap(bool(on))
+
+
+def direct_io_mmap_sent() -> bool:
+    """Whether the INIT reply carried FUSE_DIRECT_IO_ALLOW_MMAP."""
+    return bool(_fusehook.direct_io_mmap_sent())
 
 
 def hooked() -> bool:

@@ -35,6 +35,7 @@ class MountOptions:
     min_tasks: int = DEFAULT_MIN_TASKS
     max_tasks: int = DEFAULT_MAX_TASKS
     spin_us: int = DEFAULT_SPIN_US
+    dax: bool = False               # every open direct I/O: clones read through one frame
 
     def fuse_options(self, image: str) -> set[str]:
         opts = {f"fsname={fuse_opt_escape(image)}", f"subtype={SUBTYPE}"}
@@ -66,6 +67,8 @@ def parse_mount_options(groups: list[str] | None, *, debug: bool = False) -> Mou
                 mo.ro = True
             elif key == "debug" and not eq:
                 mo.debug = True
+            elif key == "dax" and not eq:
+                mo.dax = True
             elif key in ("noexec", "exec") and not eq:
                 mo.noexec = key == "noexec"
             elif key == "nodefault_permissions" and not eq:
@@ -87,7 +90,7 @@ def parse_mount_options(groups: list[str] | None, *, debug: bool = False) -> Mou
                 continue
             else:
                 raise UsageError(f"unknown mount option {opt!r} (known: allow_other, ro, debug, "
-                                 f"noexec, default_permissions, log=FILE, min_tasks=N, "
+                                 f"dax, noexec, default_permissions, log=FILE, min_tasks=N, "
                                  f"max_tasks=N, spin_us=N)")
     if mo.min_tasks > mo.max_tasks:
         raise UsageError(f"mount option min_tasks={mo.min_tasks} exceeds max_tasks={mo.max_tasks}")

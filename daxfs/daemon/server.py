@@ -58,6 +58,10 @@ class Server:
             if self.fs.pm.prefault(data, self.fs.pm.size - data):
                 log.info("mapping the data area's pages in the background (first writes "
                          "then take no page faults)")
+        if self.opts.dax:
+            log.info("dax mode: every open is direct I/O (no page-cache copy per file); "
+                     "MAP_SHARED %s", "through FUSE_DIRECT_IO_ALLOW_MMAP (kernel >= 6.6)"
+                     if self.fusehook is not None else "fails with ENODEV (no libfuse hook)")
         if self.fusehook is not None:
             if self.fusehook.hooked():
                 log.info("libfuse hook active: copy_file_range (reflink), lseek, fallocate")
@@ -108,8 +112,10 @@ class Server:
         self.pyfuse3 = pyfuse3
         self.fusehook = fusehook
         from ..fuse_ops import Operations
-        ops = Operations(self.fs)
+        ops = Operations(self.fs, dax=self.opts.dax)
         if fusehook is not None:
+            # dax: every open is direct I/O; mmap then needs FUSE_DIRECT_IO_ALLOW_MMAP
+            fusehook.set_direct_io_mmap(self.opts.dax)
             fusehook.set_handlers(**ops.hook_handlers())
             fusehook.set_fast_path(read=ops.read_sync, write=ops.write_sync,
                                    spin_us=self.opts.spin_us)

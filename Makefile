@@ -46,11 +46,11 @@ test: setup
 # fio suite against tmpfs (/dev/shm) and a fresh daxfs image, in one run; results/<time>/
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) scripts/bench.py --full --daxfs
+	$(PY) scripts/bench.py --full --daxfs --dax
 
 bench-short: setup
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) scripts/bench.py --short --daxfs
+	$(PY) scripts/bench.py --short --daxfs --dax
 
 clean:
 	rm -rf build *.egg-info daxfs/*.so .pytest_cache

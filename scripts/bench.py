@@ -168,12 +168,14 @@ def find_daxfs() -> Path:
 
 
 class DaxfsMount:
-    def __init__(self, exe: Path, image: Path, mnt: Path, logfile: Path):
+    def __init__(self, exe: Path, image: Path, mnt: Path, logfile: Path, opts: str = ""):
         self.exe, self.image, self.mnt, self.logfile = exe, image, mnt, logfile
+        self.opts = opts
 
     def mount(self) -> None:
         """Return once the mountpoint answers stat() as a mount."""
-        run([self.exe, "mount", "-o", f"log={self.logfile}", self.image, self.mnt], timeout=300)
+        opts = f"log={self.logfile}" + (f",{self.opts}" if self.opts else "")
+        run([self.exe, "mount", "-o", opts, self.image, self.mnt], timeout=300)
         deadline = time.monotonic() + 30
         while not os.path.ismount(self.mnt):
             if time.monotonic() > deadline:
@@ -186,15 +188,15 @@ class DaxfsMount:
 
 
 @contextlib.contextmanager
-def daxfs_target(image_size: str, outdir: Path):
+def daxfs_target(image_size: str, outdir: Path, name: str = "daxfs", opts: str = ""):
     exe = find_daxfs()
     image = Path(f"/dev/shm/daxfs-bench-{os.getpid()}.img")
     mnt = Path(tempfile.mkdtemp(prefix="daxfs-bench-mnt-"))
-    m = DaxfsMount(exe, image, mnt, outdir / "daxfs-daemon.log")
+    m = DaxfsMount(exe, image, mnt, outdir / f"{name}-daemon.log", opts)
     try:
         run([exe, "mkfs", image, "--size", image_size], timeout=300)
         m.mount()
-        yield Target("daxfs", mnt, m)
+        yield Target(name, mnt, m)
     finally:
         for attempt in range(5):  # EBUSY while killed processes exit: retry, then lazy
             if not os.path.ismount(mnt):
@@ -478,6 +480,8 @@ def parse_args(argv):
     p.add_argument("--target", action="append", default=[], metavar="NAME=PATH",
                    help="benchmark directory PATH as NAME (repeatable)")
     p.add_argument("--daxfs", action="store_true", help="also benchmark a fresh daxfs mount")
+    p.add_argument("--dax", action="store_true",
+                   help="also benchmark a fresh daxfs mount in dax mode (-o dax)")
     p.add_argument("--no-tmpfs", action="store_true", help=f"skip the tmpfs baseline ({TMPFS_DIR})")
     p.add_argument("--runtime", type=int, help="seconds per fio job (overrides mode)")
     p.add_argument("--runs", type=int, help="repetitions per job, median reported (overrides mode)")
@@ -499,12 +503,16 @@ def select_targets(a, outdir: Path) -> list[tuple[str, object]]:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise BenchError(f"--target expects NAME=PATH, got {spec!r}")
-        if name in ("tmpfs", "daxfs") or name in (n for n, _ in targets):
+        if name in ("tmpfs", "daxfs", "daxfs-dax") or name in (n for n, _ in targets):
             raise BenchError(f"--target name {name!r} is reserved or used twice")
         targets.append((name, lambda n=name, p=Path(path).absolute(): dir_target(n, p)))
     if a.daxfs:
         find_daxfs()
         targets.append(("daxfs", lambda: daxfs_target(a.image_size, outdir)))
+    if a.dax:
+        find_daxfs()
+        targets.append(("daxfs-dax", lambda: daxfs_target(a.image_size, outdir, "daxfs-dax",
+                                                           "dax")))
     if not targets:
         raise BenchError("nothing to benchmark: give --target, --daxfs or drop --no-tmpfs")
     return targets

@@ -307,17 +307,23 @@ class BufCache:
         """Make dst's blocks [dl, dl+n) alias src's frames at [sl, sl+n) (the reflink core).
         Holes in src become holes in dst. Returns blocks shared."""
         shared = 0
+        aliases: list[tuple[int, int, int, int]] = []
         for l, k, p in src.extents.segments(sl, sl + n):
             target = dl + (l - sl)
             if p == HOLE:
                 self.punch(txn, dst, target, target + k)
                 continue
             # blocks shared for the first time get the source's alias too
-            for s, m in runs_of(np.flatnonzero(self.alloc.single_mask(p, k)) + p):
-                self.frames.add(src.ino, l + (s - p), s, m)
+            single = self.alloc.single_mask(p, k)
+            if single.all():
+                aliases.append((src.ino, l, p, k))
+            elif single.any():
+                aliases += [(src.ino, l + (s - p), s, m)
+                            for s, m in runs_of(np.flatnonzero(single) + p)]
             self.alloc.incref(p, k)
             self.remap(txn, dst, target, k, p)
-            self.frames.add(dst.ino, target, p, k)
+            aliases.append((dst.ino, target, p, k))
             shared += k
+        self.frames.add_many(aliases)
         self.stats.cloned_blocks += shared
         return shared

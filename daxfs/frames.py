@@ -132,6 +132,31 @@ class FrameIndex:
         self._replace(li, np.insert(p, k, pblk), np.insert(self.n[li], k, n),
                       np.insert(self.ino[li], k, ino), np.insert(self.lblk[li], k, lblk))
 
+    def add_many(self, runs: list[tuple[int, int, int, int]]) -> None:
+        """add() for many runs (ino, lblk, pblk, n) at once: each leaf they land in is
+        merged and re-sorted once (a clone of a fragmented file adds thousands)."""
+        runs = [r for r in runs if r[3] > 0]
+        if len(runs) < 4:
+            for r in runs:
+                self.add(*r)
+            return
+        a = np.array(runs, _I64)
+        a = a[np.argsort(a[:, 2], kind="stable")]
+        if not self.pblk:
+            self._set_all(a[:, 2], a[:, 3].astype(_U32), a[:, 0].astype(_U32), a[:, 1])
+            return
+        leaf = np.maximum(np.searchsorted(self.first, a[:, 2], "right") - 1, 0)
+        bounds = np.flatnonzero(np.diff(leaf)) + 1
+        groups = np.split(np.arange(len(a)), bounds)
+        for g in reversed(groups):                 # from the last leaf: indexes stay valid
+            li = int(leaf[g[0]])
+            pp = np.concatenate((self.pblk[li], a[g, 2]))
+            order = np.argsort(pp, kind="stable")
+            self._replace(li, pp[order],
+                          np.concatenate((self.n[li], a[g, 3].astype(_U32)))[order],
+                          np.concatenate((self.ino[li], a[g, 0].astype(_U32)))[order],
+                          np.concatenate((self.lblk[li], a[g, 1]))[order])
+
     def remove(self, ino: int, pblk: int, n: int, lblk: int) -> None:
         """`ino` no longer maps blocks [pblk, pblk+n) at file blocks [lblk, lblk+n): cut them
         out of that run (one inode may map a block at several file blocks)."""
@@ -169,8 +194,9 @@ class FrameIndex:
 
     def _replace(self, li: int, p, n, i, lb) -> None:
         """Leaf li becomes these (sorted) runs: dropped if empty, split if over LEAF."""
-        parts = [(p[k:k + LEAF], n[k:k + LEAF], i[k:k + LEAF], lb[k:k + LEAF])
-                 for k in range(0, p.size, LEAF)]
+        step = -(-p.size // -(-p.size // LEAF)) if p.size else 1      # balanced halves
+        parts = [(p[k:k + step], n[k:k + step], i[k:k + step], lb[k:k + step])
+                 for k in range(0, p.size, step)]
         self.pblk[li:li + 1] = [x[0] for x in parts]
         self.n[li:li + 1] = [x[1] for x in parts]
         self.ino[li:li + 1] = [x[2] for x in parts]

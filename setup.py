@@ -33,4 +33,9 @@ fusehook = Extension(
     extra_link_args=pkg_config("--libs") + ["-ldl", f"-Wl,--version-script={MAP}"],
 )
 
-setup(ext_modules=[fusehook])
+# cache-line flushes for DAX mappings (pmem.py), where libpmem is not installed
+pmemflush = Extension("daxfs._pmemflush", sources=["daxfs/_pmemflush.c"],
+                      extra_compile_args=["-std=gnu11", "-Wall", "-Wextra",
+                                          "-Wno-unused-parameter"])
+
+setup(ext_modules=[fusehook, pmemflush])

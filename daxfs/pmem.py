@@ -7,15 +7,20 @@ Crash tests subclass `PMem` (or set `observer`) to see every store and persist p
 Three backends, chosen at map time:
 - DAX: the image sits on a DAX filesystem/device and MAP_SHARED_VALIDATE|MAP_SYNC succeeds; a
   persist is libpmem's pmem_persist (cache-line flushes and a fence; libpmem loaded through
-  ctypes when present), else msync of the range.
+  ctypes when present), else the cache-line write-back of every line of the range (CLWB,
+  CLFLUSHOPT or CLFLUSH, from daxfs._pmemflush) and `fence` is an SFENCE; msync where
+  neither exists. `force_dax` (DAXFS_FORCE_DAX=1 for the daemon) runs this path on any
+  mapping, so tests exercise the flush calls on a tmpfs image.
 - page cache (the usual case: ext4, XFS): a persist is msync(MS_SYNC) of the page-aligned
   range; stores reach the page cache immediately, so a killed daemon loses nothing it stored.
 - RAM (tmpfs, ramfs: the emulated pmem of tests and benchmarks): the page cache is the medium,
   so a persist is only a recorded persist point (crash tests still see every one).
 
-`fence` issues nothing: every persist above is complete when it returns (msync(MS_SYNC) waits
-for the data, pmem_persist ends with its own fence), so stores are already ordered by their
-persists; the call marks the ordering point for crash tests (`observer`).
+`fence` issues an SFENCE on the cache-line path (its write-backs are weakly ordered) and
+nothing elsewhere: msync(MS_SYNC) waits for the data and pmem_persist ends with its own fence,
+so stores are already ordered by their persists; it also marks the ordering point for crash
+tests (`observer`). What was tested where: the flush path runs (forced) on tmpfs images in the
+test suite; no test here ran on real persistent memory.
 `PMem.over_fd` maps a descriptor fsck owns, without probing the backend.
 """
 from __future__ import annotations
@@ -50,6 +55,15 @@ def _load_libpmem():
         return None
 
 
+def _load_pmemflush():
+    """daxfs._pmemflush if this CPU can write back cache lines (x86-64), else None."""
+    try:
+        from . import _pmemflush
+    except ImportError:
+        return None
+    return _pmemflush if _pmemflush.method() != "none" else None
+
+
 _RAM_FS_MAGIC = (0x01021994, 0x858458F6)     # tmpfs, ramfs
 _MADV_POPULATE_WRITE = 23                    # Linux >= 5.14
 _PREFAULT_CHUNK = 32 << 20
@@ -69,7 +83,8 @@ class PMem:
 
     observer: Callable[[str, int, int], None] | None = None   # (kind, offset, length)
 
-    def __init__(self, path: str, *, readonly: bool = False, private: bool = False):
+    def __init__(self, path: str, *, readonly: bool = False, private: bool = False,
+                 force_dax: bool | None = None):
         """`private`: a MAP_PRIVATE copy-on-write mapping of a read-only file; stores stay in
         this process (used to replay a journal for a read-only mount or a read-only fsck)."""
         self.path = path
@@ -99,10 +114,19 @@ class PMem:
             os.close(self.fd)
             raise
         self.volatile = _on_ram_fs(self.fd)
+        if force_dax is None:
+            force_dax = os.environ.get("DAXFS_FORCE_DAX") == "1"
+        self._flush = None
+        if (self.dax or force_dax) and self._libpmem is None and not self.readonly:
+            self._flush = _load_pmemflush()
+            if force_dax and self._flush is not None:
+                self.dax, self.volatile = True, False
         self._owns_fd = True
         self._attach(mm)
         log.debug("mapped %s (%d bytes, %s backend)", path, self.size,
-                  "DAX" if self.dax else "RAM" if self.volatile else "msync")
+                  ("DAX (" + (self._flush.method() if self._flush else "libpmem" if
+                             self._libpmem else "msync") + ")") if self.dax else
+                  "RAM" if self.volatile else "msync")
 
     @classmethod
     def over_fd(cls, path: str, fd: int, size: int, *, shared: bool) -> "PMem":
@@ -115,6 +139,7 @@ class PMem:
         pm.path, pm.fd, pm.size = path, fd, size
         pm.readonly = not shared
         pm.dax, pm.volatile, pm._libpmem, pm._owns_fd = False, False, None, False
+        pm._flush = None
         flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
         pm._attach(mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE))
         return pm
@@ -160,12 +185,20 @@ class PMem:
             addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mm, offset))
             self._libpmem.pmem_persist(addr, length)
             return
+        if self._flush is not None:
+            length = min(length, self.size - offset)
+            self._flush.flush(ctypes.addressof(ctypes.c_char.from_buffer(self.mm, offset)),
+                              length)
+            return
         start = offset - offset % PAGE
         end = min(self.size, offset + length)
         self.mm.flush(start, end - start)
 
     def fence(self) -> None:
-        """An ordering point; does nothing but tell the observer (see the module docstring)."""
+        """An ordering point: SFENCE after cache-line write-backs, else nothing but telling
+        the observer (see the module docstring)."""
+        if self._flush is not None and not self.readonly:
+            self._flush.sfence()
         if self.observer:
             self.observer("fence", 0, 0)
 

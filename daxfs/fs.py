@@ -321,8 +321,9 @@ class FileSystem:
     def listxattr(self, ino: int) -> list[bytes]:
         return self.xattrs.list(ino)
 
-    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
-        self.xattrs.set(ino, name, value, flags)
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0, uid: int = 0,
+                 gid: int = 0) -> None:
+        self.xattrs.set(ino, name, value, flags, uid, gid)
 
     def removexattr(self, ino: int, name: bytes) -> None:
         self.xattrs.remove(ino, name)

@@ -242,7 +242,7 @@ class Operations(pyfuse3.Operations):
     # -- xattrs ---------------------------------------------------------------------------------
     @_errors
     async def setxattr(self, inode, name, value, ctx):
-        self.fs.setxattr(inode, name, value)
+        self.fs.setxattr(inode, name, value, 0, ctx.uid, ctx.gid)
 
     @_errors
     async def getxattr(self, inode, name, ctx):

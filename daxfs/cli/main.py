@@ -25,7 +25,7 @@ from ..format import FormatError
 
 log = logging.getLogger("daxfs.cli")
 
-COMMANDS = ("mkfs", "mount", "umount", "unmount", "fsck", "info", "stat", "reflink")
+COMMANDS = ("mkfs", "mount", "umount", "unmount", "fsck", "info", "stat", "reflink", "dedupe")
 CRASH_LOG_NAME = "daxfs-cli.log"        # in the private log directory (daemon/safefiles.py)
 
 
@@ -51,7 +51,7 @@ def build_parser() -> Parser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="debug logging on stderr")
     for add in (_add_mkfs, _add_mount, _add_umount, _add_fsck, _add_stat, _add_reflink,
-                _add_info):
+                _add_dedupe, _add_info):
         add(sub, common)
     return p
 
@@ -132,6 +132,14 @@ def _add_reflink(sub, common: argparse.ArgumentParser) -> None:
                                    "fail if the result does not share every block.")
     s.add_argument("src", metavar="SRC")
     s.add_argument("dst", metavar="DST")
+
+
+def _add_dedupe(sub, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser("dedupe", parents=[common], help="share identical blocks of files",
+                       description="Find blocks with identical content in files on a mounted "
+                                   "daxfs (directories recursed) and make them share one frame; "
+                                   "the daemon compares the bytes before it remaps.")
+    s.add_argument("paths", metavar="PATH", nargs="+")
 
 
 def _add_info(sub, common: argparse.ArgumentParser) -> None:
@@ -234,7 +242,12 @@ def cmd_reflink(a) -> int:
     return main_reflink(a.src, a.dst)
 
 
-HANDLERS = {"stat": cmd_stat, "reflink": cmd_reflink, "mkfs": cmd_mkfs, "mount": cmd_mount, "umount": cmd_umount, "unmount": cmd_umount,
+def cmd_dedupe(a) -> int:
+    from .dedupe import main_dedupe
+    return main_dedupe(a.paths)
+
+
+HANDLERS = {"stat": cmd_stat, "reflink": cmd_reflink, "dedupe": cmd_dedupe, "mkfs": cmd_mkfs, "mount": cmd_mount, "umount": cmd_umount, "unmount": cmd_umount,
             "fsck": cmd_fsck, "info": cmd_info}
 
 
@@ -284,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         a = build_parser().parse_args(argv)
         if a.command is None:
-            raise CliExit("no command given (one of mkfs, mount, umount, fsck, info, stat, reflink; "
+            raise CliExit("no command given (one of mkfs, mount, umount, fsck, info, stat, reflink, dedupe; "
                           "see 'daxfs --help')")
         if "debug" in ",".join(getattr(a, "options", None) or []).split(","):
             a.debug = True

@@ -187,6 +187,16 @@ def mounted(image, tmp_path):
             force_cleanup(image, mnt)
 
 
+@pytest.fixture
+def mnt(tmp_path):
+    """An empty mountpoint directory; lazily unmounted afterwards if a test left it mounted."""
+    m = tmp_path / "mnt"
+    m.mkdir()
+    yield m
+    if is_mounted(m):
+        subprocess.run(["fusermount3", "-u", "-z", str(m)], capture_output=True, timeout=30)
+
+
 def have_root() -> bool:
     return os.geteuid() == 0
 

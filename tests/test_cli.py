@@ -47,15 +47,6 @@ def small_image(tmp_path):
     return str(path)
 
 
-@pytest.fixture
-def mnt(tmp_path):
-    m = tmp_path / "mnt"
-    m.mkdir()
-    yield m
-    if is_mounted(m):
-        subprocess.run(["fusermount3", "-u", "-z", str(m)], capture_output=True, timeout=30)
-
-
 def wait_stale(path, timeout: float = 10.0) -> bool:
     """Wait until stat(path) fails with ENOTCONN (the daemon of a mount there has died)."""
     deadline = time.monotonic() + timeout

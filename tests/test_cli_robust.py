@@ -6,29 +6,17 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-import uuid
-from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import (DAXFS, daemon_log, daxfs_cli, force_cleanup, have_fuse, have_root,
-                      is_mounted, mount, umount)
+from conftest import (DAXFS, daemon_log, daxfs_cli, force_cleanup, have_fuse, have_root, mount,
+                      umount)
 from daxfs import format as fmt
 from test_cli import one_line_error, tmpfs_at, wait_stale
 
 needs_fuse = pytest.mark.skipif(not have_fuse(), reason="needs /dev/fuse and fusermount3")
 needs_root = pytest.mark.skipif(not have_root(), reason="needs root")
 BS = fmt.BLOCK_SIZE
-
-
-@pytest.fixture
-def mnt(tmp_path):
-    m = tmp_path / "mnt"
-    m.mkdir()
-    yield m
-    if is_mounted(m):
-        subprocess.run(["fusermount3", "-u", "-z", str(m)], capture_output=True, timeout=30)
 
 
 @needs_fuse

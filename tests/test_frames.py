@@ -12,7 +12,6 @@ import pytest
 
 from daxfs.fs import FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FileSystem
 from daxfs.frames import FrameIndex
-from daxfs.mkfs import make_image
 
 from enginetools import fsck_clean
 
@@ -20,11 +19,8 @@ BS = 4096
 
 
 @pytest.fixture
-def img():
-    path = f"/dev/shm/daxfs-frames-{os.getpid()}.img"
-    make_image(path, 64 << 20, force=True)
-    yield path
-    os.unlink(path)
+def img(tmp_image):
+    return tmp_image
 
 
 def test_clone_then_break_back_to_single_owner(img):

@@ -137,7 +137,10 @@ class BufCache:
         Contract: the caller settled the space first (`write_needs` + `reserve`), so the
         allocation and the extent records cannot run out half way through a transaction."""
         end = off + mv.nbytes
-        for q, k in self.alloc.alloc(n, node.extents.goal(l), home=node.ino):
+        # a hole fill that meets another file moves to its home (side-by-side writers stay
+        # contiguous); a COW break cannot continue its shared neighbours anyway: cursor
+        home = node.ino if old_p == HOLE else 0
+        for q, k in self.alloc.alloc(n, node.extents.goal(l), home=home):
             first, last = l, l + k - 1
             for b in {first, last}:
                 # a block the request covers only partly: initialise the uncovered bytes
@@ -175,13 +178,12 @@ class BufCache:
         leaves with a single owner."""
         alloc = self.alloc
         if ln == 1:                                  # the COW break's case, scalar
-            if alloc.count(pb) > 1:
+            refs = alloc.count(pb)
+            if refs == 2:                            # one owner left: no alias at all
+                self.frames.remove_all(pb, 1)
+            elif refs > 2:
                 self.frames.remove(ino, pb, 1, lb)
-                alloc.decref(pb, 1)
-                if alloc.count(pb) == 1:
-                    self.frames.remove_all(pb, 1)
-            else:
-                alloc.decref(pb, 1)
+            alloc.decref(pb, 1)
             return
         was_shared = alloc.shared_mask(pb, ln)
         if not was_shared.any():

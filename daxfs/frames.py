@@ -173,27 +173,52 @@ class FrameIndex:
             hit = (p < b) & (end > a)
             if ino is not None:                  # that inode's run on that diagonal
                 hit &= (i == ino) & (lb - p == diag)
-            if not hit.any():
-                continue
             h = np.flatnonzero(hit)
-            # what is left of each hit run: a piece before a and a piece from b
-            head = p[h] < a
-            tail = end[h] > b
+            if not h.size:
+                continue
+            if h.size == 1:                      # the COW break's case: one run, scalars
+                self._cut_one(li, int(h[0]), a, b)
+                continue
+            # what is left of each hit run: a piece before a and a piece from b, computed
+            # with scalars (a block has few aliases), merged back in one sort
+            pieces = []
+            for k in h.tolist():
+                s, e, l0 = int(p[k]), int(end[k]), int(lb[k])
+                if s < a:
+                    pieces.append((s, a - s, int(i[k]), l0))
+                if e > b:
+                    pieces.append((b, e - b, int(i[k]), l0 + b - s))
             keep = ~hit
-            np_, nn, ni, nl = [p[keep]], [n[keep]], [i[keep]], [lb[keep]]
-            hh = h[head]
-            np_.append(p[hh]), nn.append((a - p[hh]).astype(_U32)), ni.append(i[hh])
-            nl.append(lb[hh])
-            ht = h[tail]
-            np_.append(np.full(ht.size, b, _I64)), nn.append((end[ht] - b).astype(_U32))
-            ni.append(i[ht]), nl.append(lb[ht] + (b - p[ht]))
-            pp = np.concatenate(np_)
+            add = np.array(pieces, _I64).reshape(-1, 4)
+            pp = np.concatenate((p[keep], add[:, 0]))
             order = np.argsort(pp, kind="stable")
-            self._replace(li, pp[order], np.concatenate(nn)[order], np.concatenate(ni)[order],
-                          np.concatenate(nl)[order])
+            self._replace(li, pp[order],
+                          np.concatenate((n[keep], add[:, 1].astype(_U32)))[order],
+                          np.concatenate((i[keep], add[:, 2].astype(_U32)))[order],
+                          np.concatenate((lb[keep], add[:, 3]))[order], cut=True)
 
-    def _replace(self, li: int, p, n, i, lb) -> None:
-        """Leaf li becomes these (sorted) runs: dropped if empty, split if over LEAF."""
+    def _cut_one(self, li: int, k: int, a: int, b: int) -> None:
+        """Cut blocks [a, b) out of run k of leaf li: a piece before a keeps its place, a
+        piece from b goes to its sorted position (one concatenate per array)."""
+        p, n, i, lb = self.pblk[li], self.n[li], self.ino[li], self.lblk[li]
+        s, e, l0 = int(p[k]), int(p[k]) + int(n[k]), int(lb[k])
+        j = int(p.searchsorted(b, "right")) if e > b else k + 1
+        head = [(s, a - s, l0)] if s < a else []
+        tail = [(b, e - b, l0 + b - s)] if e > b else []
+
+        def splice(arr, col, dtype):
+            h = np.array([x[col] for x in head], dtype)
+            t = np.array([x[col] for x in tail], dtype)
+            return np.concatenate((arr[:k], h, arr[k + 1:j], t, arr[j:]))
+        ino = np.full(len(head) + len(tail), i[k], _U32)
+        ni = np.concatenate((i[:k], ino[:len(head)], i[k + 1:j], ino[len(head):], i[j:]))
+        self._replace(li, splice(p, 0, _I64), splice(n, 1, _U32), ni, splice(lb, 2, _I64),
+                      cut=True)
+
+    def _replace(self, li: int, p, n, i, lb, cut: bool = False) -> None:
+        """Leaf li becomes these (sorted) runs: dropped if empty, split if over LEAF. After
+        a `cut` the leaf's largest end can only have shrunk: the old one stays a valid bound
+        for pruning lookups, and is not recomputed."""
         step = -(-p.size // -(-p.size // LEAF)) if p.size else 1      # balanced halves
         parts = [(p[k:k + step], n[k:k + step], i[k:k + step], lb[k:k + step])
                  for k in range(0, p.size, step)]
@@ -203,7 +228,8 @@ class FrameIndex:
         self.lblk[li:li + 1] = [x[3] for x in parts]
         if len(parts) == 1 and self.first.size == len(self.pblk):
             self.first[li] = int(p[0])
-            self.maxend[li] = int((p + n).max())
+            if not cut:
+                self.maxend[li] = int((p + n).max())
         else:
             self._summaries()
 

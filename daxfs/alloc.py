@@ -144,9 +144,13 @@ class BlockAllocator:
     def alloc(self, n: int, goal: int = 0, home: int = 0) -> list[tuple[int, int]]:
         """Allocate n blocks (count 0 -> 1), preferring one run starting at `goal`, then a run
         at the home of inode `home` (if given), then the shared cursor."""
-        runs = self.plan(n, goal, home)
+        return self.take(self.plan(n, goal, home))
+
+    def take(self, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Allocate the runs `plan` gave (nothing may have allocated since)."""
         if not runs:
             return runs
+        n = sum(ln for _s, ln in runs)
         for s, ln in runs:
             self.rc[s:s + ln] = 1
             self.dirty.append((s, s + ln))

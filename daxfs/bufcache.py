@@ -224,13 +224,9 @@ class BufCache:
                 blocks += k
                 # shared blocks scattered in an owned extent: up to one run per gap
                 places += 1 if p == HOLE or k == n else 1 + min(k, n - k)
-        if end > node.size and node.size % BS:
-            lb = node.size >> SHIFT
-            if not l0 <= lb < l1:
-                p = node.extents.lookup(lb)
-                if p != HOLE and self.alloc.count(p) > 1:
-                    blocks += 1
-                    places += 1
+        if end > node.size and not l0 <= node.size >> SHIFT < l1 and self._tail_shared(node):
+            blocks += 1
+            places += 1
         if 2 * blocks <= len(self.inodes.extent_pool) or blocks > self.alloc.available():
             return blocks, 2 * blocks
         runs = len(self.alloc.plan(blocks, home=node.ino))
@@ -245,11 +241,8 @@ class BufCache:
         if blocks <= avail and records <= recs:
             return end
         budget = min(avail, recs // 2)
-        if end > node.size and node.size % BS:
-            lb = node.size >> SHIFT
-            p = node.extents.lookup(lb)
-            if p != HOLE and self.alloc.count(p) > 1 and lb < off >> SHIFT:
-                budget -= 1                  # zero_tail's break of the shared EOF block
+        if end > node.size and node.size >> SHIFT < off >> SHIFT and self._tail_shared(node):
+            budget -= 1                      # zero_tail's break of the shared EOF block
         l0 = off >> SHIFT
         cut = l0
         for l, n, p in segs or node.extents.segments(l0, fmt.blocks_for(end)):
@@ -268,11 +261,15 @@ class BufCache:
 
     def grow_needs(self, node: Inode) -> tuple[int, int]:
         """(blocks, records) that growing `node` past its EOF block may take (zero_tail)."""
-        if node.size % BS:
-            p = node.extents.lookup(node.size >> SHIFT)
-            if p != HOLE and self.alloc.count(p) > 1:
-                return 1, 2
-        return 0, 0
+        return (1, 2) if self._tail_shared(node) else (0, 0)
+
+    def _tail_shared(self, node: Inode) -> bool:
+        """Is the file's EOF block partial, mapped and shared? Then growing the file breaks
+        it (zero_tail), which takes a block."""
+        if not node.size % BS:
+            return False
+        p = node.extents.lookup(node.size >> SHIFT)
+        return p != HOLE and self.alloc.count(p) > 1
 
     def reserve(self, blocks: int, records: int) -> None:
         """ENOSPC, with nothing changed, unless `blocks` blocks and `records` extent records
@@ -304,6 +301,18 @@ class BufCache:
             at = (p << SHIFT) + node.size % BS
             self.pm.zero(at, BS - node.size % BS)
             txn.persist_data(at, BS - node.size % BS)
+
+    def share_needs(self, src: Inode, sl: int, n: int) -> int:
+        """Extent records that `share` of src's blocks [sl, sl+n) may take: one per mapped
+        source segment plus one for splitting the destination extent around the range.
+        EMLINK when a block's reference count is at its limit."""
+        records = 1
+        for _l, k, p in src.extents.segments(sl, sl + n):
+            if p != HOLE:
+                records += 1
+                if self.alloc.max_count(p, k) >= fmt.MAX_REFCOUNT:
+                    raise FsError(errno.EMLINK, "block reference count limit reached")
+        return records
 
     def share(self, txn: Transaction, src: Inode, sl: int, dst: Inode, dl: int, n: int) -> int:
         """Make dst's blocks [dl, dl+n) alias src's frames at [sl, sl+n) (the reflink core).

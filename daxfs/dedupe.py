@@ -110,8 +110,7 @@ def _frames(node: Inode, l0: int, n: int) -> np.ndarray:
 
 
 def _share_run(fs: FileSystem, src: Inode, sl: int, dst: Inode, dl: int, n: int) -> int:
-    records = 1 + sum(p != HOLE for _l, _k, p in src.extents.segments(sl, sl + n))
-    fs.bufcache.reserve(0, records)
+    fs.bufcache.reserve(0, fs.bufcache.share_needs(src, sl, n))
     with fs.tx.open() as t:
         shared = fs.bufcache.share(t, src, sl, dst, dl, n)
         dst.touch()

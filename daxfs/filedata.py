@@ -106,8 +106,7 @@ class FileData:
         l0, l1 = off // BS, fmt.blocks_for(off + len(data))
         segs = node.extents.segments(l0, l1)
         if len(segs) == 1 and segs[0][2] != HOLE and off + len(data) <= node.size \
-                and not self.alloc.any_shared(segs[0][2], segs[0][1]) and not self.tx.readonly \
-                and not self.tx.failed:
+                and not self.alloc.any_shared(segs[0][2], segs[0][1]) and self.tx.writable:
             # overwrite of owned blocks: no metadata but timestamps, no transaction
             self.bufcache.overwrite(segs[0], off, data)
             node.mtime = node.ctime = now_ns()
@@ -180,7 +179,7 @@ class FileData:
             b = fmt.blocks_for(end_in) * BS     # the EOF block too: its tail is invisible in dst
         if b <= a:
             return self._copy_bytes(src, off_in, dst, off_out, length)
-        # One transaction per chunk of self.txn_blocks: the first also copies the unaligned head,
+        # One transaction per chunk of txn_blocks: the first also copies the unaligned head,
         # the last the unaligned tail, so a clone of up to 16 MiB is atomic and a larger one
         # grows dst chunk by chunk (a crash leaves a shorter, consistent clone).
         shift = off_out - off_in
@@ -221,13 +220,7 @@ class FileData:
         [c, c_end) adds at most one record per mapped source segment plus one for splitting
         the destination extent around the range; the head and tail copies and the growth of
         dst are writes. EMLINK when a block's reference count is at its limit."""
-        blocks = records = 0
-        for _l, k, p in src.extents.segments(c // BS, c_end // BS):
-            if p != HOLE:
-                records += 1
-                if self.alloc.max_count(p, k) >= fmt.MAX_REFCOUNT:
-                    raise FsError(errno.EMLINK, "block reference count limit reached")
-        records += 1
+        blocks, records = 0, self.bufcache.share_needs(src, c // BS, c_end // BS - c // BS)
         for data, at in ((head, head_at), (tail, tail_at)):
             if data:
                 nb, nr = self.bufcache.write_needs(dst, at, at + len(data))
@@ -285,7 +278,7 @@ class FileData:
     def _zero_range(self, node: Inode, start: int, end: int, new_size: int) -> None:
         """Bytes [start, end) read as zeros afterwards and the size becomes `new_size`: whole
         blocks are unmapped (a shared one just loses this alias), the partial head and tail
-        blocks get zeros written (breaking sharing). A range holding up to self.txn_blocks mapped
+        blocks get zeros written (breaking sharing). A range holding up to txn_blocks mapped
         blocks is one transaction, so a crash shows all of it or none; a larger one is
         punched from the top down, one transaction per chunk, the tail in the first and the
         head in the last. The work follows the mapped extents, not the byte range: punching
@@ -349,7 +342,7 @@ class FileData:
         return chunks
 
     def _preallocate(self, node: Inode, l0: int, l1: int) -> None:
-        """Map every hole in [l0, l1) to fresh zeroed blocks, one transaction per self.txn_blocks.
+        """Map every hole in [l0, l1) to fresh zeroed blocks, one transaction per txn_blocks.
         ENOSPC before the first changes nothing; a later chunk that cannot get its extent
         records stops there (what is preallocated stays, like ext4's)."""
         holes = [(l, n) for l, n, p in node.extents.segments(l0, l1) if p == HOLE]
@@ -358,11 +351,10 @@ class FileData:
         for l, n in holes:
             for c in range(l, l + n, self.txn_blocks):
                 k = min(self.txn_blocks, l + n - c)
-                goal = node.extents.goal(c)
-                runs = self.alloc.plan(k, goal, home=node.ino)
+                runs = self.alloc.plan(k, node.extents.goal(c), home=node.ino)
                 self.bufcache.reserve(k, 2 * len(runs))
                 with self.tx.open() as t:
-                    for q, m in self.alloc.alloc(k, goal, home=node.ino):
+                    for q, m in self.alloc.take(runs):
                         self.pm.zero(q * BS, m * BS)
                         t.persist_data(q * BS, m * BS)
                         self.bufcache.remap(t, node, c, m, q)

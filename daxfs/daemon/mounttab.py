@@ -79,26 +79,35 @@ def mounts_of_image(image: str) -> list[MountEntry]:
     return [e for e in proc_mounts() if e.fstype == FSTYPE and e.source == image]
 
 
-def lock_holder(path: str) -> int | None:
-    """Pid holding a flock on `path` according to /proc/locks (None if unknown / unlocked)."""
+def _proc_locks_on(path: str) -> list[tuple[str, int]]:
+    """(kind, pid) of every lock /proc/locks lists on `path` (FLOCK, POSIX, OFDLCK ...;
+    waiters `->` left out); [] when the file or /proc/locks cannot be read."""
     try:
         st = os.stat(path)
         with open("/proc/locks") as f:
             lines = f.read().splitlines()
     except OSError:
-        return None
+        return []
+    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    out = []
     for line in lines:
         parts = line.split()
-        if len(parts) < 6 or parts[1] == "->" or parts[1] != "FLOCK":
+        if len(parts) < 6 or parts[1] == "->":
             continue
         try:
-            pid = int(parts[4])
             maj, mnr, ino = parts[5].split(":")
-            if (int(maj, 16), int(mnr, 16), int(ino)) == (os.major(st.st_dev), os.minor(st.st_dev),
-                                                         st.st_ino):
-                return pid if pid > 0 else None
+            if (int(maj, 16), int(mnr, 16), int(ino)) == want:
+                out.append((parts[1], int(parts[4])))
         except ValueError:
             continue
+    return out
+
+
+def lock_holder(path: str) -> int | None:
+    """Pid holding a flock on `path` according to /proc/locks (None if unknown / unlocked)."""
+    for kind, pid in _proc_locks_on(path):
+        if kind == "FLOCK":
+            return pid if pid > 0 else None
     return None
 
 
@@ -144,24 +153,7 @@ def is_locked(path: str) -> bool:
 
 def _listed_in_proc_locks(path: str) -> bool:
     """Does /proc/locks list any lock (flock, POSIX or OFD) on `path`?"""
-    try:
-        st = os.stat(path)
-        with open("/proc/locks") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return False
-    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-    for line in lines:
-        parts = line.split()
-        if len(parts) < 6 or parts[1] == "->":
-            continue
-        try:
-            maj, mnr, ino = parts[5].split(":")
-            if (int(maj, 16), int(mnr, 16), int(ino)) == want:
-                return True
-        except ValueError:
-            continue
-    return False
+    return bool(_proc_locks_on(path))
 
 
 def exposed_image_warning(path: str) -> str | None:

@@ -1,4 +1,4 @@
-"""Builds the libfuse-boundary C extension (daxfs._fusehook); everything else is in pyproject.toml.
+"""Builds the C extensions (daxfs._fusehook, _pmemflush, _fastmaps); everything else is in pyproject.toml.
 
 The extension interposes libfuse's fuse_session_new (see daxfs/_fusehook.c), so
 it is linked against libfuse3 (flags from pkg-config) with a linker version
@@ -38,4 +38,9 @@ pmemflush = Extension("daxfs._pmemflush", sources=["daxfs/_pmemflush.c"],
                       extra_compile_args=["-std=gnu11", "-Wall", "-Wextra",
                                           "-Wno-unused-parameter"])
 
-setup(ext_modules=[fusehook, pmemflush])
+# the leaf splices of a COW break (extents.py, frames.py; both have Python fallbacks)
+fastmaps = Extension("daxfs._fastmaps", sources=["daxfs/_fastmaps.c"],
+                     extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra",
+                                         "-Wno-unused-parameter"])
+
+setup(ext_modules=[fusehook, pmemflush, fastmaps])

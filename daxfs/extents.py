@@ -21,6 +21,12 @@ HOLE = -1
 _I64 = np.int64
 _U32 = np.uint32     # lengths and record slots: 24 bytes per extent in all (the alias budget is 32)
 
+try:                  # the COW break's three-way split in C (one call for the four arrays)
+    from . import _fastmaps
+    _fastmaps.setup(np.empty, np.dtype(_I64), np.dtype(_U32))
+except ImportError:   # not built: numpy concatenates give the same leaf
+    _fastmaps = None
+
 
 @dataclasses.dataclass
 class RemapResult:
@@ -171,12 +177,17 @@ class ExtentMap:
             return None
         p = int(leaf.pblk[a])
         s1, s2 = take_slot(), take_slot()
-        k = a + 1
-        nlb = np.concatenate((lb[:k], np.array((l0, l1), _I64), lb[k:]))
-        npb = np.concatenate((leaf.pblk[:k], np.array((p0, p + l1 - s), _I64), leaf.pblk[k:]))
-        nln = np.concatenate((leaf.length[:k], np.array((n, e - l1), _U32), leaf.length[k:]))
-        nln[a] = l0 - s
-        nsl = np.concatenate((leaf.slot[:k], np.array((s1, s2), _U32), leaf.slot[k:]))
+        if _fastmaps is not None:
+            nlb, npb, nln, nsl = _fastmaps.extent_split(lb, leaf.pblk, leaf.length, leaf.slot,
+                                                        a, l0, n, p0, s1, s2)
+        else:
+            k = a + 1
+            nlb = np.concatenate((lb[:k], np.array((l0, l1), _I64), lb[k:]))
+            npb = np.concatenate((leaf.pblk[:k], np.array((p0, p + l1 - s), _I64),
+                                  leaf.pblk[k:]))
+            nln = np.concatenate((leaf.length[:k], np.array((n, e - l1), _U32), leaf.length[k:]))
+            nln[a] = l0 - s
+            nsl = np.concatenate((leaf.slot[:k], np.array((s1, s2), _U32), leaf.slot[k:]))
         if nlb.size > LEAF:
             self._replace(li, li + 1, nlb, npb, nln, nsl)
         else:

@@ -25,6 +25,12 @@ import numpy as np
 _I64, _U32 = np.int64, np.uint32
 LEAF = 512
 
+try:                  # the one-block cut in C (one call per leaf); _cut_block's loop otherwise
+    from . import _fastmaps
+    _fastmaps.setup(np.empty, np.dtype(_I64), np.dtype(_U32))
+except ImportError:   # not built: the numpy path gives the same leaves
+    _fastmaps = None
+
 
 class FrameIndex:
     __slots__ = ("pblk", "n", "ino", "lblk", "first", "maxend")
@@ -167,6 +173,9 @@ class FrameIndex:
         self._cut(pblk, pblk + n, None)
 
     def _cut(self, a: int, b: int, ino: int | None, diag: int = 0) -> None:
+        if b == a + 1:
+            self._cut_block(a, ino, diag)
+            return
         for li in reversed(self._leaves(a, b).tolist()):
             p, n, i, lb = self.pblk[li], self.n[li], self.ino[li], self.lblk[li]
             end = p + n
@@ -196,6 +205,68 @@ class FrameIndex:
                           np.concatenate((n[keep], add[:, 1].astype(_U32)))[order],
                           np.concatenate((i[keep], add[:, 2].astype(_U32)))[order],
                           np.concatenate((lb[keep], add[:, 3]))[order], cut=True)
+
+    def _cut_block(self, a: int, ino: int | None, diag: int) -> None:
+        """_cut of the one block `a` (the COW break's case: every break cuts one block out of
+        one run, or out of all its runs when one owner is left). Scalars and one splice per
+        array instead of the general merge: heads ([s, a)) shrink in place, runs starting at
+        `a` are dropped, and the tails ([a+1, e)) are inserted where pblk a+1 sorts, in the
+        same leaf. Bounds stay valid: a head ends earlier, a tail ends where its run did."""
+        first = self.first
+        li0 = int(first.searchsorted(a, "right")) - 1 if first.size else -1
+        if li0 < 0:
+            return
+        # leaves up to li0 whose runs may reach a (a long run can start leaves before it)
+        lis = [li0] if li0 == 0 or self.maxend[li0 - 1] <= a else \
+            np.flatnonzero(self.maxend[:li0 + 1] > a).tolist()
+        fast = _fastmaps
+        for li in reversed(lis):
+            p, n = self.pblk[li], self.n[li]
+            if fast is not None:
+                r = fast.frame_cut(p, n, self.ino[li], self.lblk[li], a,
+                                   -1 if ino is None else ino, diag)
+                if r is not None and r is not True:      # else: untouched, or heads shrunk
+                    self._put(li, *r)
+                continue
+            j = int(p.searchsorted(a, "right"))          # runs starting at or before a
+            if not j:
+                continue
+            h = np.flatnonzero(p[:j] + n[:j] > a).tolist() if j > 1 else \
+                ([0] if int(p[0]) + int(n[0]) > a else [])
+            if not h:
+                continue
+            i, lb = self.ino[li], self.lblk[li]
+            drop: list[int] = []
+            tails: list[tuple[int, int, int]] = []       # (n, ino, lblk) of pieces at a+1
+            for k in h:
+                s, e, l0 = int(p[k]), int(p[k]) + int(n[k]), int(lb[k])
+                if ino is not None and (int(i[k]) != ino or l0 - s != diag):
+                    continue
+                if e > a + 1:
+                    tails.append((e - a - 1, int(i[k]), l0 + a + 1 - s))
+                if s < a:
+                    n[k] = a - s
+                else:
+                    drop.append(k)
+            if not drop and not tails:
+                continue
+            # entries before jt sort before a+1; every dropped one (pblk a) is among them
+            jt = j if tails and j < p.size and int(p[j]) > a + 1 else \
+                int(p.searchsorted(a + 1, "left"))
+            tp = [a + 1] * len(tails)
+            tn = [t[0] for t in tails]
+            ti = [t[1] for t in tails]
+            tl = [t[2] for t in tails]
+            self._put(li, _splice(p, drop, jt, tp, _I64), _splice(n, drop, jt, tn, _U32),
+                      _splice(i, drop, jt, ti, _U32), _splice(lb, drop, jt, tl, _I64))
+
+    def _put(self, li: int, p, n, i, lb) -> None:
+        """_replace after a cut, without its generality when the leaf stays one leaf."""
+        if 0 < p.size <= LEAF and self.first.size == len(self.pblk):
+            self.pblk[li], self.n[li], self.ino[li], self.lblk[li] = p, n, i, lb
+            self.first[li] = int(p[0])
+        else:
+            self._replace(li, p, n, i, lb, cut=True)
 
     def _cut_one(self, li: int, k: int, a: int, b: int) -> None:
         """Cut blocks [a, b) out of run k of leaf li: a piece before a keeps its place, a
@@ -241,3 +312,16 @@ class FrameIndex:
             for s, k, ino, l0 in zip(p.tolist(), n.tolist(), i.tolist(), lb.tolist()):
                 out += [(s + d, ino, l0 + d) for d in range(k)]
         return sorted(out)
+
+
+def _splice(arr: np.ndarray, drop: list[int], at: int, vals: list[int], dtype) -> np.ndarray:
+    """`arr` without the entries at the sorted indexes `drop` (all < at), with `vals`
+    inserted before index `at`: one concatenate."""
+    if not drop:
+        return np.concatenate((arr[:at], np.array(vals, dtype), arr[at:]))
+    parts, prev = [], 0
+    for k in drop:
+        parts.append(arr[prev:k])
+        prev = k + 1
+    parts += [arr[prev:at], np.array(vals, dtype), arr[at:]]
+    return np.concatenate(parts)

@@ -1,0 +1,259 @@
+/*
+ * daxfs._fastmaps -- the two leaf splices of a COW break, in C.
+ *
+ * A COW break of one block changes two sorted numpy leaves: the inode's extent leaf
+ * (extents.py: the extent holding the block splits in three) and a frame-index leaf
+ * (frames.py: the block is cut out of its alias runs). In numpy each costs a dozen calls
+ * of ~1 us each (searches, masks, one concatenate per array); here each is one call that
+ * scans the leaf (at most a few hundred entries) and copies it once.
+ *
+ * The arrays are read through the buffer protocol (no numpy headers at build time); new
+ * arrays are made by calling numpy.empty, handed over once by setup(). Contracts, checked:
+ * every array is 1-D, C-contiguous, of the item size its dtype says, and the parallel
+ * arrays of one leaf have one length. Python fallbacks with the same results live in
+ * extents.py and frames.py (used when this module is missing; the tests run both).
+ *
+ *   setup(empty, int64, uint32)
+ *   extent_split(lblk, pblk, length, slot, a, l0, n, p0, s1, s2) -> 4 new arrays
+ *       extent a (lblk s, length m, pblk p) holds [l0, l0+n) strictly inside: it becomes
+ *       (s, p, l0-s), (l0, p0, n, s1), (l0+n, p+l0+n-s, s+m-l0-n, s2); the caller checked.
+ *   frame_cut(pblk, n, ino, lblk, a, want_ino, diag) -> None | True | 4 new arrays
+ *       cut block a out of every run of the leaf holding it (want_ino < 0), or of want_ino's
+ *       run on file diagonal lblk - pblk == diag: a piece before a shrinks in place, a
+ *       piece after a goes where pblk a+1 sorts. None: no run held a. True: changed in
+ *       place only (pieces before a). Otherwise the leaf's new arrays.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+static PyObject *np_empty, *dt_i64, *dt_u32;
+
+static PyObject *setup(PyObject *self, PyObject *args)
+{
+    PyObject *e, *a, *b;
+    if (!PyArg_ParseTuple(args, "OOO", &e, &a, &b))
+        return NULL;
+    Py_XSETREF(np_empty, Py_NewRef(e));
+    Py_XSETREF(dt_i64, Py_NewRef(a));
+    Py_XSETREF(dt_u32, Py_NewRef(b));
+    Py_RETURN_NONE;
+}
+
+/* Up to 4 buffers of one leaf, acquired together and released together. */
+typedef struct {
+    Py_buffer b[4];
+    int n;
+} Bufs;
+
+static void release(Bufs *bs)
+{
+    for (int k = 0; k < bs->n; k++)
+        PyBuffer_Release(&bs->b[k]);
+    bs->n = 0;
+}
+
+/* Acquire objs[k] with item size sizes[k] (writable where asked); all of length *len. */
+static int acquire(Bufs *bs, PyObject **objs, const int *sizes, const int *writable,
+                   Py_ssize_t *len)
+{
+    bs->n = 0;
+    for (int k = 0; k < 4; k++) {
+        int flags = writable[k] ? PyBUF_CONTIG : PyBUF_CONTIG_RO;
+        if (PyObject_GetBuffer(objs[k], &bs->b[k], flags | PyBUF_FORMAT) < 0) {
+            release(bs);
+            return -1;
+        }
+        bs->n++;
+        Py_buffer *v = &bs->b[k];
+        if (v->ndim != 1 || v->itemsize != sizes[k] ||
+            (k && v->shape[0] != bs->b[0].shape[0])) {
+            release(bs);
+            PyErr_SetString(PyExc_ValueError, "leaf arrays: wrong shape or item size");
+            return -1;
+        }
+    }
+    *len = bs->b[0].shape[0];
+    return 0;
+}
+
+static PyObject *empty(Py_ssize_t n, PyObject *dtype)
+{
+    if (!np_empty) {
+        PyErr_SetString(PyExc_RuntimeError, "_fastmaps.setup() was not called");
+        return NULL;
+    }
+    return PyObject_CallFunction(np_empty, "nO", n, dtype);
+}
+
+/* Four new arrays (i64, i64|u32 per `wide`) of length n, their buffers acquired writable. */
+static PyObject *new_leaf(Py_ssize_t n, const int *sizes, Bufs *out)
+{
+    PyObject *t = PyTuple_New(4);
+    if (!t)
+        return NULL;
+    out->n = 0;
+    for (int k = 0; k < 4; k++) {
+        PyObject *arr = empty(n, sizes[k] == 8 ? dt_i64 : dt_u32);
+        if (!arr)
+            goto fail;
+        PyTuple_SET_ITEM(t, k, arr);
+        if (PyObject_GetBuffer(arr, &out->b[k], PyBUF_CONTIG) < 0)
+            goto fail;
+        out->n++;
+    }
+    return t;
+fail:
+    release(out);
+    Py_DECREF(t);
+    return NULL;
+}
+
+static PyObject *extent_split(PyObject *self, PyObject *args)
+{
+    PyObject *objs[4];
+    Py_ssize_t a;
+    long long l0, n, p0;
+    unsigned int s1, s2;
+    if (!PyArg_ParseTuple(args, "OOOOnLLLII", &objs[0], &objs[1], &objs[2], &objs[3], &a,
+                          &l0, &n, &p0, &s1, &s2))
+        return NULL;
+    static const int sizes[4] = {8, 8, 4, 4}, ro[4] = {0, 0, 0, 0};
+    Bufs in, out;
+    Py_ssize_t m;
+    if (acquire(&in, objs, sizes, ro, &m) < 0)
+        return NULL;
+    const int64_t *lb = in.b[0].buf, *pb = in.b[1].buf;
+    const uint32_t *ln = in.b[2].buf, *sl = in.b[3].buf;
+    if (a < 0 || a >= m || !(lb[a] < l0 && l0 + n < lb[a] + (int64_t)ln[a])) {
+        release(&in);
+        PyErr_SetString(PyExc_ValueError, "extent_split: range not strictly inside extent a");
+        return NULL;
+    }
+    PyObject *t = new_leaf(m + 2, sizes, &out);
+    if (!t) {
+        release(&in);
+        return NULL;
+    }
+    int64_t *olb = out.b[0].buf, *opb = out.b[1].buf;
+    uint32_t *oln = out.b[2].buf, *osl = out.b[3].buf;
+    Py_ssize_t k = a + 1, rest = m - k;
+    int64_t s = lb[a], e = s + ln[a], p = pb[a], l1 = l0 + n;
+    memcpy(olb, lb, k * 8);
+    memcpy(opb, pb, k * 8);
+    memcpy(oln, ln, k * 4);
+    memcpy(osl, sl, k * 4);
+    oln[a] = (uint32_t)(l0 - s);
+    olb[k] = l0, opb[k] = p0, oln[k] = (uint32_t)n, osl[k] = s1;
+    olb[k + 1] = l1, opb[k + 1] = p + l1 - s, oln[k + 1] = (uint32_t)(e - l1), osl[k + 1] = s2;
+    memcpy(olb + k + 2, lb + k, rest * 8);
+    memcpy(opb + k + 2, pb + k, rest * 8);
+    memcpy(oln + k + 2, ln + k, rest * 4);
+    memcpy(osl + k + 2, sl + k, rest * 4);
+    release(&out);
+    release(&in);
+    return t;
+}
+
+/* First index whose value is > x (upper) or >= x (!upper), in a sorted i64 array. */
+static Py_ssize_t bound(const int64_t *v, Py_ssize_t m, int64_t x, int upper)
+{
+    Py_ssize_t lo = 0, hi = m;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (upper ? v[mid] <= x : v[mid] < x)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+static PyObject *frame_cut(PyObject *self, PyObject *args)
+{
+    PyObject *objs[4];
+    long long a, want, diag;
+    if (!PyArg_ParseTuple(args, "OOOOLLL", &objs[0], &objs[1], &objs[2], &objs[3], &a, &want,
+                          &diag))
+        return NULL;
+    static const int sizes[4] = {8, 4, 4, 8}, rw[4] = {0, 1, 0, 0};
+    Bufs in, out;
+    Py_ssize_t m;
+    if (acquire(&in, objs, sizes, rw, &m) < 0)
+        return NULL;
+    const int64_t *p = in.b[0].buf, *lb = in.b[3].buf;
+    uint32_t *n = in.b[1].buf;
+    const uint32_t *ino = in.b[2].buf;
+    Py_ssize_t j = bound(p, m, a, 1);                /* runs starting at or before a */
+    Py_ssize_t hits = 0, drops = 0, tails = 0;
+#define HIT(k) (p[k] + (int64_t)n[k] > a && \
+                (want < 0 || (ino[k] == (uint32_t)want && lb[k] - p[k] == diag)))
+    for (Py_ssize_t k = 0; k < j; k++) {
+        if (HIT(k)) {
+            hits++;
+            drops += p[k] == a;
+            tails += p[k] + (int64_t)n[k] > a + 1;
+        }
+    }
+    if (!hits) {
+        release(&in);
+        Py_RETURN_NONE;
+    }
+    if (!drops && !tails) {                          /* runs ending at a+1: shrink them */
+        for (Py_ssize_t k = 0; k < j; k++)
+            if (HIT(k))
+                n[k] = (uint32_t)(a - p[k]);
+        release(&in);
+        Py_RETURN_TRUE;
+    }
+    Py_ssize_t jt = bound(p, m, a + 1, 0);           /* where pblk a+1 sorts; >= j */
+    PyObject *t = new_leaf(m - drops + tails, sizes, &out);
+    if (!t) {
+        release(&in);
+        return NULL;
+    }
+    int64_t *op = out.b[0].buf, *olb = out.b[3].buf;
+    uint32_t *on = out.b[1].buf, *oino = out.b[2].buf;
+    Py_ssize_t w = 0;
+    for (Py_ssize_t k = 0; k < jt; k++) {            /* heads in place, drops skipped */
+        int hit = k < j && HIT(k);
+        if (hit && p[k] == a)
+            continue;
+        op[w] = p[k], on[w] = hit ? (uint32_t)(a - p[k]) : n[k], oino[w] = ino[k];
+        olb[w++] = lb[k];
+    }
+    for (Py_ssize_t k = 0; k < j; k++) {             /* tails, in the order of their runs */
+        if (HIT(k) && p[k] + (int64_t)n[k] > a + 1) {
+            op[w] = a + 1, on[w] = (uint32_t)(p[k] + n[k] - a - 1), oino[w] = ino[k];
+            olb[w++] = lb[k] + a + 1 - p[k];
+        }
+    }
+#undef HIT
+    Py_ssize_t rest = m - jt;
+    memcpy(op + w, p + jt, rest * 8);
+    memcpy(on + w, n + jt, rest * 4);
+    memcpy(oino + w, ino + jt, rest * 4);
+    memcpy(olb + w, lb + jt, rest * 8);
+    release(&out);
+    release(&in);
+    return t;
+}
+
+static PyMethodDef methods[] = {
+    {"setup", setup, METH_VARARGS, "setup(numpy.empty, int64 dtype, uint32 dtype)"},
+    {"extent_split", extent_split, METH_VARARGS, "split extent a around [l0, l0+n)"},
+    {"frame_cut", frame_cut, METH_VARARGS, "cut one block out of a frame-index leaf"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "daxfs._fastmaps",
+    "The leaf splices of a COW break (extent split, frame-index cut) in C.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fastmaps(void)
+{
+    return PyModule_Create(&module);
+}

@@ -146,6 +146,22 @@ class BlockAllocator:
         at the home of inode `home` (if given), then the shared cursor."""
         return self.take(self.plan(n, goal, home))
 
+    def alloc_one(self, goal: int = 0) -> int:
+        """alloc(1, goal)[0][0] (no home), with scalar tests for the goal and the cursor
+        before the general search: the one-block COW break's allocation."""
+        g, rc = self.g, self.rc
+        for s in (goal, self.cursor):
+            if g.data_start <= s < g.nblocks and not rc[s] and not self._in_quarantine(s, 1):
+                if self.free <= self._quarantined():
+                    break                    # let plan() say ENOSPC
+                rc[s] = 1
+                self.dirty.append((s, s + 1))
+                self.free -= 1
+                self.refs += 1
+                self.cursor = s + 1
+                return s
+        return self.alloc(1, goal)[0][0]
+
     def take(self, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Allocate the runs `plan` gave (nothing may have allocated since)."""
         if not runs:

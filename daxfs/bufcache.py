@@ -158,6 +158,22 @@ class BufCache:
                 old_p += k
             l += k
 
+    def break_block(self, txn: Transaction, node: Inode, l: int, p: int, off: int, mv) -> None:
+        """The COW break of one block: what _write_new(txn, node, l, 1, p, off, mv) does,
+        without its run loops (the 4 KiB random write into a clone).
+
+        Contract: file block l of `node` maps p, p is shared, the request [off, off+len)
+        lies inside block l, and the caller reserved one block and two extent records."""
+        q = self.alloc.alloc_one(node.extents.goal(l))
+        dst = q << SHIFT
+        at = off & (BS - 1)
+        if at or mv.nbytes != BS:           # partly covered: the rest is the old frame's
+            self.pm.copy(dst, p << SHIFT, BS)
+        self.pm.store(dst + at, mv)
+        txn.persist_data(dst, BS)
+        self.remap(txn, node, l, 1, q)
+        self.stats.cow_breaks += 1
+
     # -- mapping changes ---------------------------------------------------------------------------
     def remap(self, txn: Transaction, node: Inode, l: int, n: int, p: int) -> None:
         """Point file blocks [l, l+n) at [p, p+n) (or a hole), journal the extent records, and

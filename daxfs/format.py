@@ -22,6 +22,7 @@ the superblock's read, checksum and store. Every other module goes through these
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import stat
 import struct
@@ -329,7 +330,15 @@ class Geometry:
 
     def record_offset(self, name: str, index: int) -> int:
         """Byte offset in the image of record `index` of table `name` (TABLE_DTYPES)."""
-        return self.region(name)[0] + index * TABLE_DTYPES[name].itemsize
+        base, size = self._records[name]
+        return base + index * size
+
+    @functools.cached_property
+    def _records(self) -> dict[str, tuple[int, int]]:
+        """(byte offset, record size) of each table: record_offset runs for every record a
+        transaction writes, so the region table is not rebuilt per call."""
+        return {name: (self.region(name)[0], TABLE_DTYPES[name].itemsize)
+                for name in TABLE_DTYPES}
 
     def table(self, buf, name: str) -> np.ndarray:
         """A numpy view of table `name` (TABLE_DTYPES) in `buf`, the mapped image."""

@@ -31,6 +31,9 @@ def _pad8(n: int) -> int:
     return (n + 7) & ~7
 
 
+_ZEROS = [bytes((8 - r) % 8) for r in range(8)]     # the padding after data of length % 8 == r
+
+
 class JournalFull(Exception):
     """A single transaction larger than the journal can hold (a bug: callers split work)."""
 
@@ -69,11 +72,16 @@ class Journal:
         """Make `writes` (image offset, bytes) durable as one atomic transaction, then apply."""
         if not writes:
             return
-        body = bytearray()
+        # one join, not a growing bytearray: a COW break commits ~6 small records
+        parts = []
+        pack = TXN_RECORD.pack
         for off, data in writes:
-            body += TXN_RECORD.pack(off, len(data), 0)
-            body += data
-            body += bytes(_pad8(len(data)) - len(data))
+            n = len(data)
+            parts.append(pack(off, n, 0))
+            parts.append(data)
+            if n & 7:
+                parts.append(_ZEROS[n & 7])
+        body = b"".join(parts)
         need = TXN_HEADER.size + len(body) + 8
         if need > self.max_txn_bytes:
             raise JournalFull(f"transaction of {need} bytes exceeds journal limit {self.max_txn_bytes}")

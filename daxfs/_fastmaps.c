@@ -2,7 +2,7 @@
  * daxfs._fastmaps -- the two leaf splices of a COW break, in C.
  *
  * A COW break of one block changes two sorted numpy leaves: the inode's extent leaf
- * (extents.py: the extent holding the block splits in three) and a frame-index leaf
+ * (extents.py: the extent holding the block splits, up to three pieces) and a frame-index leaf
  * (frames.py: the block is cut out of its alias runs). In numpy each costs a dozen calls
  * of ~1 us each (searches, masks, one concatenate per array); here each is one call that
  * scans the leaf (at most a few hundred entries) and copies it once.
@@ -14,9 +14,9 @@
  * extents.py and frames.py (used when this module is missing; the tests run both).
  *
  *   setup(empty, int64, uint32)
- *   extent_split(lblk, pblk, length, slot, a, l0, n, p0, s1, s2) -> 4 new arrays
- *       extent a (lblk s, length m, pblk p) holds [l0, l0+n) strictly inside: it becomes
- *       (s, p, l0-s), (l0, p0, n, s1), (l0+n, p+l0+n-s, s+m-l0-n, s2); the caller checked.
+ *   extent_replace(lblk, pblk, length, slot, a, b, entries) -> 4 new arrays
+ *       the leaf with its entries [a, b) replaced by `entries`, a flat sequence of ints,
+ *       4 per entry (lblk, pblk, length, slot); the caller keeps the order sorted.
  *   frame_cut(pblk, n, ino, lblk, a, want_ino, diag) -> None | True | 4 new arrays
  *       cut block a out of every run of the leaf holding it (want_ino < 0), or of want_ino's
  *       run on file diagonal lblk - pblk == diag: a piece before a shrinks in place, a
@@ -110,49 +110,62 @@ fail:
     return NULL;
 }
 
-static PyObject *extent_split(PyObject *self, PyObject *args)
+static PyObject *extent_replace(PyObject *self, PyObject *args)
 {
-    PyObject *objs[4];
-    Py_ssize_t a;
-    long long l0, n, p0;
-    unsigned int s1, s2;
-    if (!PyArg_ParseTuple(args, "OOOOnLLLII", &objs[0], &objs[1], &objs[2], &objs[3], &a,
-                          &l0, &n, &p0, &s1, &s2))
+    PyObject *objs[4], *flat;
+    Py_ssize_t a, b;
+    if (!PyArg_ParseTuple(args, "OOOOnnO", &objs[0], &objs[1], &objs[2], &objs[3], &a, &b,
+                          &flat))
         return NULL;
     static const int sizes[4] = {8, 8, 4, 4}, ro[4] = {0, 0, 0, 0};
+    PyObject *seq = PySequence_Fast(flat, "extent_replace: entries must be a sequence");
+    if (!seq)
+        return NULL;
+    Py_ssize_t nv = PySequence_Fast_GET_SIZE(seq), k = nv / 4;
+    PyObject **v = PySequence_Fast_ITEMS(seq);
     Bufs in, out;
     Py_ssize_t m;
-    if (acquire(&in, objs, sizes, ro, &m) < 0)
+    if (nv % 4) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "extent_replace: 4 values per entry");
         return NULL;
+    }
+    if (acquire(&in, objs, sizes, ro, &m) < 0) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    PyObject *t = NULL;
+    if (a < 0 || b < a || b > m) {
+        PyErr_SetString(PyExc_ValueError, "extent_replace: bad range");
+        goto done;
+    }
+    if (!(t = new_leaf(m - (b - a) + k, sizes, &out)))
+        goto done;
     const int64_t *lb = in.b[0].buf, *pb = in.b[1].buf;
     const uint32_t *ln = in.b[2].buf, *sl = in.b[3].buf;
-    if (a < 0 || a >= m || !(lb[a] < l0 && l0 + n < lb[a] + (int64_t)ln[a])) {
-        release(&in);
-        PyErr_SetString(PyExc_ValueError, "extent_split: range not strictly inside extent a");
-        return NULL;
-    }
-    PyObject *t = new_leaf(m + 2, sizes, &out);
-    if (!t) {
-        release(&in);
-        return NULL;
-    }
     int64_t *olb = out.b[0].buf, *opb = out.b[1].buf;
     uint32_t *oln = out.b[2].buf, *osl = out.b[3].buf;
-    Py_ssize_t k = a + 1, rest = m - k;
-    int64_t s = lb[a], e = s + ln[a], p = pb[a], l1 = l0 + n;
-    memcpy(olb, lb, k * 8);
-    memcpy(opb, pb, k * 8);
-    memcpy(oln, ln, k * 4);
-    memcpy(osl, sl, k * 4);
-    oln[a] = (uint32_t)(l0 - s);
-    olb[k] = l0, opb[k] = p0, oln[k] = (uint32_t)n, osl[k] = s1;
-    olb[k + 1] = l1, opb[k + 1] = p + l1 - s, oln[k + 1] = (uint32_t)(e - l1), osl[k + 1] = s2;
-    memcpy(olb + k + 2, lb + k, rest * 8);
-    memcpy(opb + k + 2, pb + k, rest * 8);
-    memcpy(oln + k + 2, ln + k, rest * 4);
-    memcpy(osl + k + 2, sl + k, rest * 4);
+    memcpy(olb, lb, a * 8);
+    memcpy(opb, pb, a * 8);
+    memcpy(oln, ln, a * 4);
+    memcpy(osl, sl, a * 4);
+    for (Py_ssize_t i = 0; i < k; i++) {
+        olb[a + i] = PyLong_AsLongLong(v[4 * i]);
+        opb[a + i] = PyLong_AsLongLong(v[4 * i + 1]);
+        oln[a + i] = (uint32_t)PyLong_AsUnsignedLongMask(v[4 * i + 2]);
+        osl[a + i] = (uint32_t)PyLong_AsUnsignedLongMask(v[4 * i + 3]);
+    }
+    Py_ssize_t rest = m - b;
+    memcpy(olb + a + k, lb + b, rest * 8);
+    memcpy(opb + a + k, pb + b, rest * 8);
+    memcpy(oln + a + k, ln + b, rest * 4);
+    memcpy(osl + a + k, sl + b, rest * 4);
     release(&out);
+    if (PyErr_Occurred())
+        Py_CLEAR(t);
+done:
     release(&in);
+    Py_DECREF(seq);
     return t;
 }
 
@@ -242,7 +255,7 @@ static PyObject *frame_cut(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"setup", setup, METH_VARARGS, "setup(numpy.empty, int64 dtype, uint32 dtype)"},
-    {"extent_split", extent_split, METH_VARARGS, "split extent a around [l0, l0+n)"},
+    {"extent_replace", extent_replace, METH_VARARGS, "replace entries [a, b) of a leaf"},
     {"frame_cut", frame_cut, METH_VARARGS, "cut one block out of a frame-index leaf"},
     {NULL, NULL, 0, NULL},
 };

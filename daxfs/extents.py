@@ -21,7 +21,7 @@ HOLE = -1
 _I64 = np.int64
 _U32 = np.uint32     # lengths and record slots: 24 bytes per extent in all (the alias budget is 32)
 
-try:                  # the COW break's three-way split in C (one call for the four arrays)
+try:                  # a leaf's splice in C (one call for the four arrays)
     from . import _fastmaps
     _fastmaps.setup(np.empty, np.dtype(_I64), np.dtype(_U32))
 except ImportError:   # not built: numpy concatenates give the same leaf
@@ -136,8 +136,10 @@ class ExtentMap:
     # -- mutation --------------------------------------------------------------------------------
     def remap(self, l0: int, n: int, p0: int, take_slot) -> RemapResult:
         """Map [l0, l0+n) to [p0, p0+n) (p0 == HOLE: unmap). `take_slot()` gives a free record."""
-        if p0 != HOLE and self.leaves:
-            res = self._split_inside(l0, n, p0, take_slot)
+        if self.leaves:
+            res = self._split_inside(l0, n, p0, take_slot) if p0 != HOLE else None
+            if res is None:
+                res = self._remap_leaf(l0, n, p0, take_slot)
             if res is not None:
                 return res
         l1 = l0 + n
@@ -153,17 +155,18 @@ class ExtentMap:
         else:
             lb = pb = np.empty(0, _I64)
             ln = sl = np.empty(0, _U32)
-        res, lb, pb, ln, sl = _remap_flat(lb, pb, ln, sl, l0, n, p0, take_slot)
-        self._replace(i, j, lb, pb, ln, sl)
+        a, b = _touching(lb, ln, l0, l1)
+        res = _remap_entries(list(zip(lb[a:b].tolist(), pb[a:b].tolist(), ln[a:b].tolist(),
+                                      sl[a:b].tolist())), l0, n, p0, take_slot)
+        self._replace(i, j, *_splice(lb, pb, ln, sl, a, b, res.written))
         self.mapped += (n if p0 != HOLE else 0) - sum(r[1] for r in res.removed)
         return res
 
-
     def _split_inside(self, l0: int, n: int, p0: int, take_slot) -> RemapResult | None:
-        """The COW break's common case, without the general merge: [l0, l0+n) lies strictly
-        inside one extent, so it splits in three. Nothing can merge: the new run cannot
-        continue the old pieces physically, their blocks being still allocated. None when
-        the case does not apply."""
+        """The COW break's common case, without _remap_entries' generality: [l0, l0+n) lies
+        strictly inside one extent, so it splits in three. Nothing can merge: the new run
+        cannot continue the old pieces physically, their blocks being still allocated. None
+        when the case does not apply."""
         li = self._leaf_of(l0)
         leaf = self.leaves[li]
         lb = leaf.lblk
@@ -175,39 +178,59 @@ class ExtentMap:
         l1 = l0 + n
         if not (s < l0 and l1 < e):
             return None
-        p = int(leaf.pblk[a])
-        s1, s2 = take_slot(), take_slot()
-        if _fastmaps is not None:
-            nlb, npb, nln, nsl = _fastmaps.extent_split(lb, leaf.pblk, leaf.length, leaf.slot,
-                                                        a, l0, n, p0, s1, s2)
-        else:
-            k = a + 1
-            nlb = np.concatenate((lb[:k], np.array((l0, l1), _I64), lb[k:]))
-            npb = np.concatenate((leaf.pblk[:k], np.array((p0, p + l1 - s), _I64),
-                                  leaf.pblk[k:]))
-            nln = np.concatenate((leaf.length[:k], np.array((n, e - l1), _U32), leaf.length[k:]))
-            nln[a] = l0 - s
-            nsl = np.concatenate((leaf.slot[:k], np.array((s1, s2), _U32), leaf.slot[k:]))
+        p, slot = int(leaf.pblk[a]), int(leaf.slot[a])
+        written = [(slot, s, p, l0 - s), (take_slot(), l0, p0, n),
+                   (take_slot(), l1, p + l1 - s, e - l1)]
+        nlb, npb, nln, nsl = _splice(lb, leaf.pblk, leaf.length, leaf.slot, a, a + 1, written)
         if nlb.size > LEAF:
             self._replace(li, li + 1, nlb, npb, nln, nsl)
         else:
             self.leaves[li] = _Leaf(nlb, npb, nln, nsl)
             self.count += 2
-        return RemapResult([(p + l0 - s, n, l0)],
-                           [(int(leaf.slot[a]), s, p, l0 - s), (s1, l0, p0, n),
-                            (s2, l1, p + l1 - s, e - l1)], [])
+        return RemapResult([(p + l0 - s, n, l0)], written, [])
+
+    def _remap_leaf(self, l0: int, n: int, p0: int, take_slot) -> RemapResult | None:
+        """remap when every extent it touches or adjoins lies in one leaf (the COW break's
+        case): scalars over those few extents and one splice of that leaf, instead of
+        concatenating leaves. None when the range reaches into the next leaf."""
+        li = self._leaf_of(l0)
+        if li + 1 < len(self.leaves) and self.firsts[li + 1] <= l0 + n:
+            return None
+        leaf = self.leaves[li]
+        lb, pb, ln, sl = leaf.lblk, leaf.pblk, leaf.length, leaf.slot
+        a, b = _touching(lb, ln, l0, l0 + n)
+        res = _remap_entries([(int(lb[k]), int(pb[k]), int(ln[k]), int(sl[k]))
+                              for k in range(a, b)], l0, n, p0, take_slot)
+        nlb, npb, nln, nsl = _splice(lb, pb, ln, sl, a, b, res.written)
+        if 0 < nlb.size <= LEAF:
+            self.leaves[li] = _Leaf(nlb, npb, nln, nsl)
+            self.firsts[li] = int(nlb[0])
+            self.count += nlb.size - lb.size
+        else:
+            self._replace(li, li + 1, nlb, npb, nln, nsl)
+        self.mapped += (n if p0 != HOLE else 0) - sum(r[1] for r in res.removed)
+        return res
 
 
-def _remap_flat(lb, pb, ln, sl, l0: int, n: int, p0: int, take_slot):
-    """remap on one sorted run of extents; returns (result, new arrays)."""
-    l1 = l0 + n
-    a = int(np.searchsorted(lb, l0, "right")) - 1
-    if a < 0 or lb[a] + ln[a] < l0:
+def _touching(lb, ln, l0: int, l1: int) -> tuple[int, int]:
+    """Indexes [a, b) of the sorted extents that overlap [l0, l1), or end at l0 (when l0 is
+    not mapped) or start at l1: the ones a remap rewrites or may merge with."""
+    a = int(lb.searchsorted(l0, "right")) - 1
+    if a < 0 or int(lb[a]) + int(ln[a]) < l0:
         a += 1
-    b = int(np.searchsorted(lb, l1, "right"))
+    return a, int(lb.searchsorted(l1, "right"))
+
+
+def _remap_entries(ents: list[tuple[int, int, int, int]], l0: int, n: int, p0: int,
+                   take_slot) -> RemapResult:
+    """remap on the extents (lblk, pblk, length, slot) that `_touching` found: what is left
+    of them around [l0, l0+n), the new run, neighbours that continue each other merged; the
+    old slots are reused in order, more are taken, the rest freed. `written` holds the new
+    entries in file order."""
+    l1 = l0 + n
     removed: list[tuple[int, int, int]] = []
     pieces: list[list[int]] = []          # [lblk, pblk, length]
-    for s, p, m in zip(lb[a:b].tolist(), pb[a:b].tolist(), ln[a:b].tolist()):
+    for s, p, m, _slot in ents:
         e = s + m
         if s < l0:
             pieces.append([s, p, min(e, l0) - s])
@@ -225,12 +248,18 @@ def _remap_flat(lb, pb, ln, sl, l0: int, n: int, p0: int, take_slot):
             merged[-1][2] += pc[2]
         else:
             merged.append(pc)
-    old_slots = sl[a:b].tolist()
+    old_slots = [e[3] for e in ents]
     new_slots = [old_slots[k] if k < len(old_slots) else take_slot() for k in range(len(merged))]
-    freed = old_slots[len(merged):]
-    m = np.array(merged, _I64).reshape(-1, 3)
-    out = (np.concatenate((lb[:a], m[:, 0], lb[b:])), np.concatenate((pb[:a], m[:, 1], pb[b:])),
-           np.concatenate((ln[:a], m[:, 2].astype(_U32), ln[b:])),
-           np.concatenate((sl[:a], np.array(new_slots, _U32), sl[b:])))
     written = [(s, pc[0], pc[1], pc[2]) for s, pc in zip(new_slots, merged)]
-    return (RemapResult(removed, written, freed), *out)
+    return RemapResult(removed, written, old_slots[len(merged):])
+
+
+def _splice(lb, pb, ln, sl, a: int, b: int, written):
+    """The four arrays with entries [a, b) replaced by `written` (slot, lblk, pblk, length)."""
+    if _fastmaps is not None:
+        return _fastmaps.extent_replace(lb, pb, ln, sl, a, b,
+                                        [x for w in written for x in (w[1], w[2], w[3], w[0])])
+    m = np.array([w[1:] for w in written], _I64).reshape(-1, 3)
+    return (np.concatenate((lb[:a], m[:, 0], lb[b:])), np.concatenate((pb[:a], m[:, 1], pb[b:])),
+            np.concatenate((ln[:a], m[:, 2].astype(_U32), ln[b:])),
+            np.concatenate((sl[:a], np.array([w[0] for w in written], _U32), sl[b:])))

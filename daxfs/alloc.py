@@ -149,10 +149,11 @@ class BlockAllocator:
     def alloc_one(self, goal: int = 0) -> int:
         """alloc(1, goal)[0][0] (no home), with scalar tests for the goal and the cursor
         before the general search: the one-block COW break's allocation."""
-        g, rc = self.g, self.rc
+        g, rc, quarantine = self.g, self.rc, self.quarantine
         for s in (goal, self.cursor):
-            if g.data_start <= s < g.nblocks and not rc[s] and not self._in_quarantine(s, 1):
-                if self.free <= self._quarantined():
+            if g.data_start <= s < g.nblocks and not rc[s] and \
+                    not (quarantine and self._in_quarantine(s, 1)):
+                if self.free <= (self._quarantined() if quarantine else 0):
                     break                    # let plan() say ENOSPC
                 rc[s] = 1
                 self.dirty.append((s, s + 1))

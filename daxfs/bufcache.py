@@ -158,27 +158,34 @@ class BufCache:
                 old_p += k
             l += k
 
-    def break_block(self, txn: Transaction, node: Inode, l: int, p: int, off: int, mv) -> None:
+    def break_block(self, txn: Transaction, node: Inode, l: int, at: tuple[int, int, int],
+                    off: int, mv) -> None:
         """The COW break of one block: what _write_new(txn, node, l, 1, p, off, mv) does,
         without its run loops (the 4 KiB random write into a clone).
 
-        Contract: file block l of `node` maps p, p is shared, the request [off, off+len)
-        lies inside block l, and the caller reserved one block and two extent records."""
-        q = self.alloc.alloc_one(node.extents.goal(l))
+        Contract: `at` is node.extents.find(l), its block p is shared, the request
+        [off, off+len) lies inside block l, and the caller reserved one block and two extent
+        records."""
+        em = node.extents
+        p = at[2]
+        q = self.alloc.alloc_one(em.goal_at(at, l))
         dst = q << SHIFT
-        at = off & (BS - 1)
-        if at or mv.nbytes != BS:           # partly covered: the rest is the old frame's
+        o = off & (BS - 1)
+        if o or mv.nbytes != BS:            # partly covered: the rest is the old frame's
             self.pm.copy(dst, p << SHIFT, BS)
-        self.pm.store(dst + at, mv)
+        self.pm.store(dst + o, mv)
         txn.persist_data(dst, BS)
-        self.remap(txn, node, l, 1, q)
+        self._remapped(txn, node, em.remap(l, 1, q, self.inodes.extent_pool.take, at))
         self.stats.cow_breaks += 1
 
     # -- mapping changes ---------------------------------------------------------------------------
     def remap(self, txn: Transaction, node: Inode, l: int, n: int, p: int) -> None:
         """Point file blocks [l, l+n) at [p, p+n) (or a hole), journal the extent records, and
         drop the references the old mapping held."""
-        res = node.extents.remap(l, n, p, self.inodes.extent_pool.take)
+        self._remapped(txn, node, node.extents.remap(l, n, p, self.inodes.extent_pool.take))
+
+    def _remapped(self, txn: Transaction, node: Inode, res) -> None:
+        """The rest of remap once the map changed: records, references, aliases."""
         for slot, lb, pb, ln in res.written:
             txn.extent(slot, fmt.pack_extent(node.ino, lb, pb, ln))
         for slot in res.freed_slots:

@@ -118,10 +118,32 @@ class ExtentMap:
         if not self.leaves:
             return HOLE
         leaf = self.leaves[self._leaf_of(lblk)]
-        i = int(np.searchsorted(leaf.lblk, lblk, "right")) - 1
-        if i >= 0 and lblk < leaf.lblk[i] + leaf.length[i]:
-            return int(leaf.pblk[i] + (lblk - leaf.lblk[i]))
+        i = int(leaf.lblk.searchsorted(lblk, "right")) - 1
+        if i >= 0:
+            s = int(leaf.lblk[i])
+            if lblk < s + int(leaf.length[i]):
+                return int(leaf.pblk[i]) + lblk - s
         return HOLE
+
+    def find(self, lblk: int) -> tuple[int, int, int] | None:
+        """(leaf, index, physical block) of the extent mapping file block lblk; None in a
+        hole. The position is valid until the map changes (remap(..., at=) takes it)."""
+        if not self.leaves:
+            return None
+        li = self._leaf_of(lblk)
+        leaf = self.leaves[li]
+        i = int(leaf.lblk.searchsorted(lblk, "right")) - 1
+        if i >= 0:
+            s = int(leaf.lblk[i])
+            if lblk < s + int(leaf.length[i]):
+                return li, i, int(leaf.pblk[i]) + lblk - s
+        return None
+
+    def goal_at(self, at: tuple[int, int, int], lblk: int) -> int:
+        """goal(lblk) for the block `at` (find(lblk)) points at, searching only when lblk
+        begins its extent (inside it, the block before is in the same extent)."""
+        li, i, p = at
+        return p if int(self.leaves[li].lblk[i]) < lblk else self.goal(lblk)
 
     def goal(self, lblk: int) -> int:
         """The physical block that would continue file block lblk - 1 contiguously: where to
@@ -134,10 +156,12 @@ class ExtentMap:
                 zip(leaf.lblk.tolist(), leaf.pblk.tolist(), leaf.length.tolist())]
 
     # -- mutation --------------------------------------------------------------------------------
-    def remap(self, l0: int, n: int, p0: int, take_slot) -> RemapResult:
-        """Map [l0, l0+n) to [p0, p0+n) (p0 == HOLE: unmap). `take_slot()` gives a free record."""
+    def remap(self, l0: int, n: int, p0: int, take_slot,
+              at: tuple[int, int, int] | None = None) -> RemapResult:
+        """Map [l0, l0+n) to [p0, p0+n) (p0 == HOLE: unmap). `take_slot()` gives a free record.
+        `at`: find(l0), if the caller has it (spares the search)."""
         if self.leaves:
-            res = self._split_inside(l0, n, p0, take_slot) if p0 != HOLE else None
+            res = self._split_inside(l0, n, p0, take_slot, at) if p0 != HOLE else None
             if res is None:
                 res = self._remap_leaf(l0, n, p0, take_slot)
             if res is not None:
@@ -162,17 +186,21 @@ class ExtentMap:
         self.mapped += (n if p0 != HOLE else 0) - sum(r[1] for r in res.removed)
         return res
 
-    def _split_inside(self, l0: int, n: int, p0: int, take_slot) -> RemapResult | None:
+    def _split_inside(self, l0: int, n: int, p0: int, take_slot,
+                      at: tuple[int, int, int] | None) -> RemapResult | None:
         """The COW break's common case, without _remap_entries' generality: [l0, l0+n) lies
         strictly inside one extent, so it splits in three. Nothing can merge: the new run
         cannot continue the old pieces physically, their blocks being still allocated. None
         when the case does not apply."""
-        li = self._leaf_of(l0)
+        if at is None:
+            li = self._leaf_of(l0)
+            a = int(self.leaves[li].lblk.searchsorted(l0, "right")) - 1
+            if a < 0:
+                return None
+        else:
+            li, a = at[0], at[1]
         leaf = self.leaves[li]
         lb = leaf.lblk
-        a = int(lb.searchsorted(l0, "right")) - 1
-        if a < 0:
-            return None
         s = int(lb[a])
         e = s + int(leaf.length[a])
         l1 = l0 + n

@@ -106,17 +106,17 @@ class FileData:
         l0, l1 = off // BS, fmt.blocks_for(off + len(data))
         if l1 - l0 == 1 and off + len(data) <= node.size and self.tx.writable:
             # one block inside the file (the 4 KiB random write): one lookup, no growth
-            p = node.extents.lookup(l0)
-            if p != HOLE:
-                if self.alloc.count(p) <= 1:
-                    self.bufcache.overwrite((l0, 1, p), off, data)
+            at = node.extents.find(l0)
+            if at is not None:
+                if self.alloc.count(at[2]) <= 1:
+                    self.bufcache.overwrite((l0, 1, at[2]), off, data)
                     node.mtime = node.ctime = now_ns()
                     self.tx.note_times(node)
                     return len(data)
                 # the COW break of one block (a short count is impossible: it fits or not)
                 self.bufcache.reserve(1, 2)
                 with self.tx.open() as t:
-                    self.bufcache.break_block(t, node, l0, p, off, memoryview(data).cast("B"))
+                    self.bufcache.break_block(t, node, l0, at, off, memoryview(data).cast("B"))
                     node.touch(m=True)
                     t.inode(node)
                 return len(data)

@@ -1,5 +1,5 @@
 /*
- * daxfs._fastmaps -- the two leaf splices of a COW break, in C.
+ * daxfs._fastmaps -- the two leaf splices of a COW break and its journal encoding, in C.
  *
  * A COW break of one block changes two sorted numpy leaves: the inode's extent leaf
  * (extents.py: the extent holding the block splits, up to three pieces) and a frame-index leaf
@@ -17,6 +17,9 @@
  *   extent_replace(lblk, pblk, length, slot, a, b, entries) -> 4 new arrays
  *       the leaf with its entries [a, b) replaced by `entries`, a flat sequence of ints,
  *       4 per entry (lblk, pblk, length, slot); the caller keeps the order sorted.
+ *   journal_body(records) -> bytes
+ *       journal.py's transaction body for [(offset, bytes)]: per record offset u64, length
+ *       u32, pad u32 (little-endian), the bytes, zeros to a multiple of 8.
  *   frame_cut(pblk, n, ino, lblk, a, want_ino, diag) -> None | True | 4 new arrays
  *       cut block a out of every run of the leaf holding it (want_ino < 0), or of want_ino's
  *       run on file diagonal lblk - pblk == diag: a piece before a shrinks in place, a
@@ -253,7 +256,68 @@ static PyObject *frame_cut(PyObject *self, PyObject *args)
     return t;
 }
 
+static void put_le(unsigned char *d, uint64_t v, int n)
+{
+    for (int k = 0; k < n; k++)
+        d[k] = (unsigned char)(v >> (8 * k));
+}
+
+static PyObject *journal_body(PyObject *self, PyObject *arg)
+{
+    PyObject *seq = PySequence_Fast(arg, "journal_body: a sequence of (offset, bytes)");
+    if (!seq)
+        return NULL;
+    Py_ssize_t nrec = PySequence_Fast_GET_SIZE(seq), got = 0, total = 0;
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    Py_buffer *bufs = PyMem_Calloc(nrec ? nrec : 1, sizeof(Py_buffer));
+    unsigned long long *offs = PyMem_Calloc(nrec ? nrec : 1, sizeof(unsigned long long));
+    PyObject *out = NULL;
+    if (!bufs || !offs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; got < nrec; got++) {
+        PyObject *it = items[got];
+        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 2) {
+            PyErr_SetString(PyExc_TypeError, "journal_body: records are (offset, bytes)");
+            goto done;
+        }
+        offs[got] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(it, 0));
+        if (PyErr_Occurred())
+            goto done;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(it, 1), &bufs[got], PyBUF_SIMPLE) < 0)
+            goto done;
+        if (bufs[got].len > UINT32_MAX) {
+            got++;
+            PyErr_SetString(PyExc_ValueError, "journal_body: record over 4 GiB");
+            goto done;
+        }
+        total += 16 + ((bufs[got].len + 7) & ~(Py_ssize_t)7);
+    }
+    out = PyBytes_FromStringAndSize(NULL, total);
+    if (!out)
+        goto done;
+    unsigned char *d = (unsigned char *)PyBytes_AS_STRING(out);
+    for (Py_ssize_t k = 0; k < nrec; k++) {
+        Py_ssize_t len = bufs[k].len, pad = ((len + 7) & ~(Py_ssize_t)7) - len;
+        put_le(d, offs[k], 8);
+        put_le(d + 8, (uint64_t)len, 4);
+        put_le(d + 12, 0, 4);
+        memcpy(d + 16, bufs[k].buf, len);
+        memset(d + 16 + len, 0, pad);
+        d += 16 + len + pad;
+    }
+done:
+    for (Py_ssize_t k = 0; k < got; k++)
+        PyBuffer_Release(&bufs[k]);
+    PyMem_Free(bufs);
+    PyMem_Free(offs);
+    Py_DECREF(seq);
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"journal_body", journal_body, METH_O, "the journal body of [(offset, bytes)] records"},
     {"setup", setup, METH_VARARGS, "setup(numpy.empty, int64 dtype, uint32 dtype)"},
     {"extent_replace", extent_replace, METH_VARARGS, "replace entries [a, b) of a leaf"},
     {"frame_cut", frame_cut, METH_VARARGS, "cut one block out of a frame-index leaf"},

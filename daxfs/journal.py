@@ -33,6 +33,25 @@ def _pad8(n: int) -> int:
 
 _ZEROS = [bytes((8 - r) % 8) for r in range(8)]     # the padding after data of length % 8 == r
 
+try:                  # the body's encoding in C: a COW break commits ~6 small records
+    from . import _fastmaps
+except ImportError:
+    _fastmaps = None
+
+
+def _body(writes: list[tuple[int, bytes]]) -> bytes:
+    """The transaction body: per record TXN_RECORD, the data, zeros to 8 bytes (one join,
+    not a growing bytearray; _fastmaps.journal_body writes the same bytes)."""
+    parts = []
+    pack = TXN_RECORD.pack
+    for off, data in writes:
+        n = len(data)
+        parts.append(pack(off, n, 0))
+        parts.append(data)
+        if n & 7:
+            parts.append(_ZEROS[n & 7])
+    return b"".join(parts)
+
 
 class JournalFull(Exception):
     """A single transaction larger than the journal can hold (a bug: callers split work)."""
@@ -72,16 +91,7 @@ class Journal:
         """Make `writes` (image offset, bytes) durable as one atomic transaction, then apply."""
         if not writes:
             return
-        # one join, not a growing bytearray: a COW break commits ~6 small records
-        parts = []
-        pack = TXN_RECORD.pack
-        for off, data in writes:
-            n = len(data)
-            parts.append(pack(off, n, 0))
-            parts.append(data)
-            if n & 7:
-                parts.append(_ZEROS[n & 7])
-        body = b"".join(parts)
+        body = _fastmaps.journal_body(writes) if _fastmaps is not None else _body(writes)
         need = TXN_HEADER.size + len(body) + 8
         if need > self.max_txn_bytes:
             raise JournalFull(f"transaction of {need} bytes exceeds journal limit {self.max_txn_bytes}")

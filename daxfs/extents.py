@@ -188,10 +188,11 @@ class ExtentMap:
 
     def _split_inside(self, l0: int, n: int, p0: int, take_slot,
                       at: tuple[int, int, int] | None) -> RemapResult | None:
-        """The COW break's common case, without _remap_entries' generality: [l0, l0+n) lies
-        strictly inside one extent, so it splits in three. Nothing can merge: the new run
-        cannot continue the old pieces physically, their blocks being still allocated. None
-        when the case does not apply."""
+        """The COW break's case, without _remap_entries' generality: [l0, l0+n) lies inside
+        one extent, which becomes up to three pieces (head, the new run, tail). Nothing can
+        merge: the new run cannot continue the old pieces physically, their blocks being
+        still allocated; a following extent that starts right at l0+n (a merge candidate)
+        sends the call to the general path. None when the case does not apply."""
         if at is None:
             li = self._leaf_of(l0)
             a = int(self.leaves[li].lblk.searchsorted(l0, "right")) - 1
@@ -204,17 +205,25 @@ class ExtentMap:
         s = int(lb[a])
         e = s + int(leaf.length[a])
         l1 = l0 + n
-        if not (s < l0 and l1 < e):
+        if not (s <= l0 and l1 <= e):
             return None
+        if e == l1:                          # the next extent must not start at l1
+            nxt = int(lb[a + 1]) if a + 1 < lb.size else \
+                self.firsts[li + 1] if li + 1 < len(self.leaves) else l1 + 1
+            if nxt <= l1:
+                return None
         p, slot = int(leaf.pblk[a]), int(leaf.slot[a])
-        written = [(slot, s, p, l0 - s), (take_slot(), l0, p0, n),
-                   (take_slot(), l1, p + l1 - s, e - l1)]
+        written = [(slot, s, p, l0 - s)] if s < l0 else []
+        written.append((take_slot() if written else slot, l0, p0, n))
+        if l1 < e:
+            written.append((take_slot(), l1, p + l1 - s, e - l1))
         nlb, npb, nln, nsl = _splice(lb, leaf.pblk, leaf.length, leaf.slot, a, a + 1, written)
         if nlb.size > LEAF:
             self._replace(li, li + 1, nlb, npb, nln, nsl)
         else:
             self.leaves[li] = _Leaf(nlb, npb, nln, nsl)
-            self.count += 2
+            self.firsts[li] = int(nlb[0])
+            self.count += len(written) - 1
         return RemapResult([(p + l0 - s, n, l0)], written, [])
 
     def _remap_leaf(self, l0: int, n: int, p0: int, take_slot) -> RemapResult | None:

@@ -48,6 +48,11 @@ def setup(path: str, mib: int):
     done = 0
     while done < mib << 20:
         done += fs.clone_range(orig, done, clone, done, (mib << 20) - done)
+    # as the daemon does after mounting: the data area's pages mapped ahead of use, so a
+    # break's fresh block takes no page fault (≈ 3.5 µs, the kernel's, not the engine's)
+    data = fs.g.data_start * BS
+    if fs.pm.prefault(data, fs.pm.size - data):
+        fs.pm._prefault_thread.join()
     return fs, orig, clone
 
 

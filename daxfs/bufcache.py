@@ -203,9 +203,9 @@ class BufCache:
         if ln == 1:                                  # the COW break's case, scalar
             refs = alloc.count(pb)
             if refs == 2:                            # one owner left: no alias at all
-                self.frames.remove_all(pb, 1)
+                self.frames.cut_block(pb)
             elif refs > 2:
-                self.frames.remove(ino, pb, 1, lb)
+                self.frames.cut_block(pb, ino, lb - pb)
             alloc.decref(pb, 1)
             return
         was_shared = alloc.shared_mask(pb, ln)

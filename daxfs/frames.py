@@ -25,7 +25,7 @@ import numpy as np
 _I64, _U32 = np.int64, np.uint32
 LEAF = 512
 
-try:                  # the one-block cut in C (one call per leaf); _cut_block's loop otherwise
+try:                  # the one-block cut in C (one call per leaf); cut_block's numpy loop otherwise
     from . import _fastmaps
     _fastmaps.setup(np.empty, np.dtype(_I64), np.dtype(_U32))
 except ImportError:   # not built: the numpy path gives the same leaves
@@ -174,7 +174,7 @@ class FrameIndex:
 
     def _cut(self, a: int, b: int, ino: int | None, diag: int = 0) -> None:
         if b == a + 1:
-            self._cut_block(a, ino, diag)
+            self.cut_block(a, ino, diag)
             return
         for li in reversed(self._leaves(a, b).tolist()):
             p, n, i, lb = self.pblk[li], self.n[li], self.ino[li], self.lblk[li]
@@ -206,12 +206,13 @@ class FrameIndex:
                           np.concatenate((i[keep], add[:, 2].astype(_U32)))[order],
                           np.concatenate((lb[keep], add[:, 3]))[order], cut=True)
 
-    def _cut_block(self, a: int, ino: int | None, diag: int) -> None:
-        """_cut of the one block `a` (the COW break's case: every break cuts one block out of
-        one run, or out of all its runs when one owner is left). Scalars and one splice per
-        array instead of the general merge: heads ([s, a)) shrink in place, runs starting at
-        `a` are dropped, and the tails ([a+1, e)) are inserted where pblk a+1 sorts, in the
-        same leaf. Bounds stay valid: a head ends earlier, a tail ends where its run did."""
+    def cut_block(self, a: int, ino: int | None = None, diag: int = 0) -> None:
+        """remove_all(a, 1) (ino None), or remove(ino, a, 1, a + diag): the COW break's
+        case, every break cuts one block out of one run, or out of all its runs when one
+        owner is left. One C call per leaf holding the block (else scalars and one splice per
+        array) instead of the general merge: heads ([s, a)) shrink in place, runs starting
+        at `a` are dropped, and the tails ([a+1, e)) are inserted where pblk a+1 sorts, in
+        the same leaf. Bounds stay valid: a head ends earlier, a tail ends where its run did."""
         first = self.first
         li0 = int(first.searchsorted(a, "right")) - 1 if first.size else -1
         if li0 < 0:

@@ -19,8 +19,12 @@ def _records_to_map(records: dict[int, tuple[int, int, int]]) -> dict[int, int]:
     return out
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["c", "python"])
 @pytest.mark.parametrize("seed", range(4))
-def test_random_remaps_match_a_block_model(seed):
+def test_random_remaps_match_a_block_model(seed, fast, monkeypatch):
+    from daxfs import extents
+    if not fast:                        # the numpy splice instead of _fastmaps.extent_replace
+        monkeypatch.setattr(extents, "_fastmaps", None)
     rng = random.Random(seed)
     nblocks = 3000
     em = ExtentMap([0], [10_000], [nblocks], [0])       # one big extent, like a fresh clone

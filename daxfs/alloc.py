@@ -276,9 +276,16 @@ class BlockAllocator:
 
     def take_dirty(self, table_offset: int) -> list[tuple[int, bytes]]:
         """Journal records for every refcount range changed since the last call."""
-        if not self.dirty:
+        dirty = self.dirty
+        if len(dirty) <= 2:                 # one block allocated and one released (COW)
             self.quarantine.clear()
-            return []
+            if not dirty:
+                return []
+            rc = self.rc
+            if len(dirty) == 1 or dirty[0][1] < dirty[1][0] or dirty[1][1] < dirty[0][0]:
+                out = [(table_offset + s * 4, rc[s:e].tobytes()) for s, e in sorted(dirty)]
+                dirty.clear()
+                return out
         spans = sorted(self.dirty)
         merged = [list(spans[0])]
         for s, e in spans[1:]:

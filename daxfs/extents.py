@@ -75,7 +75,8 @@ class ExtentMap:
         return int(last.lblk[-1] + last.length[-1])
 
     def _leaf_of(self, lblk: int) -> int:
-        return max(0, bisect.bisect_right(self.firsts, lblk) - 1)
+        i = bisect.bisect_right(self.firsts, lblk) - 1
+        return i if i > 0 else 0
 
     def _replace(self, i: int, j: int, lb, pb, ln, sl) -> None:
         """Replace leaves [i, j) by the given sorted extents, cut into leaves."""
@@ -191,8 +192,9 @@ class ExtentMap:
         """The COW break's case, without _remap_entries' generality: [l0, l0+n) lies inside
         one extent, which becomes up to three pieces (head, the new run, tail). Nothing can
         merge: the new run cannot continue the old pieces physically, their blocks being
-        still allocated; a following extent that starts right at l0+n (a merge candidate)
-        sends the call to the general path. None when the case does not apply."""
+        still allocated; a following extent that starts right at l0+n stays as it is unless
+        the new run continues it (then the general path merges them). None when the case
+        does not apply."""
         if at is None:
             li = self._leaf_of(l0)
             a = int(self.leaves[li].lblk.searchsorted(l0, "right")) - 1
@@ -207,11 +209,12 @@ class ExtentMap:
         l1 = l0 + n
         if not (s <= l0 and l1 <= e):
             return None
-        if e == l1:                          # the next extent must not start at l1
-            nxt = int(lb[a + 1]) if a + 1 < lb.size else \
-                self.firsts[li + 1] if li + 1 < len(self.leaves) else l1 + 1
-            if nxt <= l1:
-                return None
+        if e == l1 and p0 != HOLE:           # a next extent at l1 may continue the new run
+            if a + 1 < lb.size:
+                if int(lb[a + 1]) == l1 and int(leaf.pblk[a + 1]) == p0 + n:
+                    return None
+            elif li + 1 < len(self.leaves) and self.firsts[li + 1] == l1:
+                return None                  # in the next leaf: the general path decides
         p, slot = int(leaf.pblk[a]), int(leaf.slot[a])
         written = [(slot, s, p, l0 - s)] if s < l0 else []
         written.append((take_slot() if written else slot, l0, p0, n))

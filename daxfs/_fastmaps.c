@@ -17,8 +17,9 @@
  *   extent_replace(lblk, pblk, length, slot, a, b, entries) -> 4 new arrays
  *       the leaf with its entries [a, b) replaced by `entries`, a flat sequence of ints,
  *       4 per entry (lblk, pblk, length, slot); the caller keeps the order sorted.
- *   journal_body(records) -> bytes
- *       journal.py's transaction body for [(offset, bytes)]: per record offset u64, length
+ *   journal_txn(records, magic, epoch, seq) -> bytes
+ *       journal.py's transaction for [(offset, bytes)]: TXN_HEADER (magic, nrec, body
+ *       length, crc32 as format.txn_crc, epoch, seq), then per record offset u64, length
  *       u32, pad u32 (little-endian), the bytes, zeros to a multiple of 8.
  *   frame_cut(pblk, n, ino, lblk, a, want_ino, diag) -> None | True | 4 new arrays
  *       cut block a out of every run of the leaf holding it (want_ino < 0), or of want_ino's
@@ -262,9 +263,28 @@ static void put_le(unsigned char *d, uint64_t v, int n)
         d[k] = (unsigned char)(v >> (8 * k));
 }
 
-static PyObject *journal_body(PyObject *self, PyObject *arg)
+/* CRC-32 (IEEE, reflected 0xEDB88320), as zlib.crc32: crc32(data, crc32(head)). */
+static uint32_t crc_table[256];
+
+static uint32_t crc32_update(uint32_t crc, const unsigned char *d, Py_ssize_t n)
 {
-    PyObject *seq = PySequence_Fast(arg, "journal_body: a sequence of (offset, bytes)");
+    if (!crc_table[1])
+        for (uint32_t i = 0; i < 256; i++) {
+            uint32_t c = i;
+            for (int k = 0; k < 8; k++)
+                c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+            crc_table[i] = c;
+        }
+    crc = ~crc;
+    while (n--)
+        crc = crc_table[(crc ^ *d++) & 0xFF] ^ (crc >> 8);
+    return ~crc;
+}
+
+/* The body of `arg` ([(offset, bytes)]) after `head` zero bytes left for the caller. */
+static PyObject *encode(PyObject *arg, Py_ssize_t head)
+{
+    PyObject *seq = PySequence_Fast(arg, "journal: a sequence of (offset, bytes) records");
     if (!seq)
         return NULL;
     Py_ssize_t nrec = PySequence_Fast_GET_SIZE(seq), got = 0, total = 0;
@@ -279,7 +299,7 @@ static PyObject *journal_body(PyObject *self, PyObject *arg)
     for (; got < nrec; got++) {
         PyObject *it = items[got];
         if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 2) {
-            PyErr_SetString(PyExc_TypeError, "journal_body: records are (offset, bytes)");
+            PyErr_SetString(PyExc_TypeError, "journal_txn: records are (offset, bytes)");
             goto done;
         }
         offs[got] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(it, 0));
@@ -289,15 +309,15 @@ static PyObject *journal_body(PyObject *self, PyObject *arg)
             goto done;
         if (bufs[got].len > UINT32_MAX) {
             got++;
-            PyErr_SetString(PyExc_ValueError, "journal_body: record over 4 GiB");
+            PyErr_SetString(PyExc_ValueError, "journal_txn: record over 4 GiB");
             goto done;
         }
         total += 16 + ((bufs[got].len + 7) & ~(Py_ssize_t)7);
     }
-    out = PyBytes_FromStringAndSize(NULL, total);
+    out = PyBytes_FromStringAndSize(NULL, head + total);
     if (!out)
         goto done;
-    unsigned char *d = (unsigned char *)PyBytes_AS_STRING(out);
+    unsigned char *d = (unsigned char *)PyBytes_AS_STRING(out) + head;
     for (Py_ssize_t k = 0; k < nrec; k++) {
         Py_ssize_t len = bufs[k].len, pad = ((len + 7) & ~(Py_ssize_t)7) - len;
         put_le(d, offs[k], 8);
@@ -316,8 +336,34 @@ done:
     return out;
 }
 
+static PyObject *journal_txn(PyObject *self, PyObject *args)
+{
+    PyObject *recs;
+    unsigned int magic;
+    unsigned long long epoch, seq;
+    if (!PyArg_ParseTuple(args, "OIKK", &recs, &magic, &epoch, &seq))
+        return NULL;
+    PyObject *out = encode(recs, 32);
+    if (!out)
+        return NULL;
+    unsigned char *d = (unsigned char *)PyBytes_AS_STRING(out), f[20];
+    Py_ssize_t body = PyBytes_GET_SIZE(out) - 32, nrec = PyObject_Length(recs);
+    put_le(f, (uint64_t)nrec, 4);                    /* what the crc covers first: <IQQ */
+    put_le(f + 4, epoch, 8);
+    put_le(f + 12, seq, 8);
+    uint32_t crc = crc32_update(crc32_update(0, f, 20), d + 32, body);
+    put_le(d, magic, 4);                             /* TXN_HEADER: <IIIIQQ */
+    put_le(d + 4, (uint64_t)nrec, 4);
+    put_le(d + 8, (uint64_t)body, 4);
+    put_le(d + 12, crc, 4);
+    put_le(d + 16, epoch, 8);
+    put_le(d + 24, seq, 8);
+    return out;
+}
+
 static PyMethodDef methods[] = {
-    {"journal_body", journal_body, METH_O, "the journal body of [(offset, bytes)] records"},
+    {"journal_txn", journal_txn, METH_VARARGS,
+     "journal_txn(records, magic, epoch, seq): TXN_HEADER + body, crc included"},
     {"setup", setup, METH_VARARGS, "setup(numpy.empty, int64 dtype, uint32 dtype)"},
     {"extent_replace", extent_replace, METH_VARARGS, "replace entries [a, b) of a leaf"},
     {"frame_cut", frame_cut, METH_VARARGS, "cut one block out of a frame-index leaf"},

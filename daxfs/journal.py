@@ -33,15 +33,24 @@ def _pad8(n: int) -> int:
 
 _ZEROS = [bytes((8 - r) % 8) for r in range(8)]     # the padding after data of length % 8 == r
 
-try:                  # the body's encoding in C: a COW break commits ~6 small records
+try:                  # the encoding in C: a COW break commits ~6 small records
     from . import _fastmaps
 except ImportError:
     _fastmaps = None
 
 
+def _txn(writes: list[tuple[int, bytes]], epoch: int, seq: int) -> bytes:
+    """TXN_HEADER + body of one transaction (_fastmaps.journal_txn: the same bytes in C)."""
+    if _fastmaps is not None:
+        return _fastmaps.journal_txn(writes, TXN_MAGIC, epoch, seq)
+    body = _body(writes)
+    return TXN_HEADER.pack(TXN_MAGIC, len(writes), len(body),
+                           txn_crc(len(writes), epoch, seq, body), epoch, seq) + body
+
+
 def _body(writes: list[tuple[int, bytes]]) -> bytes:
     """The transaction body: per record TXN_RECORD, the data, zeros to 8 bytes (one join,
-    not a growing bytearray; _fastmaps.journal_body writes the same bytes)."""
+    not a growing bytearray)."""
     parts = []
     pack = TXN_RECORD.pack
     for off, data in writes:
@@ -91,21 +100,21 @@ class Journal:
         """Make `writes` (image offset, bytes) durable as one atomic transaction, then apply."""
         if not writes:
             return
-        body = _fastmaps.journal_body(writes) if _fastmaps is not None else _body(writes)
-        need = TXN_HEADER.size + len(body) + 8
+        epoch = self.epoch
+        txn = _txn(writes, epoch, self.seq)
+        need = len(txn) + 8
         if need > self.max_txn_bytes:
             raise JournalFull(f"transaction of {need} bytes exceeds journal limit {self.max_txn_bytes}")
         if self.pos + need > self.log_len:
-            self.checkpoint()
-        epoch = self.epoch
+            self.checkpoint()                  # a new epoch, seq 0: stamp them
+            epoch = self.epoch
+            txn = _txn(writes, epoch, self.seq)
         at = self.log_off + self.pos
-        hdr = TXN_HEADER.pack(TXN_MAGIC, len(writes), len(body),
-                              txn_crc(len(writes), epoch, self.seq, body), epoch, self.seq)
         pm = self.pm
-        pm.store(at, hdr + body)
-        pm.persist(at, TXN_HEADER.size + len(body))
+        pm.store(at, txn)
+        pm.persist(at, len(txn))
         pm.fence()
-        cw_at = at + TXN_HEADER.size + len(body)
+        cw_at = at + len(txn)
         pm.store(cw_at, commit_word(epoch, self.seq).to_bytes(8, "little"))
         pm.persist(cw_at, 8)
         pm.fence()

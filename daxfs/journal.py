@@ -125,9 +125,10 @@ class Journal:
 
     def _apply(self, records) -> None:
         pm, meta_len = self.pm, self.meta_len
-        if pm.observer is None and type(pm).store is PMem.store:
+        if type(pm).store is PMem.store and pm.observer is None:
             # PMem.store's own work, inline (a COW break applies 6 records); a crash
-            # harness's PMem (an observer or its own store) sees every store as before
+            # harness's PMem (an observer, its own store, or a stand-in with only the
+            # methods) sees every store as before
             buf = pm.buf
             for off, data in records:
                 buf[off:off + len(data)] = data

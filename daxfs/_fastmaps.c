@@ -71,10 +71,12 @@ static int acquire(Bufs *bs, PyObject **objs, const int *sizes, const int *writa
         }
         bs->n++;
         Py_buffer *v = &bs->b[k];
-        if (v->ndim != 1 || v->itemsize != sizes[k] ||
+        /* int64 is 'l' (or 'q'), uint32 'I' in the struct-module codes numpy exports */
+        const char *f = v->format ? v->format + strlen(v->format) - 1 : "?";
+        if (v->ndim != 1 || v->itemsize != sizes[k] || !strchr(sizes[k] == 8 ? "lq" : "I", *f) ||
             (k && v->shape[0] != bs->b[0].shape[0])) {
             release(bs);
-            PyErr_SetString(PyExc_ValueError, "leaf arrays: wrong shape or item size");
+            PyErr_SetString(PyExc_ValueError, "leaf arrays: wrong shape or dtype");
             return -1;
         }
     }
@@ -91,7 +93,8 @@ static PyObject *empty(Py_ssize_t n, PyObject *dtype)
     return PyObject_CallFunction(np_empty, "nO", n, dtype);
 }
 
-/* Four new arrays (i64, i64|u32 per `wide`) of length n, their buffers acquired writable. */
+/* Four new arrays of length n (int64 where sizes[k] is 8, else uint32), in a tuple, their
+   buffers acquired writable in `out`. */
 static PyObject *new_leaf(Py_ssize_t n, const int *sizes, Bufs *out)
 {
     PyObject *t = PyTuple_New(4);

@@ -21,11 +21,14 @@
  *       journal.py's transaction for [(offset, bytes)]: TXN_HEADER (magic, nrec, body
  *       length, crc32 as format.txn_crc, epoch, seq), then per record offset u64, length
  *       u32, pad u32 (little-endian), the bytes, zeros to a multiple of 8.
- *   frame_cut(pblk, n, ino, lblk, a, want_ino, diag) -> None | True | 4 new arrays
- *       cut block a out of every run of the leaf holding it (want_ino < 0), or of want_ino's
- *       run on file diagonal lblk - pblk == diag: a piece before a shrinks in place, a
- *       piece after a goes where pblk a+1 sorts. None: no run held a. True: changed in
- *       place only (pieces before a). Otherwise the leaf's new arrays.
+ *   frame_cut(pblks, ns, inos, lblks, first, maxend, a, want_ino, diag, leaf_max) -> list
+ *       frames.py's index (its four lists of leaf arrays, the leaves' first pblk and bound
+ *       on run ends): cut block a out of every run holding it (want_ino < 0), or out of
+ *       want_ino's run on file diagonal lblk - pblk == diag. In each leaf that may hold a
+ *       (the one it sorts into, and earlier ones whose bound reaches it) a piece before a
+ *       shrinks in place and a piece after a goes where pblk a+1 sorts; a changed leaf of
+ *       1..leaf_max runs replaces its list items (and its first). Returns [(leaf, arrays)]
+ *       of changed leaves that became empty or over-full, highest leaf first, for Python.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -190,18 +193,16 @@ static Py_ssize_t bound(const int64_t *v, Py_ssize_t m, int64_t x, int upper)
     return lo;
 }
 
-static PyObject *frame_cut(PyObject *self, PyObject *args)
+/* Cut block a out of one leaf (objs: pblk, n, ino, lblk). Returns -1 on error, 0 when no
+   run held a, 1 when runs only shrank in place, 2 with the leaf's new arrays in *res. */
+static int cut_leaf(PyObject **objs, long long a, long long want, long long diag,
+                    PyObject **res)
 {
-    PyObject *objs[4];
-    long long a, want, diag;
-    if (!PyArg_ParseTuple(args, "OOOOLLL", &objs[0], &objs[1], &objs[2], &objs[3], &a, &want,
-                          &diag))
-        return NULL;
     static const int sizes[4] = {8, 4, 4, 8}, rw[4] = {0, 1, 0, 0};
     Bufs in, out;
     Py_ssize_t m;
     if (acquire(&in, objs, sizes, rw, &m) < 0)
-        return NULL;
+        return -1;
     const int64_t *p = in.b[0].buf, *lb = in.b[3].buf;
     uint32_t *n = in.b[1].buf;
     const uint32_t *ino = in.b[2].buf;
@@ -218,20 +219,20 @@ static PyObject *frame_cut(PyObject *self, PyObject *args)
     }
     if (!hits) {
         release(&in);
-        Py_RETURN_NONE;
+        return 0;
     }
     if (!drops && !tails) {                          /* runs ending at a+1: shrink them */
         for (Py_ssize_t k = 0; k < j; k++)
             if (HIT(k))
                 n[k] = (uint32_t)(a - p[k]);
         release(&in);
-        Py_RETURN_TRUE;
+        return 1;
     }
     Py_ssize_t jt = bound(p, m, a + 1, 0);           /* where pblk a+1 sorts; >= j */
     PyObject *t = new_leaf(m - drops + tails, sizes, &out);
     if (!t) {
         release(&in);
-        return NULL;
+        return -1;
     }
     int64_t *op = out.b[0].buf, *olb = out.b[3].buf;
     uint32_t *on = out.b[1].buf, *oino = out.b[2].buf;
@@ -257,7 +258,82 @@ static PyObject *frame_cut(PyObject *self, PyObject *args)
     memcpy(olb + w, lb + jt, rest * 8);
     release(&out);
     release(&in);
-    return t;
+    *res = t;
+    return 2;
+}
+
+static PyObject *frame_cut(PyObject *self, PyObject *args)
+{
+    PyObject *lists[4], *first, *maxend;
+    long long a, want, diag;
+    Py_ssize_t leaf_max;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!OOLLLn", &PyList_Type, &lists[0], &PyList_Type,
+                          &lists[1], &PyList_Type, &lists[2], &PyList_Type, &lists[3], &first,
+                          &maxend, &a, &want, &diag, &leaf_max))
+        return NULL;
+    Py_buffer fb, mb;
+    if (PyObject_GetBuffer(first, &fb, PyBUF_CONTIG | PyBUF_FORMAT) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(maxend, &mb, PyBUF_CONTIG_RO | PyBUF_FORMAT) < 0) {
+        PyBuffer_Release(&fb);
+        return NULL;
+    }
+    PyObject *pending = PyList_New(0);
+    Py_ssize_t nl = PyList_GET_SIZE(lists[0]);
+    if (!pending)
+        goto done;
+    if (fb.itemsize != 8 || mb.itemsize != 8 || fb.len / 8 != nl || mb.len / 8 != nl ||
+        PyList_GET_SIZE(lists[1]) != nl || PyList_GET_SIZE(lists[2]) != nl ||
+        PyList_GET_SIZE(lists[3]) != nl) {
+        PyErr_SetString(PyExc_ValueError, "frame_cut: leaf lists and bounds disagree");
+        Py_CLEAR(pending);
+        goto done;
+    }
+    int64_t *fst = fb.buf;
+    const int64_t *mx = mb.buf;
+    Py_ssize_t li0 = bound(fst, nl, a, 1) - 1;
+    /* leaves up to li0 whose runs may reach a: a long run can start leaves before it */
+    int scan = li0 > 0 && mx[li0 - 1] > a;
+    for (Py_ssize_t li = li0; li >= 0; li--) {
+        if (li != li0 && (!scan || mx[li] <= a))
+            continue;
+        PyObject *objs[4], *t = NULL;
+        for (int k = 0; k < 4; k++)
+            objs[k] = PyList_GET_ITEM(lists[k], li);
+        int r = cut_leaf(objs, a, want, diag, &t);
+        if (r < 0) {
+            Py_CLEAR(pending);
+            goto done;
+        }
+        if (r < 2)
+            continue;
+        Py_ssize_t size = PyTuple_GET_SIZE(t) ? PyObject_Length(PyTuple_GET_ITEM(t, 0)) : 0;
+        if (size > 0 && size <= leaf_max) {          /* the leaf stays one leaf: swap it in */
+            Py_buffer nb;
+            if (PyObject_GetBuffer(PyTuple_GET_ITEM(t, 0), &nb, PyBUF_CONTIG_RO) < 0) {
+                Py_DECREF(t);
+                Py_CLEAR(pending);
+                goto done;
+            }
+            fst[li] = ((const int64_t *)nb.buf)[0];
+            PyBuffer_Release(&nb);
+            for (int k = 0; k < 4; k++)
+                PyList_SetItem(lists[k], li, Py_NewRef(PyTuple_GET_ITEM(t, k)));
+            Py_DECREF(t);
+            continue;
+        }
+        PyObject *item = Py_BuildValue("(nN)", li, t);   /* empty or over-full: Python's */
+        if (!item || PyList_Append(pending, item) < 0) {
+            Py_XDECREF(item);
+            Py_CLEAR(pending);
+            goto done;
+        }
+        Py_DECREF(item);
+    }
+done:
+    PyBuffer_Release(&mb);
+    PyBuffer_Release(&fb);
+    return pending;
 }
 
 static void put_le(unsigned char *d, uint64_t v, int n)

@@ -25,7 +25,7 @@ import numpy as np
 _I64, _U32 = np.int64, np.uint32
 LEAF = 512
 
-try:                  # the one-block cut in C (one call per leaf); cut_block's numpy loop otherwise
+try:                  # the one-block cut in C (one call); cut_block's numpy loop otherwise
     from . import _fastmaps
     _fastmaps.setup(np.empty, np.dtype(_I64), np.dtype(_U32))
 except ImportError:   # not built: the numpy path gives the same leaves
@@ -209,10 +209,18 @@ class FrameIndex:
     def cut_block(self, a: int, ino: int | None = None, diag: int = 0) -> None:
         """remove_all(a, 1) (ino None), or remove(ino, a, 1, a + diag): the COW break's
         case, every break cuts one block out of one run, or out of all its runs when one
-        owner is left. One C call per leaf holding the block (else scalars and one splice per
-        array) instead of the general merge: heads ([s, a)) shrink in place, runs starting
+        owner is left. One C call for the whole cut (else scalars and one splice per array
+        in each leaf holding the block) instead of the general merge: heads ([s, a)) shrink in place, runs starting
         at `a` are dropped, and the tails ([a+1, e)) are inserted where pblk a+1 sorts, in
         the same leaf. Bounds stay valid: a head ends earlier, a tail ends where its run did."""
+        if _fastmaps is not None:
+            if self.first.size != len(self.pblk):
+                self._summaries()
+            for li, arrays in _fastmaps.frame_cut(self.pblk, self.n, self.ino, self.lblk,
+                                                  self.first, self.maxend, a,
+                                                  -1 if ino is None else ino, diag, LEAF):
+                self._replace(li, *arrays, cut=True)     # emptied or over-full (C: in place)
+            return
         first = self.first
         li0 = int(first.searchsorted(a, "right")) - 1 if first.size else -1
         if li0 < 0:
@@ -220,15 +228,8 @@ class FrameIndex:
         # leaves up to li0 whose runs may reach a (a long run can start leaves before it)
         lis = [li0] if li0 == 0 or self.maxend[li0 - 1] <= a else \
             np.flatnonzero(self.maxend[:li0 + 1] > a).tolist()
-        fast = _fastmaps
         for li in reversed(lis):
             p, n = self.pblk[li], self.n[li]
-            if fast is not None:
-                r = fast.frame_cut(p, n, self.ino[li], self.lblk[li], a,
-                                   -1 if ino is None else ino, diag)
-                if r is not None and r is not True:      # else: untouched, or heads shrunk
-                    self._put(li, *r)
-                continue
             j = int(p.searchsorted(a, "right"))          # runs starting at or before a
             if not j:
                 continue

@@ -159,3 +159,27 @@ def test_cow_break_on_a_full_image_is_enospc_and_changes_nothing(tmp_image_small
     assert fs.read(a, 0, 2 * BS) == b"a" * 2 * BS
     fs.close()
     fsck_clean(tmp_image_small)
+
+
+def test_many_breaks_split_and_empty_index_leaves(tmp_image, impl):
+    """Enough breaks that frame-index leaves overflow (LEAF runs) and split, then every
+    remaining shared block broken so that leaves empty out: the index equals a rebuild
+    throughout and ends empty."""
+    rng = random.Random(3)
+    fs = FileSystem.open(tmp_image)
+    a = fs.create(1, b"a", 0o644, 0, 0).ino
+    nblk = 3000
+    fs.write(a, 0, os.urandom(nblk * BS))
+    b = fs.create(1, b"b", 0o644, 0, 0).ino
+    fs.clone_range(a, 0, b, 0, nblk * BS)
+    order = rng.sample(range(nblk), nblk)
+    for i, blk in enumerate(order):
+        fs.write(rng.choice([a, b]), blk * BS, os.urandom(BS))
+        if i == 1200:
+            assert len(fs.frames.pblk) > 1, "no leaf split"
+        if i % 500 == 0:
+            assert fs.frames_match_tables(), i
+    assert len(fs.frames) == 0 and fs.stats()["shared_blocks"] == 0
+    assert fs.frames_match_tables() and _refcounts_match_maps(fs)
+    fs.close()
+    fsck_clean(tmp_image)

@@ -14,9 +14,9 @@
  * extents.py and frames.py (used when this module is missing; the tests run both).
  *
  *   setup(empty, int64, uint32)
- *   extent_replace(lblk, pblk, length, slot, a, b, entries) -> 4 new arrays
- *       the leaf with its entries [a, b) replaced by `entries`, a flat sequence of ints,
- *       4 per entry (lblk, pblk, length, slot); the caller keeps the order sorted.
+ *   extent_replace(lblk, pblk, length, slot, a, b, written) -> 4 new arrays
+ *       the leaf with its entries [a, b) replaced by `written`, a sequence of (slot, lblk,
+ *       pblk, length) tuples (RemapResult.written); the caller keeps the order sorted.
  *   journal_txn(records, magic, epoch, seq) -> bytes
  *       journal.py's transaction for [(offset, bytes)]: TXN_HEADER (magic, nrec, body
  *       length, crc32 as format.txn_crc, epoch, seq), then per record offset u64, length
@@ -122,24 +122,27 @@ fail:
 
 static PyObject *extent_replace(PyObject *self, PyObject *args)
 {
-    PyObject *objs[4], *flat;
+    PyObject *objs[4], *written;
     Py_ssize_t a, b;
     if (!PyArg_ParseTuple(args, "OOOOnnO", &objs[0], &objs[1], &objs[2], &objs[3], &a, &b,
-                          &flat))
+                          &written))
         return NULL;
     static const int sizes[4] = {8, 8, 4, 4}, ro[4] = {0, 0, 0, 0};
-    PyObject *seq = PySequence_Fast(flat, "extent_replace: entries must be a sequence");
+    PyObject *seq = PySequence_Fast(written, "extent_replace: entries must be a sequence");
     if (!seq)
         return NULL;
-    Py_ssize_t nv = PySequence_Fast_GET_SIZE(seq), k = nv / 4;
+    Py_ssize_t k = PySequence_Fast_GET_SIZE(seq);
     PyObject **v = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < k; i++) {
+        if (!PyTuple_Check(v[i]) || PyTuple_GET_SIZE(v[i]) != 4) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_TypeError,
+                            "extent_replace: entries are (slot, lblk, pblk, length)");
+            return NULL;
+        }
+    }
     Bufs in, out;
     Py_ssize_t m;
-    if (nv % 4) {
-        Py_DECREF(seq);
-        PyErr_SetString(PyExc_ValueError, "extent_replace: 4 values per entry");
-        return NULL;
-    }
     if (acquire(&in, objs, sizes, ro, &m) < 0) {
         Py_DECREF(seq);
         return NULL;
@@ -160,10 +163,11 @@ static PyObject *extent_replace(PyObject *self, PyObject *args)
     memcpy(oln, ln, a * 4);
     memcpy(osl, sl, a * 4);
     for (Py_ssize_t i = 0; i < k; i++) {
-        olb[a + i] = PyLong_AsLongLong(v[4 * i]);
-        opb[a + i] = PyLong_AsLongLong(v[4 * i + 1]);
-        oln[a + i] = (uint32_t)PyLong_AsUnsignedLongMask(v[4 * i + 2]);
-        osl[a + i] = (uint32_t)PyLong_AsUnsignedLongMask(v[4 * i + 3]);
+        PyObject *e = v[i];
+        osl[a + i] = (uint32_t)PyLong_AsUnsignedLongMask(PyTuple_GET_ITEM(e, 0));
+        olb[a + i] = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 1));
+        opb[a + i] = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 2));
+        oln[a + i] = (uint32_t)PyLong_AsUnsignedLongMask(PyTuple_GET_ITEM(e, 3));
     }
     Py_ssize_t rest = m - b;
     memcpy(olb + a + k, lb + b, rest * 8);

@@ -229,7 +229,8 @@ class BlockAllocator:
         return self.free - self._quarantined()
 
     def _quarantined(self) -> int:
-        return sum(q1 - q0 for q0, q1 in self.quarantine)
+        q = self.quarantine
+        return sum(q1 - q0 for q0, q1 in q) if q else 0     # empty between transactions
 
     def _in_quarantine(self, s: int, n: int) -> bool:
         return any(q0 < s + n and s < q1 for q0, q1 in self.quarantine)

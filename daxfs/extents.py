@@ -297,8 +297,7 @@ def _remap_entries(ents: list[tuple[int, int, int, int]], l0: int, n: int, p0: i
 def _splice(lb, pb, ln, sl, a: int, b: int, written):
     """The four arrays with entries [a, b) replaced by `written` (slot, lblk, pblk, length)."""
     if _fastmaps is not None:
-        return _fastmaps.extent_replace(lb, pb, ln, sl, a, b,
-                                        [x for w in written for x in (w[1], w[2], w[3], w[0])])
+        return _fastmaps.extent_replace(lb, pb, ln, sl, a, b, written)
     m = np.array([w[1:] for w in written], _I64).reshape(-1, 3)
     return (np.concatenate((lb[:a], m[:, 0], lb[b:])), np.concatenate((pb[:a], m[:, 1], pb[b:])),
             np.concatenate((ln[:a], m[:, 2].astype(_U32), ln[b:])),

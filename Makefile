@@ -20,7 +20,7 @@ system-packages:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS); \
 	fi
 
-$(STAMP): pyproject.toml setup.py daxfs/_fusehook.c daxfs/_fusehook.map daxfs/_pmemflush.c
+$(STAMP): pyproject.toml setup.py daxfs/_fusehook.c daxfs/_dataplane.c daxfs/_dataplane.h daxfs/_fusehook.map daxfs/_pmemflush.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -26,11 +26,11 @@ def pkg_config(*args):
 
 fusehook = Extension(
     "daxfs._fusehook",
-    sources=["daxfs/_fusehook.c"],
-    depends=["daxfs/_fusehook.map"],
+    sources=["daxfs/_fusehook.c", "daxfs/_dataplane.c"],
+    depends=["daxfs/_fusehook.map", "daxfs/_dataplane.h"],
     extra_compile_args=pkg_config("--cflags") + ["-std=gnu11", "-Wall", "-Wextra",
                                                  "-Wno-unused-parameter"],
-    extra_link_args=pkg_config("--libs") + ["-ldl", f"-Wl,--version-script={MAP}"],
+    extra_link_args=pkg_config("--libs") + ["-ldl", "-lpthread", f"-Wl,--version-script={MAP}"],
 )
 
 # cache-line flushes for DAX mappings (pmem.py), where libpmem is not installed

@@ -34,11 +34,15 @@ import functools
 import logging
 import os
 import reprlib
+from typing import TYPE_CHECKING
 
 import pyfuse3
 
 from .errors import FsError
 from .fs import Attr, FileSystem
+
+if TYPE_CHECKING:
+    from .dataplane import DataPlane
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,7 @@ class Operations(pyfuse3.Operations):
         self.fs = fs
         self.timeout = timeout
         self.dax = dax          # -o dax: every open direct I/O, no page-cache copy per inode
+        self.plane: DataPlane | None = None     # the C data plane, when the daemon runs one
 
     # -- helpers --------------------------------------------------------------------------------
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
@@ -109,6 +114,8 @@ class Operations(pyfuse3.Operations):
         for ino, n in inode_list:
             try:
                 self.fs.forget(ino, n)
+                if self.plane is not None:
+                    self.plane.forgotten(ino)
             except Exception:
                 log.exception("forget(%d, %d)", ino, n)
 
@@ -272,16 +279,25 @@ class Operations(pyfuse3.Operations):
         _sync(self.fs.fallocate, ino, mode, off, length)
 
     # the fast path (fusehook.set_fast_path): read/write called from C, replied at once
+    # (reads and in-place writes of files handed to the data plane never get here)
     def read_sync(self, fh, off, size):
-        return _sync(self.fs.read, fh & FH_INO, off, size, True)
+        data = _sync(self.fs.read, fh & FH_INO, off, size, True)
+        if self.plane is not None:
+            _sync(self.plane.offer, fh & FH_INO)
+        return data
 
     def write_sync(self, fh, off, data, write_flags=0):
         ino = fh & FH_INO
+        changes = self.plane.changes if self.plane is not None else 0
         if not write_flags & FUSE_WRITE_CACHE:      # write(2), not page-cache writeback
             _sync(self.fs.kill_privileges, ino, bool(write_flags & FUSE_WRITE_KILL_SUIDGID))
-            return _sync(self.fs.write, ino, off, data)
-        # writeback: the kernel ignores a short count, so all of it is stored or ENOSPC
-        return _sync(self.fs.write, ino, off, data, True)
+            n = _sync(self.fs.write, ino, off, data)
+        else:
+            # writeback: the kernel ignores a short count, so all of it is stored or ENOSPC
+            n = _sync(self.fs.write, ino, off, data, True)
+        if self.plane is not None and self.plane.changes == changes:
+            _sync(self.plane.offer, ino)        # bytes and timestamps only: hand it over
+        return n
 
     def hook_handlers(self) -> dict:
         return {"copy_file_range": self.copy_file_range, "lseek": self.lseek,

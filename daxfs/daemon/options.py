@@ -15,6 +15,9 @@ DEFAULT_MAX_TASKS = 32
 # place, skipping a trio round trip per request (2-3x the 4 KiB IOPS). Costs at most this much
 # CPU per request, nothing while idle. `-o spin_us=0` turns it off.
 DEFAULT_SPIN_US = 50
+# C threads that read /dev/fuse and answer reads and in-place overwrites without Python (the
+# data plane, daxfs/_dataplane.c): one per core. `-o threads=0` serves everything in Python.
+DEFAULT_THREADS = min(8, os.cpu_count() or 1)
 
 # Options mount(8)/mount.fuse3 may hand us that are accepted and ignored (a FUSE mount is always
 # nosuid,nodev; `noexec` / `exec` are honoured, see MountOptions.noexec).
@@ -35,6 +38,7 @@ class MountOptions:
     min_tasks: int = DEFAULT_MIN_TASKS
     max_tasks: int = DEFAULT_MAX_TASKS
     spin_us: int = DEFAULT_SPIN_US
+    threads: int = DEFAULT_THREADS
     dax: bool = False               # every open direct I/O: clones read through one frame
 
     def fuse_options(self, image: str) -> set[str]:
@@ -77,12 +81,12 @@ def parse_mount_options(groups: list[str] | None, *, debug: bool = False) -> Mou
                 if not value:
                     raise UsageError("mount option log= needs a file name")
                 mo.log = os.path.abspath(value)
-            elif key in ("min_tasks", "max_tasks", "spin_us") and eq:
+            elif key in ("min_tasks", "max_tasks", "spin_us", "threads") and eq:
                 try:
                     n = int(value)
                 except ValueError:
                     raise UsageError(f"mount option {key} needs a number, not {value!r}") from None
-                lo, hi = (0, 1_000_000) if key == "spin_us" else (1, 1 << 20)
+                lo, hi = {"spin_us": (0, 1_000_000), "threads": (0, 64)}.get(key, (1, 1 << 20))
                 if not lo <= n <= hi:
                     raise UsageError(f"mount option {key} must be between {lo} and {hi}")
                 setattr(mo, key, n)
@@ -91,7 +95,7 @@ def parse_mount_options(groups: list[str] | None, *, debug: bool = False) -> Mou
             else:
                 raise UsageError(f"unknown mount option {opt!r} (known: allow_other, ro, debug, "
                                  f"dax, noexec, default_permissions, log=FILE, min_tasks=N, "
-                                 f"max_tasks=N, spin_us=N)")
+                                 f"max_tasks=N, spin_us=N, threads=N)")
     if mo.min_tasks > mo.max_tasks:
         raise UsageError(f"mount option min_tasks={mo.min_tasks} exceeds max_tasks={mo.max_tasks}")
     return mo

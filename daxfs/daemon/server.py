@@ -119,7 +119,10 @@ class Server:
             fusehook.set_handlers(**ops.hook_handlers())
             fusehook.set_fast_path(read=ops.read_sync, write=ops.write_sync,
                                    spin_us=self.opts.spin_us)
-            self.fs.extra_stats = fusehook.fast_stats
+            self.fs.extra_stats = lambda: {**fusehook.fast_stats(),
+                                           **{f"dp_{k}": v for k, v in
+                                              fusehook.data_plane_stats().items()}}
+            self._start_data_plane(fusehook, ops)
             # the kernel, not us, judges setuid/setgid/capability clearing and O_TRUNC: it
             # alone knows whether the caller has CAP_FSETID (see fuse_ops)
             fusehook.set_conn_options(want_flags_off=fusehook.FUSE_CAP_HANDLE_KILLPRIV
@@ -127,6 +130,21 @@ class Server:
             fusehook.set_capability_xattrs(bool(self.fs.xattrs.capability_inodes))
             self.fs.xattrs.capability_listener = fusehook.set_capability_xattrs
         return ops
+
+    def _start_data_plane(self, fusehook, ops) -> None:
+        """C threads serve reads and in-place overwrites (daxfs/_dataplane.c, dataplane.py)."""
+        if self.opts.threads <= 0:
+            return
+        from ..dataplane import DataPlane
+        pm = self.fs.pm
+        persist = {"nothing": fusehook.PERSIST_NONE, "msync": fusehook.PERSIST_MSYNC}.get(
+            pm.store_needs, fusehook.PERSIST_READS_ONLY)
+        fusehook.set_data_plane(threads=self.opts.threads, base=pm.address, size=pm.size,
+                                persist=persist, writes=not self.fs.readonly)
+        ops.plane = DataPlane(self.fs, fusehook)
+        log.info("data plane: %d threads, %s", self.opts.threads,
+                 "reads only" if persist == fusehook.PERSIST_READS_ONLY or self.fs.readonly
+                 else "reads and in-place writes")
 
     def _mount(self, ops) -> None:
         pyfuse3 = self.pyfuse3
@@ -197,6 +215,8 @@ class Server:
                 log.exception("pyfuse3.close failed")
                 code = code or EXIT_ERROR
             self.mounted = False
+        if self.fusehook is not None:
+            self.fusehook.stop_data_plane()     # no thread may touch the mapping past here
         if self.fs is not None:
             try:
                 self.fs.close()

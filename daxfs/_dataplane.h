@@ -48,6 +48,7 @@ _Static_assert(sizeof(struct wire_read_in) == 40, "fuse_read_in is 40 bytes");
 _Static_assert(sizeof(struct wire_write_in) == 40, "fuse_write_in is 40 bytes");
 _Static_assert(sizeof(struct wire_out) == 16, "fuse_out_header is 16 bytes");
 
+#define WIRE_GETXATTR 22    /* followed by struct fuse_getxattr_in {size, padding}, name */
 #define WIRE_READ 15
 #define WIRE_WRITE 16
 #define WIRE_WRITE_CACHE (1u << 0)

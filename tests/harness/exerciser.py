@@ -78,7 +78,7 @@ def execute(ops, args, record=None, final_checks=True, progress=None) -> tuple[i
             if bad:
                 failures.append(Failure(None, Mismatch("fsck", bad), None))
         if record is not None:
-            args.stats = r.stats
+            args.stats = {**r.stats, **mount.served}
     finally:
         mount.destroy()
     return done, failures

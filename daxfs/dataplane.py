@@ -32,6 +32,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_RUNS = 1 << 16          # a file mapped in more runs is served by Python (publishing costs)
+# Publishing costs O(extents), or O(mapped blocks) once the image holds shared blocks (each
+# block's owner count is looked at). A file that keeps changing (a clone under COW writes read
+# in between) would pay that after every change; so a file is handed over again only after
+# Python served it 1 + cost / PUBLISH_AMORTIZE times since it was taken back.
+PUBLISH_AMORTIZE = 4096
 
 
 class DataPlane:
@@ -42,6 +47,7 @@ class DataPlane:
         self.hook = hook                   # daxfs.fusehook
         self.published: set[int] = set()
         self.too_big: set[int] = set()     # not offered again until they change
+        self.misses: dict[int, int] = {}   # served in Python since taken back (see offer)
         self.changes = 0                   # inodes reported changed, ever: a write that
                                            # changed none only overwrote (fuse_ops)
         fs.tx.watcher = self
@@ -78,6 +84,15 @@ class DataPlane:
         the next ones."""
         if ino in self.published or ino in self.too_big:
             return
+        node = self.fs.inodes.cached(ino)
+        if node is None:
+            return
+        cost = node.extents.mapped if self.fs.alloc.shared else len(node.extents)
+        misses = self.misses.get(ino, 0) + 1
+        if misses <= cost // PUBLISH_AMORTIZE:
+            self.misses[ino] = misses
+            return
+        self.misses.pop(ino, None)
         view = self.fs.plane_map(ino)
         if view is None:
             return
@@ -91,6 +106,7 @@ class DataPlane:
     def forgotten(self, ino: int) -> None:
         """A FORGET of `ino`: once the kernel holds no reference, no request can come for it
         until a lookup (which is served in Python) brings it back."""
+        self.misses.pop(ino, None)
         if ino in self.published:
             node = self.fs.inodes.cached(ino)
             if node is None or node.lookups == 0:

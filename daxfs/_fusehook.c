@@ -277,8 +277,11 @@ static long long now_ns(void)
  * (see the comment at the top).  Called with the GIL held, after a reply. */
 static void drain(void)
 {
-    if (draining || spin_ns <= 0 || !session || dp_active())
-        return;         /* with the data plane, its workers read the fd, not us */
+    if (draining || spin_ns <= 0 || !session)
+        return;
+    /* With the data plane running, fuse_session_fd() and fuse_session_receive_buf() are
+     * its queue of the requests its threads leave to Python (_dataplane.c): the same loop
+     * then drains that queue. */
     draining = 1;
     struct pollfd pfd = {.fd = fuse_session_fd(session), .events = POLLIN};
     long long deadline = now_ns() + spin_ns;

@@ -49,6 +49,16 @@ def pwrite_direct(path, off: int, data: bytes) -> None:
 
 
 @pytest.fixture
+def hold():
+    """hold(path): an open descriptor until the test ends, so the kernel keeps the inode (no
+    FORGET, which takes a file back from the data plane, even if someone drops the caches)."""
+    fds = []
+    yield lambda path: fds.append(os.open(path, os.O_RDONLY))
+    for fd in fds:
+        os.close(fd)
+
+
+@pytest.fixture
 def dp(image, mnt):
     mount(image, mnt)
     try:
@@ -61,10 +71,11 @@ def dp(image, mnt):
         force_cleanup(image, mnt)
 
 
-def test_reads_and_overwrites_are_served_in_c_and_match(dp):
+def test_reads_and_overwrites_are_served_in_c_and_match(dp, hold):
     f = dp / "f"
     data = bytearray(os.urandom(64 * BS + 100))
     f.write_bytes(data)
+    hold(f)
     with open(f, "rb") as h:                      # one read through Python hands it over
         h.read(BS)
     s0 = stats(dp)
@@ -83,6 +94,7 @@ def test_reads_and_overwrites_are_served_in_c_and_match(dp):
 def test_write_served_in_c_moves_mtime_and_survives_remount(dp, image):
     f = dp / "f"
     f.write_bytes(os.urandom(16 * BS))
+    held = os.open(f, os.O_RDONLY)                # keeps the inode (see `hold`)
     pread_direct(f, 0, BS)
     os.utime(f, ns=(10**18, 10**18))              # far in the past of any clock here
     pread_direct(f, 0, BS)                        # the setattr took it back: hand over again
@@ -92,17 +104,19 @@ def test_write_served_in_c_moves_mtime_and_survives_remount(dp, image):
     time.sleep(1.2)                                # attribute timeout of the kernel's cache
     m = os.stat(f).st_mtime_ns
     assert m > 10**18 and abs(m - time.time_ns()) < 60 * 10**9
+    os.close(held)
     remount(image, dp)
     assert (dp / "f").read_bytes()[BS:2 * BS] == b"x" * BS
     assert os.stat(dp / "f").st_mtime_ns == m
 
 
-def test_clone_source_is_not_written_in_place_after_reflink(dp):
+def test_clone_source_is_not_written_in_place_after_reflink(dp, hold):
     """The source's map said its blocks were owned; after copy_file_range shares them a
     write to the source must COW-break, never reach the clone."""
     src, dst = dp / "src", dp / "dst"
     orig = os.urandom(32 * BS)
     src.write_bytes(orig)
+    hold(src)
     pread_direct(src, 0, BS)
     pwrite_direct(src, 0, orig[:BS])              # served in C: src is published, writable
     s0 = stats(dp)

@@ -325,7 +325,11 @@ def machine_info() -> dict:
             "host": platform.node(), "nproc": os.cpu_count(), "cpu": cpu,
             "memtotal_GiB": round(int(mem.split()[1]) / 2**20, 1),
             "kernel": platform.release(), "fio": run(["fio", "--version"]).stdout.strip(),
-            "libfuse": libfuse, "python": platform.python_version()}
+            "libfuse": libfuse, "python": platform.python_version(), "loadavg_start": loadavg()}
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def parse_args(argv):
@@ -429,6 +433,7 @@ def main(argv=None) -> int:
                 log.error("target %s skipped: %s", name, e)
                 results[name] = {"path": "?", "fstype": "?", "desc": "", "jobs": {},
                                  "errors": {"setup": str(e)}}
+        info["loadavg_end"] = loadavg()
         (outdir / "results.json").write_text(json.dumps(
             {"machine": info, "config": cfg, "results": results}, indent=2))
         md = markdown(info, cfg, results, jobs)

@@ -11,6 +11,10 @@ SHORT = {"daxfs-dax": "dax", "passthrough_ll": "ll", "passthrough_ll-writeback":
          "pyfuse3-passthroughfs": "py"}
 
 
+COLORS = {"daxfs": "C0", "daxfs-dax": "C1", "passthrough_ll": "C2",     # the same in every
+          "passthrough_ll-writeback": "C3", "pyfuse3-passthroughfs": "C4"}  # run's chart
+
+
 def short(name: str) -> str:
     return SHORT.get(name, name)
 
@@ -44,7 +48,9 @@ def markdown(info: dict, cfg: dict, results: dict, jobs) -> str:
     lines = [f"# daxfs benchmark {info['date']}", "",
              f"- machine: {info['host']}, {info['nproc']} CPUs ({info['cpu']}), "
              f"{info['memtotal_GiB']} GiB RAM, kernel {info['kernel']}, {info['fio']}, "
-             f"libfuse {info.get('libfuse', '?')}, Python {info['python']}",
+             f"libfuse {info.get('libfuse', '?')}, Python {info['python']}; load average "
+             f"{info.get('loadavg_start', '?')} at the start, {info.get('loadavg_end', '?')} at "
+             "the end (the machine may be shared: compare ratios within this run)",
              f"- mode: {cfg['mode']}, {cfg['runtime']} s per job, median of {cfg['runs']} "
              f"run(s); fio psync on one {size_s} file; jobs run in this order on each target "
              "with nothing warming or dropping the page cache between them (seqW deletes the "
@@ -127,6 +133,7 @@ def chart(results: dict, jobs, path: Path) -> str:
         ys = [(value(results, n, j.name) or 0) / (value(results, "tmpfs", j.name) or np.inf)
               for j in jobs]
         ax.bar(x + (i - (len(others) - 1) / 2) * width, ys, width, label=n,
+               color=COLORS.get(n, f"C{5 + i}"),
                hatch="//" if n in DAXFS_MODES else None, edgecolor="white", linewidth=0.3)
     ax.axhline(1, color="k", lw=0.8)
     ax.set_yscale("log")
@@ -134,7 +141,8 @@ def chart(results: dict, jobs, path: Path) -> str:
     ax.set_ylabel("throughput / tmpfs (log; missing bar = error)")
     ax.set_title("each target relative to tmpfs, same run (higher is better)")
     ax.grid(axis="y", which="both", lw=0.3, alpha=0.5)
-    ax.legend(fontsize="small", ncols=2)
+    ax.legend(fontsize="small", ncols=min(len(others), 6), loc="upper center",
+              bbox_to_anchor=(0.5, -0.22), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

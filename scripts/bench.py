@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIO_DIR = ROOT / "scripts" / "fio"
 CHUNK = 1 << 20
 CP_DST, CAT_DST = "cp.dat", "cat.dat"
-TMPFS_DIR = Path("/dev/shm/daxfs-bench")
+TMPFS_DIR = Path(f"/dev/shm/daxfs-bench-tmpfs-{os.getpid()}")  # ours alone: a test may bench too
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -350,7 +350,7 @@ def parse_args(argv):
                    help="benchmark this one peer (repeatable): " + ", ".join(PEER_NAMES))
     p.add_argument("--peer-cache", type=Path, default=PEER_CACHE, metavar="DIR",
                    help="where the peers are built and downloaded to (default: %(default)s)")
-    p.add_argument("--no-tmpfs", action="store_true", help=f"skip the tmpfs baseline ({TMPFS_DIR})")
+    p.add_argument("--no-tmpfs", action="store_true", help="skip the tmpfs baseline (a fresh directory in /dev/shm)")
     p.add_argument("--runtime", type=int, help="seconds per fio job (overrides mode)")
     p.add_argument("--runs", type=int, help="repetitions per job, median reported (overrides mode)")
     p.add_argument("--jobs", help="comma-separated subset of: " + ",".join(j.name for j in JOBS))

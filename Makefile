@@ -43,14 +43,17 @@ umount:
 test: setup
 	$(PY) -m pytest -q
 
-# fio suite against tmpfs (/dev/shm) and a fresh daxfs image, in one run; results/<time>/
+# fio suite in one run against tmpfs (/dev/shm), fresh daxfs images (both modes) and the peers
+# (libfuse's C passthrough_ll with and without writeback cache, pyfuse3's passthroughfs.py; built
+# and fetched into build/bench-peers/); results/<time>/
+BENCH_TARGETS := --daxfs --dax --peers
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) scripts/bench.py --full --daxfs --dax
+	$(PY) scripts/bench.py --full $(BENCH_TARGETS)
 
 bench-short: setup
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) scripts/bench.py --short --daxfs --dax
+	$(PY) scripts/bench.py --short $(BENCH_TARGETS)
 
 clean:
 	rm -rf build *.egg-info daxfs/*.so .pytest_cache

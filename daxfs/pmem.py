@@ -222,6 +222,12 @@ class PMem:
         self.persist(0, self.size)
         self.fence()
 
+    @property
+    def prefaulting(self) -> bool:
+        """The prefault thread is still mapping pages (it competes for CPU and memory)."""
+        thread = getattr(self, "_prefault_thread", None)
+        return thread is not None and thread.is_alive()
+
     def prefault(self, offset: int, length: int) -> bool:
         """Map the pages of [offset, offset+length) writable ahead of use, from a thread.
 

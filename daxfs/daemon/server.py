@@ -121,7 +121,8 @@ class Server:
                                    spin_us=self.opts.spin_us)
             self.fs.extra_stats = lambda: {**fusehook.fast_stats(),
                                            **{f"dp_{k}": v for k, v in
-                                              fusehook.data_plane_stats().items()}}
+                                              fusehook.data_plane_stats().items()},
+                                           "prefaulting": int(self.fs.pm.prefaulting)}
             self._start_data_plane(fusehook, ops)
             # the kernel, not us, judges setuid/setgid/capability clearing and O_TRUNC: it
             # alone knows whether the caller has CAP_FSETID (see fuse_ops)

@@ -21,6 +21,11 @@ so, and drops security.capability on every write that is not page-cache writebac
 does for root's writes too). If O_TRUNC does reach OPEN (a session without the hook), OPEN
 truncates.
 
+The page cache is kept (keep_cache on every open, attribute and entry timeouts of an hour,
+FUSE_CAP_AUTO_INVAL_DATA off: daemon/kcache.py says why that is coherent); the one attribute
+change the kernel does not learn of, setuid/setgid cleared by `write_sync`, is followed by an
+attribute invalidation.
+
 File handles: `fh` is the inode number, with CACHED_WRITER set for an O_RDWR open that goes
 through the page cache (not O_DIRECT), the kind that can be mapped MAP_SHARED for writing:
 while such an open exists the kernel may hold dirty pages of the file (a MAP_SHARED mapping keeps its open until munmap, and the kernel writes the
@@ -74,11 +79,13 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: FileSystem, *, timeout: float = 1.0, dax: bool = False):
+    def __init__(self, fs: FileSystem, *, timeout: float = 1.0, dax: bool = False,
+                 invalidator=None):
         super().__init__()
         self.fs = fs
         self.timeout = timeout
         self.dax = dax          # -o dax: every open direct I/O, no page-cache copy per inode
+        self.invalidator = invalidator      # daemon.kcache.Invalidator, once mounted
 
     # -- helpers --------------------------------------------------------------------------------
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
@@ -278,7 +285,9 @@ class Operations(pyfuse3.Operations):
     def write_sync(self, fh, off, data, write_flags=0):
         ino = fh & FH_INO
         if not write_flags & FUSE_WRITE_CACHE:      # write(2), not page-cache writeback
-            _sync(self.fs.kill_privileges, ino, bool(write_flags & FUSE_WRITE_KILL_SUIDGID))
+            if (_sync(self.fs.kill_privileges, ino, bool(write_flags & FUSE_WRITE_KILL_SUIDGID))
+                    and self.invalidator is not None):
+                self.invalidator.attrs(ino)         # the kernel's cached mode is stale now
             return _sync(self.fs.write, ino, off, data)
         # writeback: the kernel ignores a short count, so all of it is stored or ENOSPC
         return _sync(self.fs.write, ino, off, data, True)

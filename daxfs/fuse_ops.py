@@ -26,6 +26,12 @@ FUSE_CAP_AUTO_INVAL_DATA off: daemon/kcache.py says why that is coherent); the o
 change the kernel does not learn of, setuid/setgid cleared by `write_sync`, is followed by an
 attribute invalidation.
 
+`-o writeback` (FUSE_CAP_WRITEBACK_CACHE): buffered writes stay in the kernel's page cache and
+come here as page-cache writeback (FUSE_WRITE_CACHE) in merged runs, at fsync, close, msync or
+the kernel's own writeback. The kernel then trusts its own size and times, so: O_DIRECT opens
+do not get FOPEN_DIRECT_IO (the kernel's generic direct I/O writes dirty pages back first),
+every writable open counts as a cached writer, and SEEK_DATA/SEEK_HOLE is left to the kernel.
+
 File handles: `fh` is the inode number, with CACHED_WRITER set for an O_RDWR open that goes
 through the page cache (not O_DIRECT), the kind that can be mapped MAP_SHARED for writing:
 while such an open exists the kernel may hold dirty pages of the file (a MAP_SHARED mapping keeps its open until munmap, and the kernel writes the
@@ -80,11 +86,13 @@ class Operations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, fs: FileSystem, *, timeout: float = 1.0, dax: bool = False,
-                 invalidator=None):
+                 writeback: bool = False, invalidator=None):
         super().__init__()
         self.fs = fs
         self.timeout = timeout
         self.dax = dax          # -o dax: every open direct I/O, no page-cache copy per inode
+        # -o writeback: pyfuse3 asks for FUSE_CAP_WRITEBACK_CACHE at INIT when this is set
+        self.enable_writeback_cache = self.writeback = writeback
         self.invalidator = invalidator      # daemon.kcache.Invalidator, once mounted
 
     # -- helpers --------------------------------------------------------------------------------
@@ -170,11 +178,17 @@ class Operations(pyfuse3.Operations):
 
     # -- files ----------------------------------------------------------------------------------
     def _open(self, ino: int, flags: int, ctx, truncate: bool = False) -> pyfuse3.FileInfo:
-        direct = self.dax or bool(flags & os.O_DIRECT)
-        # Only a shared writable mapping leaves dirty pages in the kernel (the writeback cache
-        # is off: write(2) is write-through), and mmap(MAP_SHARED, PROT_WRITE) needs O_RDWR;
+        # With the writeback cache, O_DIRECT opens go through the kernel's generic direct I/O
+        # (no FOPEN_DIRECT_IO), which writes dirty cached pages back before a direct read or
+        # write of their range; FOPEN_DIRECT_IO reads would miss them.
+        direct = self.dax or (bool(flags & os.O_DIRECT) and not self.writeback)
+        # Without the writeback cache only a shared writable mapping leaves dirty pages in the
+        # kernel (write(2) is write-through), and mmap(MAP_SHARED, PROT_WRITE) needs O_RDWR;
         # direct-I/O opens cannot be mapped shared, but in dax mode (FUSE_DIRECT_IO_ALLOW_MMAP).
-        writer = (flags & os.O_ACCMODE) == os.O_RDWR and (self.dax or not direct)
+        # With it, every writable open may leave dirty pages until its close.
+        acc = flags & os.O_ACCMODE
+        writer = ((acc == os.O_RDWR or (self.writeback and acc == os.O_WRONLY))
+                  and (self.dax or not direct))
         # O_TRUNC only arrives when atomic O_TRUNC was negotiated (not by our daemon): then no
         # SETATTR follows, and who may keep setuid/setgid is judged by uid alone
         self.fs.open_file(ino, truncate=truncate, kill_suidgid=truncate and ctx.uid != 0,
@@ -293,8 +307,11 @@ class Operations(pyfuse3.Operations):
         return _sync(self.fs.write, ino, off, data, True)
 
     def hook_handlers(self) -> dict:
-        return {"copy_file_range": self.copy_file_range, "lseek": self.lseek,
-                "fallocate": self.fallocate}
+        # writeback cache: the kernel sends FUSE_LSEEK without writing dirty pages back, and its
+        # size may be ahead of ours; without a handler (ENOSYS) it answers SEEK_DATA/SEEK_HOLE
+        # itself, from its own size (all data, the hole at EOF)
+        return {"copy_file_range": self.copy_file_range,
+                "lseek": None if self.writeback else self.lseek, "fallocate": self.fallocate}
 
 
 def _sync(fn, *args):

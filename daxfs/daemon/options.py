@@ -37,6 +37,7 @@ class MountOptions:
     max_tasks: int = DEFAULT_MAX_TASKS
     spin_us: int = DEFAULT_SPIN_US
     dax: bool = False               # every open direct I/O: clones read through one frame
+    writeback: bool = False         # the kernel's writeback cache (see README, Two modes)
     bdi_max_ratio: int = DEFAULT_BDI_MAX_RATIO     # % of the dirty limit; 0: kernel's 1 %
     attr_timeout: float = DEFAULT_ATTR_TIMEOUT     # s, attributes and entries
 
@@ -72,6 +73,8 @@ def parse_mount_options(groups: list[str] | None, *, debug: bool = False) -> Mou
                 mo.debug = True
             elif key == "dax" and not eq:
                 mo.dax = True
+            elif key == "writeback" and not eq:
+                mo.writeback = True
             elif key in ("noexec", "exec") and not eq:
                 mo.noexec = key == "noexec"
             elif key == "nodefault_permissions" and not eq:
@@ -95,9 +98,12 @@ def parse_mount_options(groups: list[str] | None, *, debug: bool = False) -> Mou
                 continue
             else:
                 raise UsageError(f"unknown mount option {opt!r} (known: allow_other, ro, debug, "
-                                 f"dax, noexec, default_permissions, log=FILE, "
+                                 f"dax, writeback, noexec, default_permissions, log=FILE, "
                                  f"min_tasks=N, max_tasks=N, spin_us=N, bdi_max_ratio=N, "
                                  f"attr_timeout=S)")
+    if mo.dax and mo.writeback:
+        raise UsageError("mount options dax and writeback exclude each other (dax makes every "
+                         "open direct I/O: nothing would use the writeback cache)")
     if mo.min_tasks > mo.max_tasks:
         raise UsageError(f"mount option min_tasks={mo.min_tasks} exceeds max_tasks={mo.max_tasks}")
     return mo

@@ -57,6 +57,9 @@ class Server:
         ops.invalidator = kcache.Invalidator(self.pyfuse3)
         if not self.opts.ro:
             kcache.set_bdi_limits(self.mountpoint, self.opts.bdi_max_ratio)
+        if self.opts.writeback:
+            log.info("writeback mode: the kernel's writeback cache absorbs buffered writes; "
+                     "data is stored at fsync/msync/close or the kernel's writeback")
         if not self.opts.ro:
             data = self.fs.g.data_start * fmt.BLOCK_SIZE
             if self.fs.pm.prefault(data, self.fs.pm.size - data):
@@ -116,7 +119,8 @@ class Server:
         self.pyfuse3 = pyfuse3
         self.fusehook = fusehook
         from ..fuse_ops import Operations
-        ops = Operations(self.fs, dax=self.opts.dax, timeout=self.opts.attr_timeout)
+        ops = Operations(self.fs, dax=self.opts.dax, writeback=self.opts.writeback,
+                         timeout=self.opts.attr_timeout)
         if fusehook is not None:
             # dax: every open is direct I/O; mmap then needs FUSE_DIRECT_IO_ALLOW_MMAP
             fusehook.set_direct_io_mmap(self.opts.dax)

@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 
 CACHED_WRITER = 1 << 62            # in a file handle: writable open through the page cache
 FH_INO = CACHED_WRITER - 1
+# The root's attributes are cached briefly whatever the attribute timeout: stat(MOUNTPOINT) is
+# how programs (and the tests' helpers) notice a dead daemon (ENOTCONN), and a cached answer
+# would hide it for the whole timeout
+ROOT_ATTR_TIMEOUT = 1.0
 READDIR_BATCH = 64           # entries taken from the engine at a time (a reply holds ~30)
 FUSE_WRITE_CACHE = 1 << 0          # write_flags of a WRITE (<linux/fuse.h>)
 FUSE_WRITE_KILL_SUIDGID = 1 << 2
@@ -101,7 +105,7 @@ class Operations(pyfuse3.Operations):
         e.st_ino = a.ino
         e.generation = a.generation
         e.entry_timeout = self.timeout
-        e.attr_timeout = self.timeout
+        e.attr_timeout = self.timeout if a.ino != pyfuse3.ROOT_INODE else ROOT_ATTR_TIMEOUT
         e.st_mode = a.mode
         e.st_nlink = a.nlink
         e.st_uid = a.uid

@@ -37,7 +37,7 @@ class MountOptions:
     max_tasks: int = DEFAULT_MAX_TASKS
     spin_us: int = DEFAULT_SPIN_US
     dax: bool = False               # every open direct I/O: clones read through one frame
-    writeback: bool = False         # the kernel's writeback cache (see README, Two modes)
+    writeback: bool = False         # the kernel's writeback cache (see README, Modes)
     bdi_max_ratio: int = DEFAULT_BDI_MAX_RATIO     # % of the dirty limit; 0: kernel's 1 %
     attr_timeout: float = DEFAULT_ATTR_TIMEOUT     # s, attributes and entries
 

@@ -389,6 +389,9 @@ def test_bdi_without_root_logs_what_it_costs(cmount):
         lines = []
         h = logging.Handler()
         h.emit = lambda r: lines.append((r.levelname, r.getMessage()))
+        logging.disable(logging.NOTSET)             # whatever earlier tests left configured
+        kcache.log.disabled = False
+        kcache.log.setLevel(logging.INFO)
         kcache.log.addHandler(h)
         return kcache.set_bdi_limits(str(mnt), 50), lines
 

@@ -41,10 +41,11 @@ log = logging.getLogger("daxfs.daemon")
 DEFAULT_ATTR_TIMEOUT = 3600.0
 # the mount's share of the system's dirty-page limit (vm.dirty_ratio of available memory), in
 # percent. The kernel's default for FUSE is 1 % with strict_limit: mmap 4 KiB random stores then
-# run at the daemon's request rate. 50 lets the mount dirty up to half of the system's allowance
-# (~2.3 GiB of 23.5 GiB here) without throttling, and still leaves the other half for the other
-# devices (a stuck daemon cannot pin all dirty memory); above ~25 the fio mmap figure no longer
-# changed here. 0: leave the kernel's setting.
+# run at the daemon's request rate (~25k/s here, ~400k/s at 50). 50 lets the mount dirty up to
+# half of the system's allowance (~2.3 GiB of 23.5 GiB here) before it is throttled, and leaves
+# the other half to the other devices (a stuck daemon cannot pin all dirty memory). Without
+# strict_limit the bdi is held to its share only once the whole system is past the midpoint of
+# the background and dirty limits, as other devices are. 0: leave the kernel's setting.
 DEFAULT_BDI_MAX_RATIO = 50
 
 

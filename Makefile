@@ -78,9 +78,11 @@ kill-test: setup
 # data-path exerciser (issue 9): OPS random syscalls from SEED on a fresh mount, checked against a
 # byte model; MODE=full: a near-full image (ENOSPC); AVOID=otrunc,... steers around known defects.
 # Ends with "N operations, M mismatches"; a mismatch is shrunk and printed as a Python snippet.
+# MOUNT_OPTS=writeback runs it on a -o writeback mount (normal mode only).
 OPS     ?= 10000
 MODE    ?= normal
 AVOID   ?=
+MOUNT_OPTS ?=
 exercise: setup
 	$(PY) -m tests.harness.exerciser --ops $(OPS) --seed $(SEED) --mode $(MODE) \
-	    $(if $(AVOID),--avoid $(AVOID),)
+	    $(if $(AVOID),--avoid $(AVOID),) $(if $(MOUNT_OPTS),--mount-opts $(MOUNT_OPTS),)

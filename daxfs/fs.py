@@ -299,8 +299,8 @@ class FileSystem:
     def release_file(self, ino: int, cached_writer: bool = False) -> None:
         self.data.release_file(ino, cached_writer)
 
-    def kill_privileges(self, ino: int, suidgid: bool) -> None:
-        self.data.kill_privileges(ino, suidgid)
+    def kill_privileges(self, ino: int, suidgid: bool) -> bool:
+        return self.data.kill_privileges(ino, suidgid)
 
     def read(self, ino: int, off: int, size: int, view: bool = False) -> bytes | memoryview:
         return self.data.read(ino, off, size, view)

@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 from ..errors import UsageError
+from .kcache import DEFAULT_ATTR_TIMEOUT, DEFAULT_BDI_MAX_RATIO
 
 FSTYPE = "fuse.daxfs"
 SUBTYPE = "daxfs"
@@ -40,6 +41,9 @@ class MountOptions:
     spin_us: int = DEFAULT_SPIN_US
     threads: int = DEFAULT_THREADS
     dax: bool = False               # every open direct I/O: clones read through one frame
+    writeback: bool = False         # the kernel's writeback cache (see README, Modes)
+    bdi_max_ratio: int = DEFAULT_BDI_MAX_RATIO     # % of the dirty limit; 0: kernel's 1 %
+    attr_timeout: float = DEFAULT_ATTR_TIMEOUT     # s, attributes and entries
 
     def fuse_options(self, image: str) -> set[str]:
         opts = {f"fsname={fuse_opt_escape(image)}", f"subtype={SUBTYPE}"}
@@ -73,6 +77,8 @@ def parse_mount_options(groups: list[str] | None, *, debug: bool = False) -> Mou
                 mo.debug = True
             elif key == "dax" and not eq:
                 mo.dax = True
+            elif key == "writeback" and not eq:
+                mo.writeback = True
             elif key in ("noexec", "exec") and not eq:
                 mo.noexec = key == "noexec"
             elif key == "nodefault_permissions" and not eq:
@@ -90,15 +96,32 @@ def parse_mount_options(groups: list[str] | None, *, debug: bool = False) -> Mou
                 if not lo <= n <= hi:
                     raise UsageError(f"mount option {key} must be between {lo} and {hi}")
                 setattr(mo, key, n)
+            elif key in ("bdi_max_ratio", "attr_timeout") and eq:
+                mo_set_number(mo, key, value, 100 if key == "bdi_max_ratio" else 1e6)
             elif (key in IGNORED_OPTIONS and not eq) or key.startswith("x-") or key == "comment":
                 continue
             else:
                 raise UsageError(f"unknown mount option {opt!r} (known: allow_other, ro, debug, "
-                                 f"dax, noexec, default_permissions, log=FILE, min_tasks=N, "
-                                 f"max_tasks=N, spin_us=N, threads=N)")
+                                 f"dax, writeback, noexec, default_permissions, log=FILE, "
+                                 f"min_tasks=N, max_tasks=N, spin_us=N, threads=N, bdi_max_ratio=N, "
+                                 f"attr_timeout=S)")
+    if mo.dax and mo.writeback:
+        raise UsageError("mount options dax and writeback exclude each other (dax makes every "
+                         "open direct I/O: nothing would use the writeback cache)")
     if mo.min_tasks > mo.max_tasks:
         raise UsageError(f"mount option min_tasks={mo.min_tasks} exceeds max_tasks={mo.max_tasks}")
     return mo
+
+
+def mo_set_number(mo: MountOptions, key: str, value: str, hi: float) -> None:
+    """bdi_max_ratio=N (an int, 0..100) or attr_timeout=S (seconds, may have a fraction)."""
+    try:
+        n = int(value) if key == "bdi_max_ratio" else float(value)
+    except ValueError:
+        raise UsageError(f"mount option {key} needs a number, not {value!r}") from None
+    if not 0 <= n <= hi:
+        raise UsageError(f"mount option {key} must be between 0 and {hi:g}")
+    setattr(mo, key, n)
 
 
 def fuse_opt_escape(text: str) -> str:

@@ -31,7 +31,8 @@ class Mount:
 
     _templates: dict[str, str] = {}      # size -> a pristine image made once per process
 
-    def __init__(self, size: str, tag: str = "exerciser"):
+    def __init__(self, size: str, tag: str = "exerciser", options: str = ""):
+        self.options = options          # extra `-o` mount options, e.g. "writeback"
         base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
         u = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.dir = Path(tempfile.mkdtemp(prefix=f"daxfs-{tag}-"))
@@ -55,7 +56,8 @@ class Mount:
         os.chmod(self.image, 0o600)
 
     def mount(self) -> None:
-        _run("mount", self.image, self.mnt, "-o", f"log={self.log}")
+        opts = f"log={self.log}" + (f",{self.options}" if self.options else "")
+        _run("mount", self.image, self.mnt, "-o", opts)
         self.mounted = True
 
     def umount(self) -> None:

@@ -76,8 +76,7 @@ def test_reads_and_overwrites_are_served_in_c_and_match(dp, hold):
     data = bytearray(os.urandom(64 * BS + 100))
     f.write_bytes(data)
     hold(f)
-    with open(f, "rb") as h:                      # one read through Python hands it over
-        h.read(BS)
+    pread_direct(f, 0, BS)                        # one read through Python hands it over
     s0 = stats(dp)
     for off in (0, 5 * BS, 63 * BS):
         assert pread_direct(f, off, 2 * BS) == bytes(data[off:off + 2 * BS])

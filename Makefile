@@ -20,8 +20,8 @@ system-packages:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS); \
 	fi
 
-$(STAMP): pyproject.toml setup.py daxfs/_fusehook.c daxfs/_fusehook.map daxfs/_pmemflush.c \
-         daxfs/_fastmaps.c
+$(STAMP): pyproject.toml setup.py daxfs/_fusehook.c daxfs/_dataplane.c daxfs/_dataplane.h \
+         daxfs/_fusehook.map daxfs/_pmemflush.c daxfs/_fastmaps.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -44,14 +44,17 @@ umount:
 test: setup
 	$(PY) -m pytest -q
 
-# fio suite against tmpfs (/dev/shm) and a fresh daxfs image, in one run; results/<time>/
+# fio suite in one run against tmpfs (/dev/shm), fresh daxfs images (both modes) and the peers
+# (libfuse's C passthrough_ll with and without writeback cache, pyfuse3's passthroughfs.py; built
+# and fetched into build/bench-peers/); results/<time>/
+BENCH_TARGETS := --daxfs --dax --peers
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) scripts/bench.py --full --daxfs --dax
+	$(PY) scripts/bench.py --full $(BENCH_TARGETS)
 
 bench-short: setup
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) scripts/bench.py --short --daxfs --dax
+	$(PY) scripts/bench.py --short $(BENCH_TARGETS)
 
 clean:
 	rm -rf build *.egg-info daxfs/*.so .pytest_cache
@@ -76,9 +79,11 @@ kill-test: setup
 # data-path exerciser (issue 9): OPS random syscalls from SEED on a fresh mount, checked against a
 # byte model; MODE=full: a near-full image (ENOSPC); AVOID=otrunc,... steers around known defects.
 # Ends with "N operations, M mismatches"; a mismatch is shrunk and printed as a Python snippet.
+# MOUNT_OPTS=writeback runs it on a -o writeback mount (normal mode only).
 OPS     ?= 10000
 MODE    ?= normal
 AVOID   ?=
+MOUNT_OPTS ?=
 exercise: setup
 	$(PY) -m tests.harness.exerciser --ops $(OPS) --seed $(SEED) --mode $(MODE) \
-	    $(if $(AVOID),--avoid $(AVOID),)
+	    $(if $(AVOID),--avoid $(AVOID),) $(if $(MOUNT_OPTS),--mount-opts $(MOUNT_OPTS),)

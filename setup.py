@@ -26,11 +26,11 @@ def pkg_config(*args):
 
 fusehook = Extension(
     "daxfs._fusehook",
-    sources=["daxfs/_fusehook.c"],
-    depends=["daxfs/_fusehook.map"],
+    sources=["daxfs/_fusehook.c", "daxfs/_dataplane.c"],
+    depends=["daxfs/_fusehook.map", "daxfs/_dataplane.h"],
     extra_compile_args=pkg_config("--cflags") + ["-std=gnu11", "-Wall", "-Wextra",
                                                  "-Wno-unused-parameter"],
-    extra_link_args=pkg_config("--libs") + ["-ldl", f"-Wl,--version-script={MAP}"],
+    extra_link_args=pkg_config("--libs") + ["-ldl", "-lpthread", f"-Wl,--version-script={MAP}"],
 )
 
 # cache-line flushes for DAX mappings (pmem.py), where libpmem is not installed
@@ -38,7 +38,8 @@ pmemflush = Extension("daxfs._pmemflush", sources=["daxfs/_pmemflush.c"],
                       extra_compile_args=["-std=gnu11", "-Wall", "-Wextra",
                                           "-Wno-unused-parameter"])
 
-# the leaf splices of a COW break (extents.py, frames.py; both have Python fallbacks)
+# a COW break's leaf splices and journal encoding (extents.py, frames.py, journal.py keep
+# Python fallbacks)
 fastmaps = Extension("daxfs._fastmaps", sources=["daxfs/_fastmaps.c"],
                      extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra",
                                          "-Wno-unused-parameter"])

@@ -31,6 +31,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "_dataplane.h"
+
 #define FUSE_USE_VERSION 35
 #include <fuse_lowlevel.h>
 
@@ -277,6 +279,9 @@ static void drain(void)
 {
     if (draining || spin_ns <= 0 || !session)
         return;
+    /* With the data plane running, fuse_session_fd() and fuse_session_receive_buf() are
+     * its queue of the requests its threads leave to Python (_dataplane.c): the same loop
+     * then drains that queue. */
     draining = 1;
     struct pollfd pfd = {.fd = fuse_session_fd(session), .events = POLLIN};
     long long deadline = now_ns() + spin_ns;
@@ -329,18 +334,6 @@ static void hook_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     drain();
     PyGILState_Release(g);
 }
-
-/* struct fuse_write_in of the FUSE protocol (>= 7.9), as in <linux/fuse.h>. */
-struct wire_write_in {
-    uint64_t fh;
-    uint64_t offset;
-    uint32_t size;
-    uint32_t write_flags;
-    uint64_t lock_owner;
-    uint32_t flags;
-    uint32_t padding;
-};
-_Static_assert(sizeof(struct wire_write_in) == 40, "fuse_write_in is 40 bytes");
 
 /* The write_flags of this WRITE request (FUSE_WRITE_CACHE, FUSE_WRITE_KILL_SUIDGID, ...).
  * libfuse (3.14) hands the write callback neither them nor the request: but its do_write()
@@ -449,7 +442,7 @@ static void hook_init(void *userdata, struct fuse_conn_info *conn)
  * EVERY write: one extra round trip through the Python loop per write. When
  * Python says no inode has that xattr, answer ENODATA here, GIL untouched. */
 static void (*orig_getxattr)(fuse_req_t, fuse_ino_t, const char *, size_t);
-static volatile int capability_xattrs = 1;  /* unknown until Python says */
+volatile int capability_xattrs = 1;         /* unknown until Python says */
 
 static void hook_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
 {
@@ -553,6 +546,7 @@ static void install_custom_io(struct fuse_session *se)
 static void note_session(struct fuse_session *se)
 {
     session = se;
+    dp_note_session(se);
     if (se && want_dio_mmap)
         install_custom_io(se);
     if (se && ops_copy.ops.copy_file_range && ops_copy.ops.lseek &&
@@ -722,6 +716,15 @@ static PyMethodDef methods[] = {
     {"direct_io_mmap_sent", py_direct_io_mmap_sent, METH_NOARGS, NULL},
     {"conn_info", py_conn_info, METH_NOARGS, NULL},
     {"_paths", py_paths, METH_NOARGS, NULL},
+    {"_dp_configure", dp_py_configure, METH_VARARGS, NULL},
+    {"dp_publish", dp_py_publish, METH_VARARGS, NULL},
+    {"dp_revoke", dp_py_revoke, METH_O, NULL},
+    {"dp_take_times", dp_py_take_times, METH_O, NULL},
+    {"dp_take_all_times", dp_py_take_all_times, METH_NOARGS, NULL},
+    {"dp_revoke_all", dp_py_revoke_all, METH_NOARGS, NULL},
+    {"dp_set_writes", dp_py_set_writes, METH_O, NULL},
+    {"dp_stats", dp_py_stats, METH_NOARGS, NULL},
+    {"dp_stop", dp_py_stop, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
 
@@ -759,6 +762,11 @@ static int resolve_real(void)
     }
     if (!real_new && !real_new_v) {
         PyErr_Format(PyExc_ImportError, "no fuse_session_new in %s", libfuse_path);
+        return -1;
+    }
+    if (dp_resolve(h) != 0) {
+        PyErr_Format(PyExc_ImportError, "fuse_session_fd/receive_buf/destroy/exit@FUSE_3.0 "
+                     "not found in %s", libfuse_path);
         return -1;
     }
     return 0;

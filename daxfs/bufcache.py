@@ -76,6 +76,38 @@ class BufCache:
                 parts.append(read(a, fb - fa))
         return b"".join(parts)
 
+    def owned_runs(self, node: Inode) -> np.ndarray:
+        """node's mapped runs (fmt.PLANE_RUN_DTYPE) in file order, cut where blocks start or
+        stop being shared, each marked owned when its blocks have one reference: what the
+        data plane may read, and overwrite in place where owned."""
+        leaves = node.extents.leaves
+        out = np.empty(0, fmt.PLANE_RUN_DTYPE)
+        if not leaves:
+            return out
+        lb = np.concatenate([leaf.lblk for leaf in leaves])
+        pb = np.concatenate([leaf.pblk for leaf in leaves])
+        ln = np.concatenate([leaf.length for leaf in leaves]).astype(np.int64)
+        if self.alloc.shared == 0:          # nothing on the image is shared: one pass
+            out = np.empty(lb.size, fmt.PLANE_RUN_DTYPE)
+            out["lblk"], out["pblk"], out["n"], out["owned"] = lb, pb, ln, 1
+            return out
+        # per block: file block, physical block, shared?; then cut where a run starts or
+        # the shared flag flips
+        offs = np.cumsum(ln) - ln
+        step = np.arange(int(ln.sum()), dtype=np.int64) - np.repeat(offs, ln)
+        fb = np.repeat(lb, ln) + step
+        pbk = np.repeat(pb, ln) + step
+        shared = self.alloc.rc[pbk] > 1
+        cut = np.zeros(fb.size, bool)
+        cut[offs] = True
+        cut[1:] |= shared[1:] != shared[:-1]
+        starts = np.flatnonzero(cut)
+        out = np.empty(starts.size, fmt.PLANE_RUN_DTYPE)
+        out["lblk"], out["pblk"] = fb[starts], pbk[starts]
+        out["n"] = np.diff(np.append(starts, fb.size))
+        out["owned"] = ~shared[starts]
+        return out
+
     # -- write -------------------------------------------------------------------------------------
     def overwrite(self, seg: tuple[int, int, int], off: int, data: Buffer) -> None:
         """Store `data` in place into blocks this inode alone maps: `seg` is the one segment
@@ -355,6 +387,7 @@ class BufCache:
                 aliases += [(src.ino, l + (s - p), s, m)
                             for s, m in runs_of(np.flatnonzero(single) + p)]
             self.alloc.incref(p, k)
+            txn.sharing(src.ino)
             self.remap(txn, dst, target, k, p)
             aliases.append((dst.ino, target, p, k))
             shared += k

@@ -63,7 +63,9 @@ def dedupe(fs: FileSystem, dst_ino: int, value: bytes, uid: int, gid: int) -> in
     if not dst.is_reg:
         raise FsError(errno.EINVAL)
     done = 0
-    for src_ino, so, do, n in parse(value):
+    ranges = parse(value)
+    fs.tx.changing(dst_ino, *(r[0] for r in ranges))    # no write between compare and share
+    for src_ino, so, do, n in ranges:
         src = fs.inodes.get(src_ino)
         if not src.is_reg:
             raise FsError(errno.EINVAL)

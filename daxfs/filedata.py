@@ -62,11 +62,12 @@ class FileData:
         node.opens = max(0, node.opens - 1)
         self.fs.orphans.maybe_reclaim(node)
 
-    def kill_privileges(self, ino: int, suidgid: bool) -> None:
+    def kill_privileges(self, ino: int, suidgid: bool) -> bool:
         """What ext4's file_remove_privs() does before a write, for the writes whose kernel path
         leaves it to us (direct I/O): drop security.capability (whoever writes), and with
         `suidgid` (a writer without CAP_FSETID) clear setuid, and setgid if group-exec is set.
-        Cheap when there is nothing to do: called before every write."""
+        Cheap when there is nothing to do: called before every write. True if the mode
+        changed (the kernel's cached attributes are stale then)."""
         node = self.inodes.get(ino)
         kill = 0
         if suidgid and node.mode & (stat.S_ISUID | stat.S_ISGID) and node.is_reg:
@@ -80,6 +81,7 @@ class FileData:
                 node.mode &= ~kill
                 node.touch()
                 t.inode(node)
+        return bool(kill)
 
     def read(self, ino: int, off: int, size: int, view: bool = False) -> bytes | memoryview:
         """File bytes; `view=True` may return a zero-copy memoryview of the image (the FUSE

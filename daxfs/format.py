@@ -120,6 +120,11 @@ EXTENT_DTYPE = np.dtype([
 ])
 assert EXTENT_DTYPE.itemsize == 24
 
+# Not on the image: how the daemon hands a file's mapped runs to the C data plane
+# (struct run in daxfs/_dataplane.c); `owned`: every block has reference count 1
+PLANE_RUN_DTYPE = np.dtype([("lblk", "<u8"), ("pblk", "<u8"), ("n", "<u4"), ("owned", "<u4")])
+assert PLANE_RUN_DTYPE.itemsize == 24
+
 REFCOUNT_DTYPE = np.dtype("<u4")  # the refcount table: one per block of the image
 
 # The tables' record types, by region name (Geometry.region / Geometry.table).

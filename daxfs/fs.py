@@ -13,7 +13,10 @@ below which lie the in-memory indexes (inodes.py, dirs.py, extents.py), the data
 format.py.
 
 What is atomic: every public method is synchronous and never awaits, so under trio each
-operation is atomic with respect to every other one and the daemon needs no locks. Each
+operation is atomic with respect to every other one served in Python. The C data plane
+(dataplane.py) serves reads and in-place overwrites of the files it was handed in other
+threads; an operation that reads and then changes a file's data or mapping takes the file
+back first (`tx.changing`), and every commit takes back the files it changed (txn.py). Each
 mutating operation validates, settles the space it needs, then mutates and commits one
 transaction (large ones: several, each leaving a valid state); an unexpected error after
 mutation began means memory and image may disagree, so the engine turns read-only
@@ -196,6 +199,7 @@ class FileSystem:
 
     # ---------------------------------------------------------------- attributes
     def attr(self, node: Inode) -> Attr:
+        self.tx.sync_times(node.ino)
         blocks = self.inodes.mapped_blocks(node) if node.has_data else 0
         if node.xattr_blk:
             blocks += 1
@@ -219,6 +223,7 @@ class FileSystem:
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                 mtime_ns: int | None = None, ctime_ns: int | None = None) -> Attr:
         node = self.inodes.get(ino)
+        self.tx.changing(ino)
         if size is not None:
             if node.is_dir:
                 raise FsError(errno.EISDIR)
@@ -287,13 +292,15 @@ class FileSystem:
     # file data (filedata.py)
     def open_file(self, ino: int, truncate: bool = False, kill_suidgid: bool = False,
                   cached_writer: bool = False) -> None:
+        if truncate:
+            self.tx.changing(ino)
         self.data.open_file(ino, truncate, kill_suidgid, cached_writer)
 
     def release_file(self, ino: int, cached_writer: bool = False) -> None:
         self.data.release_file(ino, cached_writer)
 
-    def kill_privileges(self, ino: int, suidgid: bool) -> None:
-        self.data.kill_privileges(ino, suidgid)
+    def kill_privileges(self, ino: int, suidgid: bool) -> bool:
+        return self.data.kill_privileges(ino, suidgid)
 
     def read(self, ino: int, off: int, size: int, view: bool = False) -> bytes | memoryview:
         return self.data.read(ino, off, size, view)
@@ -306,13 +313,33 @@ class FileSystem:
 
     def clone_range(self, ino_in: int, off_in: int, ino_out: int, off_out: int, length: int,
                     flags: int = 0) -> int:
+        self.tx.changing(ino_in, ino_out)
         return self.data.clone_range(ino_in, off_in, ino_out, off_out, length, flags)
 
     def lseek(self, ino: int, off: int, whence: int) -> int:
         return self.data.lseek(ino, off, whence)
 
     def fallocate(self, ino: int, mode: int, off: int, length: int) -> None:
+        self.tx.changing(ino)
         self.data.fallocate(ino, mode, off, length)
+
+    def note_write_time(self, ino: int, t_ns: int) -> None:
+        """A write served outside Python (the data plane) at `t_ns`: mtime and ctime, kept
+        lazily like those of in-place overwrites."""
+        node = self.inodes.cached(ino)
+        if node is not None and t_ns > node.mtime:
+            node.mtime = node.ctime = t_ns
+            self.tx.note_times(node)
+
+    def plane_map(self, ino: int) -> tuple[int, bool, np.ndarray] | None:
+        """What the data plane needs to serve `ino`: (size, in-place writes allowed, mapped
+        runs with their owned flag, see BufCache.owned_runs); None for anything but a
+        regular file."""
+        node = self.inodes.cached(ino)
+        if node is None or not node.is_reg:
+            return None
+        writable = self.tx.writable and not node.mode & (stat.S_ISUID | stat.S_ISGID)
+        return node.size, writable, self.bufcache.owned_runs(node)
 
     # extended attributes (xattrs.py)
     def getxattr(self, ino: int, name: bytes, uid: int = 0) -> bytes:

@@ -21,6 +21,17 @@ so, and drops security.capability on every write that is not page-cache writebac
 does for root's writes too). If O_TRUNC does reach OPEN (a session without the hook), OPEN
 truncates.
 
+The page cache is kept (keep_cache on every open, attribute and entry timeouts of an hour,
+FUSE_CAP_AUTO_INVAL_DATA off: daemon/kcache.py says why that is coherent); the one attribute
+change the kernel does not learn of, setuid/setgid cleared by `write_sync`, is followed by an
+attribute invalidation.
+
+`-o writeback` (FUSE_CAP_WRITEBACK_CACHE): buffered writes stay in the kernel's page cache and
+come here as page-cache writeback (FUSE_WRITE_CACHE) in merged runs, at fsync, close, msync or
+the kernel's own writeback. The kernel then trusts its own size and times, so: O_DIRECT opens
+do not get FOPEN_DIRECT_IO (the kernel's generic direct I/O writes dirty pages back first),
+every writable open counts as a cached writer, and SEEK_DATA/SEEK_HOLE is left to the kernel.
+
 File handles: `fh` is the inode number, with CACHED_WRITER set for an O_RDWR open that goes
 through the page cache (not O_DIRECT), the kind that can be mapped MAP_SHARED for writing:
 while such an open exists the kernel may hold dirty pages of the file (a MAP_SHARED mapping keeps its open until munmap, and the kernel writes the
@@ -34,16 +45,24 @@ import functools
 import logging
 import os
 import reprlib
+from typing import TYPE_CHECKING
 
 import pyfuse3
 
 from .errors import FsError
 from .fs import Attr, FileSystem
 
+if TYPE_CHECKING:
+    from .dataplane import DataPlane
+
 log = logging.getLogger(__name__)
 
 CACHED_WRITER = 1 << 62            # in a file handle: writable open through the page cache
 FH_INO = CACHED_WRITER - 1
+# The root's attributes are cached briefly whatever the attribute timeout: stat(MOUNTPOINT) is
+# how programs (and the tests' helpers) notice a dead daemon (ENOTCONN), and a cached answer
+# would hide it for the whole timeout
+ROOT_ATTR_TIMEOUT = 1.0
 READDIR_BATCH = 64           # entries taken from the engine at a time (a reply holds ~30)
 FUSE_WRITE_CACHE = 1 << 0          # write_flags of a WRITE (<linux/fuse.h>)
 FUSE_WRITE_KILL_SUIDGID = 1 << 2
@@ -74,11 +93,16 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: FileSystem, *, timeout: float = 1.0, dax: bool = False):
+    def __init__(self, fs: FileSystem, *, timeout: float = 1.0, dax: bool = False,
+                 writeback: bool = False, invalidator=None):
         super().__init__()
         self.fs = fs
         self.timeout = timeout
         self.dax = dax          # -o dax: every open direct I/O, no page-cache copy per inode
+        self.plane: DataPlane | None = None     # the C data plane, when the daemon runs one
+        # -o writeback: pyfuse3 asks for FUSE_CAP_WRITEBACK_CACHE at INIT when this is set
+        self.enable_writeback_cache = self.writeback = writeback
+        self.invalidator = invalidator      # daemon.kcache.Invalidator, once mounted
 
     # -- helpers --------------------------------------------------------------------------------
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
@@ -86,7 +110,7 @@ class Operations(pyfuse3.Operations):
         e.st_ino = a.ino
         e.generation = a.generation
         e.entry_timeout = self.timeout
-        e.attr_timeout = self.timeout
+        e.attr_timeout = self.timeout if a.ino != pyfuse3.ROOT_INODE else ROOT_ATTR_TIMEOUT
         e.st_mode = a.mode
         e.st_nlink = a.nlink
         e.st_uid = a.uid
@@ -109,6 +133,8 @@ class Operations(pyfuse3.Operations):
         for ino, n in inode_list:
             try:
                 self.fs.forget(ino, n)
+                if self.plane is not None:
+                    self.plane.forgotten(ino)
             except Exception:
                 log.exception("forget(%d, %d)", ino, n)
 
@@ -163,11 +189,17 @@ class Operations(pyfuse3.Operations):
 
     # -- files ----------------------------------------------------------------------------------
     def _open(self, ino: int, flags: int, ctx, truncate: bool = False) -> pyfuse3.FileInfo:
-        direct = self.dax or bool(flags & os.O_DIRECT)
-        # Only a shared writable mapping leaves dirty pages in the kernel (the writeback cache
-        # is off: write(2) is write-through), and mmap(MAP_SHARED, PROT_WRITE) needs O_RDWR;
+        # With the writeback cache, O_DIRECT opens go through the kernel's generic direct I/O
+        # (no FOPEN_DIRECT_IO), which writes dirty cached pages back before a direct read or
+        # write of their range; FOPEN_DIRECT_IO reads would miss them.
+        direct = self.dax or (bool(flags & os.O_DIRECT) and not self.writeback)
+        # Without the writeback cache only a shared writable mapping leaves dirty pages in the
+        # kernel (write(2) is write-through), and mmap(MAP_SHARED, PROT_WRITE) needs O_RDWR;
         # direct-I/O opens cannot be mapped shared, but in dax mode (FUSE_DIRECT_IO_ALLOW_MMAP).
-        writer = (flags & os.O_ACCMODE) == os.O_RDWR and (self.dax or not direct)
+        # With it, every writable open may leave dirty pages until its close.
+        acc = flags & os.O_ACCMODE
+        writer = ((acc == os.O_RDWR or (self.writeback and acc == os.O_WRONLY))
+                  and (self.dax or not direct))
         # O_TRUNC only arrives when atomic O_TRUNC was negotiated (not by our daemon): then no
         # SETATTR follows, and who may keep setuid/setgid is judged by uid alone
         self.fs.open_file(ino, truncate=truncate, kill_suidgid=truncate and ctx.uid != 0,
@@ -272,20 +304,34 @@ class Operations(pyfuse3.Operations):
         _sync(self.fs.fallocate, ino, mode, off, length)
 
     # the fast path (fusehook.set_fast_path): read/write called from C, replied at once
+    # (reads and in-place writes of files handed to the data plane never get here)
     def read_sync(self, fh, off, size):
-        return _sync(self.fs.read, fh & FH_INO, off, size, True)
+        data = _sync(self.fs.read, fh & FH_INO, off, size, True)
+        if self.plane is not None:
+            _sync(self.plane.offer, fh & FH_INO)
+        return data
 
     def write_sync(self, fh, off, data, write_flags=0):
         ino = fh & FH_INO
+        changes = self.plane.changes if self.plane is not None else 0
         if not write_flags & FUSE_WRITE_CACHE:      # write(2), not page-cache writeback
-            _sync(self.fs.kill_privileges, ino, bool(write_flags & FUSE_WRITE_KILL_SUIDGID))
-            return _sync(self.fs.write, ino, off, data)
-        # writeback: the kernel ignores a short count, so all of it is stored or ENOSPC
-        return _sync(self.fs.write, ino, off, data, True)
+            if (_sync(self.fs.kill_privileges, ino, bool(write_flags & FUSE_WRITE_KILL_SUIDGID))
+                    and self.invalidator is not None):
+                self.invalidator.attrs(ino)         # the kernel's cached mode is stale now
+            n = _sync(self.fs.write, ino, off, data)
+        else:
+            # writeback: the kernel ignores a short count, so all of it is stored or ENOSPC
+            n = _sync(self.fs.write, ino, off, data, True)
+        if self.plane is not None and self.plane.changes == changes:
+            _sync(self.plane.offer, ino)        # bytes and timestamps only: hand it over
+        return n
 
     def hook_handlers(self) -> dict:
-        return {"copy_file_range": self.copy_file_range, "lseek": self.lseek,
-                "fallocate": self.fallocate}
+        # writeback cache: the kernel sends FUSE_LSEEK without writing dirty pages back, and its
+        # size may be ahead of ours; without a handler (ENOSYS) it answers SEEK_DATA/SEEK_HOLE
+        # itself, from its own size (all data, the hole at EOF)
+        return {"copy_file_range": self.copy_file_range,
+                "lseek": None if self.writeback else self.lseek, "fallocate": self.fallocate}
 
 
 def _sync(fn, *args):

@@ -59,6 +59,8 @@ if "pyfuse3" in sys.modules:
 from . import _fusehook  # noqa: E402  (must precede pyfuse3)
 
 __all__ = ["set_handlers", "set_fast_path", "fast_stats", "set_conn_options",
+           "set_data_plane", "publish", "revoke", "take_times", "take_all_times", "revoke_all",
+           "data_plane_stats", "stop_data_plane",
            "set_capability_xattrs", "set_direct_io_mmap", "direct_io_mmap_sent", "hooked",
            "conn_info", "cap_names",
            "CopyFileRange", "Lseek", "Fallocate"]
@@ -185,3 +187,56 @@ def cap_names(mask: int) -> list[str]:
     """Names of the FUSE_CAP_* bits set in *mask* (e.g. ``conn_info()['want']``)."""
     caps = {k: v for k, v in vars(_fusehook).items() if k.startswith("FUSE_CAP_")}
     return sorted(k for k, v in caps.items() if mask & v)
+
+
+# -- the data plane (daxfs/_dataplane.c, seen from the engine through daxfs/dataplane.py) -------
+PERSIST_NONE, PERSIST_MSYNC, PERSIST_READS_ONLY = 0, 1, 2
+
+
+def set_data_plane(*, threads: int, base: int, size: int, persist: int, writes: bool) -> None:
+    """Before mounting: serve READ and in-place WRITE of published files from `threads` C
+    threads (0: everything goes through pyfuse3). `base`/`size`: the daemon's mapping of the
+    image, which must outlive the session. `persist`: what a store into the image needs to be
+    durable: PERSIST_NONE (RAM filesystem), PERSIST_MSYNC (disk file), PERSIST_READS_ONLY
+    (cache-line flushes, left to Python: the threads serve reads only). `writes`: in-place
+    writes allowed at all (not on a read-only mount)."""
+    _fusehook._dp_configure(int(threads), int(base), int(size), int(persist), bool(writes))
+
+
+def publish(ino: int, size: int, writable: bool, runs) -> None:
+    """Let the data plane serve `ino`: its size, whether owned runs may be overwritten in
+    place, and its mapped runs (a buffer of format.PLANE_RUN_DTYPE records, sorted, disjoint,
+    inside the image; ValueError otherwise). Replaces an earlier map, keeping its write time."""
+    _fusehook.dp_publish(ino, size, writable, runs)
+
+
+def revoke(ino: int) -> int:
+    """Stop serving `ino` (waits for requests using its map); the ns time of the last write
+    served for it since its time was last taken, 0 if none."""
+    return _fusehook.dp_revoke(ino)
+
+
+def take_times(ino: int) -> int:
+    """The ns time of the last write served for `ino` since the last call, 0 if none."""
+    return _fusehook.dp_take_times(ino)
+
+
+def take_all_times() -> list[tuple[int, int]]:
+    """[(ino, ns)] for every published inode written since its time was last taken."""
+    return _fusehook.dp_take_all_times()
+
+
+def revoke_all() -> list[tuple[int, int]]:
+    """Stop serving every inode; [(ino, ns)] of those with an untaken write time."""
+    return _fusehook.dp_revoke_all()
+
+
+def data_plane_stats() -> dict:
+    """threads running, writes allowed, reads/writes served and bytes, requests forwarded to
+    Python."""
+    return _fusehook.dp_stats()
+
+
+def stop_data_plane() -> None:
+    """Stop and join the threads (also done by fuse_session_destroy); idempotent."""
+    _fusehook.dp_stop()

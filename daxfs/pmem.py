@@ -149,6 +149,22 @@ class PMem:
         self.buf = memoryview(mm)
         self.u8 = np.frombuffer(mm, dtype=np.uint8)
 
+    @property
+    def address(self) -> int:
+        """Where the mapping starts in this process (for C code that reads and writes it; the
+        mapping must outlive that code's use)."""
+        return self.u8.ctypes.data
+
+    @property
+    def store_needs(self) -> str:
+        """What makes a store durable here: "nothing" (RAM filesystem), "msync" (a file on
+        disk), "flush" (cache-line write-backs of a DAX mapping), "none-allowed" (read-only)."""
+        if self.readonly:
+            return "none-allowed"
+        if self.volatile:
+            return "nothing"
+        return "flush" if self.dax else "msync"
+
     # -- views -------------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> memoryview:
         """The bytes [offset, offset+length) of the image, as a view of the mapping (zero-copy;
@@ -205,6 +221,12 @@ class PMem:
     def persist_all(self) -> None:
         self.persist(0, self.size)
         self.fence()
+
+    @property
+    def prefaulting(self) -> bool:
+        """The prefault thread is still mapping pages (it competes for CPU and memory)."""
+        thread = getattr(self, "_prefault_thread", None)
+        return thread is not None and thread.is_alive()
 
     def prefault(self, offset: int, length: int) -> bool:
         """Map the pages of [offset, offset+length) writable ahead of use, from a thread.

@@ -15,7 +15,12 @@ the tables updated in place. A crash shows the operation entirely or not at all.
 inside after something was recorded means memory and image may disagree. The engine then
 turns read-only (failsafe) rather than writing more; running out of space must therefore be
 settled before a transaction opens (see BufCache.reserve). Nothing in here awaits: under trio
-one transaction is atomic with respect to every other request.
+one transaction is atomic with respect to every other request served in Python.
+
+Requests served outside Python (the C data plane, dataplane.py) read and overwrite in place
+the blocks of the inodes they were handed; the `MapWatcher` hears of every inode whose
+mapping, size, mode or block sharing a commit changes, before the commit is durable and
+before any block it freed can be reused, and takes those inodes back.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import contextlib
 import errno
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable, Protocol
 
 from . import format as fmt
 from .errors import CorruptionError, FsError
@@ -43,16 +48,34 @@ Buffer = bytes | bytearray | memoryview
 TIMES_PER_COMMIT = 512
 
 
+class MapWatcher(Protocol):
+    """Serves file data from its own copies of inode maps (the C data plane, dataplane.py)."""
+
+    def changed(self, inos: Iterable[int]) -> None:
+        """These inodes' mapping, size, mode or block sharing change (or changed, at a
+        commit): stop serving them from the old copy before returning."""
+
+    def sync(self, ino: int) -> None:
+        """Hand over the timestamps of writes served for `ino` (FileSystem.note_write_time)."""
+
+    def sync_all(self) -> None:
+        """`sync` for every inode."""
+
+    def revoke_all(self) -> None:
+        """Serve nothing any more (the failsafe)."""
+
+
 class Transaction:
     """The records of one operation, keyed by table slot (a later record of a slot wins)."""
 
-    __slots__ = ("_g", "writes", "nodes", "data")
+    __slots__ = ("_g", "writes", "nodes", "data", "touched")
 
     def __init__(self, g: fmt.Geometry) -> None:
         self._g = g
         self.writes: dict[int, bytes] = {}       # image offset -> record bytes
         self.nodes: dict[int, Inode] = {}        # inodes to store (packed at commit)
         self.data: list[tuple[int, int]] = []    # fresh data ranges to persist first
+        self.touched: set[int] = set()           # inodes changed without a record of their own
 
     def inode(self, node: Inode) -> None:
         self.nodes[node.ino] = node
@@ -65,11 +88,16 @@ class Transaction:
 
     def free_inode(self, ino: int, record: bytes) -> None:
         self.nodes.pop(ino, None)
+        self.touched.add(ino)
         self.writes[self._g.record_offset("inodes", ino)] = record
 
     def xattr_block(self, blk: int, block: bytes) -> None:
         """A whole xattr block, journaled (xattrs are metadata, unlike file data)."""
         self.writes[blk * fmt.BLOCK_SIZE] = block
+
+    def sharing(self, ino: int) -> None:
+        """`ino`'s blocks gain an owner (a clone's source): no longer writable in place."""
+        self.touched.add(ino)
 
     def persist_data(self, off: int, length: int) -> None:
         """Bytes stored outside the journal that must be durable before the commit."""
@@ -90,6 +118,18 @@ class Transactions:
         self.failed: str | None = None
         self.dirty_times: dict[int, Inode] = {}  # overwritten files: timestamps not yet stored
         self._rc_base = g.region("refcounts")[0]
+        self.watcher: MapWatcher | None = None
+
+    def changing(self, *inos: int) -> None:
+        """Before an operation that reads and then changes these inodes' data or mapping
+        (clone, dedupe, truncate, fallocate): requests served outside Python stop using
+        them now, not only at the commit."""
+        if self.watcher is not None:
+            self.watcher.changed(inos)
+
+    def sync_times(self, ino: int) -> None:
+        if self.watcher is not None:
+            self.watcher.sync(ino)
 
     def note_times(self, node: Inode) -> None:
         """`node` changed only in its timestamps: they ride along with a later commit."""
@@ -128,8 +168,13 @@ class Transactions:
         else:
             log.error("internal error, daxfs is now read-only (failsafe): %r", e, exc_info=e)
         self.failed = repr(e)
+        if self.watcher is not None:
+            self.watcher.revoke_all()
 
     def _commit(self, t: Transaction) -> None:
+        if self.watcher is not None:
+            # before the lazy timestamps join: those inodes' maps did not change
+            self.watcher.changed([*t.nodes, *t.touched])
         writes = self.alloc.take_dirty(self._rc_base)
         if self.dirty_times and len(self.dirty_times) < TIMES_PER_COMMIT:
             t.nodes.update(self.dirty_times)
@@ -145,6 +190,8 @@ class Transactions:
 
     def flush_times(self) -> None:
         """Store the lazily kept timestamps of overwritten files (fsync, unmount)."""
+        if self.watcher is not None:
+            self.watcher.sync_all()
         while self.dirty_times and self.writable:
             batch = dict(list(self.dirty_times.items())[:TIMES_PER_COMMIT])
             for ino in batch:

@@ -1,17 +1,22 @@
 #!/usr/bin/env python3
-"""daxfs benchmark suite: fio jobs + copy and mount measurements, per target.
+"""daxfs benchmark suite: fio jobs + copy and mount measurements, per target, in one run.
 
-    python scripts/bench.py --short                       # tmpfs baseline only
-    python scripts/bench.py --full --daxfs --target disk=/tmp/benchdir
+    python scripts/bench.py --short --daxfs --dax --peers   # what `make bench-short` runs
+    python scripts/bench.py --full --daxfs --dax --peers    # `make bench`
+    python scripts/bench.py --short --target disk=/tmp/benchdir
 
-Every target is a directory; the fio job files live in scripts/fio/ (one per
-workload, see common.inc).  Results go to results/<timestamp>/ as
-results.json, results.md and chart.png (needs matplotlib).
+Targets: tmpfs (/dev/shm), a fresh daxfs image (--daxfs) and one mounted -o dax (--dax), the
+peers of bench_peers.py (--peers: libfuse's C passthrough_ll with and without writeback cache,
+pyfuse3's passthroughfs.py, all over /dev/shm) and any directory (--target NAME=PATH).
+The fio job files live in scripts/fio/ (one per workload, see common.inc). Jobs run in the order
+of JOBS, each on the file the jobs before it left: nothing warms or drops the page cache between
+them (except the last, extra one), so the buffered and mmap reads show whether data just written
+stayed cached. Results go to results/<timestamp>/: results.json, results.md, chart.png (needs
+matplotlib) and the fio outputs and daemon logs.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import logging
@@ -21,7 +26,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,71 +36,63 @@ except ImportError:
     sys.exit("bench.py needs numpy: run it with the project venv (.venv/bin/python), "
              "see `make setup`")
 
-log = logging.getLogger("bench")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import (CLONE, DATA, BenchError, Target, log,  # noqa: E402
+                          oneline, run)
+from bench_targets import (PEER_CACHE, PEER_NAMES, PEERS, daxfs_target,  # noqa: E402
+                           dir_target, find_daxfs, peer_target)
+from bench_report import chart, markdown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FIO_DIR = ROOT / "scripts" / "fio"
-FILE_SIZE = 1 << 30
 CHUNK = 1 << 20
-DATA, CLONE, CP_DST, CAT_DST = "fio.dat", "clone.dat", "cp.dat", "cat.dat"
-BENCH_FILES = (DATA, CLONE, CP_DST, CAT_DST)
-TMPFS_DIR = Path("/dev/shm/daxfs-bench")
-
-
-class BenchError(Exception):
-    """A user-facing error: printed as one message, never as a traceback."""
+CP_DST, CAT_DST = "cp.dat", "cat.dat"
+TMPFS_DIR = Path(f"/dev/shm/daxfs-bench-tmpfs-{os.getpid()}")  # ours alone: a test may bench too
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
 class Job:
-    name: str               # fio section name == table row
+    name: str               # fio section name
     file: str               # job file in scripts/fio/
     metric: str             # "MB/s" or "IOPS"
-    prep: str = ""          # "warm" | "cold" (once per job), "clone" (every run)
-    full_only: bool = False
+    label: str              # table row
+    prep: str = ""          # "fresh": delete fio.dat before each run, "clone": cp it before
+                            # each run, "warm": read it once first; "": as left by the job before
 
 
+# The order is part of the measurement: rr4k-buf and mmapR read what seqW wrote and the direct
+# jobs read, with no warm-up and no drop_caches in between.
 JOBS = [
-    Job("seqW", "seqW.fio", "MB/s"),
-    Job("seqR-buf", "seqR-buf.fio", "MB/s", "warm"),
-    Job("seqR-dir", "seqR-dir.fio", "MB/s", "cold"),
-    Job("rr4k-buf", "rr4k-buf.fio", "IOPS", "warm"),
-    Job("rr4k-dir", "rr4k-dir.fio", "IOPS", "cold"),
-    Job("rr4k-dir-2j", "rr4k-dir.fio", "IOPS", "cold", full_only=True),
-    Job("rw4k-buf", "rw4k-buf.fio", "IOPS"),
-    Job("rw4k-dir", "rw4k-dir.fio", "IOPS"),
-    Job("mmapR", "mmapR.fio", "IOPS", "warm"),
-    Job("mmapW", "mmapW.fio", "IOPS"),
-    Job("cow-storm", "cow-storm.fio", "IOPS", "clone"),
-    Job("cow-storm-orig", "cow-storm.fio", "IOPS"),
+    Job("seqW", "seqW.fio", "MB/s", "seq write 1 MiB, fresh file, end_fsync", "fresh"),
+    Job("seqR-dir", "seqR-dir.fio", "MB/s", "seq read 1 MiB, O_DIRECT"),
+    Job("rr4k-dir", "rr4k-dir.fio", "IOPS", "4k random read O_DIRECT, 1 job"),
+    Job("rr4k-dir-2j", "rr4k-dir.fio", "IOPS", "same, 2 jobs"),
+    Job("rr4k-buf", "rr4k-buf.fio", "IOPS", "4k random read buffered, after the jobs above"),
+    Job("rw4k-buf", "rw4k-buf.fio", "IOPS", "4k random write buffered + end_fsync"),
+    Job("mmapR", "mmapR.fio", "IOPS", "mmap 4k random read"),
+    Job("mmapW", "mmapW.fio", "IOPS", "mmap 4k random write + end_fsync"),
+    Job("rw4k-dir", "rw4k-dir.fio", "IOPS", "4k random write O_DIRECT"),
+    Job("cow-storm", "cow-storm.fio", "IOPS", "COW storm: 4k O_DIRECT writes into a fresh cp",
+        "clone"),
+    Job("cow-storm-orig", "cow-storm.fio", "IOPS", "same writes into the original"),
+    Job("seqR-buf", "seqR-buf.fio", "MB/s", "extra: seq read 1 MiB buffered, warmed", "warm"),
 ]
-
-
-@dataclass
-class Target:
-    name: str
-    path: Path
-    mount: "DaxfsMount | None" = None
 
 
 # --------------------------------------------------------------------------
 # helpers
 
-def run(cmd, timeout=120, **kw) -> subprocess.CompletedProcess:
-    """Run a command; failures become BenchError carrying its stderr verbatim."""
-    log.debug("$ %s", " ".join(map(str, cmd)))
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
     try:
-        p = subprocess.run([str(c) for c in cmd], timeout=timeout, text=True,
-                           stdout=kw.pop("stdout", subprocess.PIPE),
-                           stderr=subprocess.PIPE, **kw)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"{cmd[0]} timed out after {timeout}s: {' '.join(map(str, cmd))}")
-    except FileNotFoundError:
-        raise BenchError(f"command not found: {cmd[0]}")
-    if p.returncode != 0:
-        raise BenchError(f"`{' '.join(map(str, cmd))}` failed (exit {p.returncode}):\n"
-                         f"{(p.stderr or '').strip()}")
-    return p
+        n = int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1G, 64M)") from None
+    if n < 1 << 20 or n % (1 << 20):
+        raise argparse.ArgumentTypeError(f"size {text!r}: a whole number of MiB, at least 1M")
+    return n
 
 
 def timed(fn, *a, **kw) -> float:
@@ -113,14 +109,6 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def drop_caches() -> None:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError as e:
-        log.warning("cannot drop caches (%s); cold jobs may be warm", e)
-
-
 def read_once(path: Path) -> None:
     buf = bytearray(CHUNK)
     with open(path, "rb", buffering=0) as f:
@@ -128,16 +116,32 @@ def read_once(path: Path) -> None:
             pass
 
 
-def layout(path: Path) -> float:
-    """Write FILE_SIZE bytes of random data (not zeros: no hole/zero shortcuts)."""
+def layout(path: Path, size: int) -> float:
+    """Write `size` bytes of random data (not zeros: no hole/zero shortcuts)."""
     buf = np.random.default_rng(0).integers(0, 256, CHUNK, dtype=np.uint8)
     t0 = time.perf_counter()
     with open(path, "wb", buffering=0) as f:
-        for i in range(FILE_SIZE // CHUNK):
+        for i in range(size // CHUNK):
             buf[:8] = np.frombuffer(i.to_bytes(8, "little"), np.uint8)  # no two chunks alike
             f.write(buf)
         os.fsync(f.fileno())
-    return FILE_SIZE / 1e6 / (time.perf_counter() - t0)
+    return size / 1e6 / (time.perf_counter() - t0)
+
+
+def ensure_data(t: Target, size: int, res: dict) -> None:
+    """fio.dat must be whole before a job reads it: seqW may not have reached its end (a slow
+    target in a short run) or may not have run (--jobs)."""
+    try:
+        have = (t.path / DATA).stat().st_size
+    except FileNotFoundError:
+        have = 0
+    if have >= size:
+        return
+    if have:
+        log.info("  %s has %d of %d bytes (seqW did not reach its end): laying it out",
+                 DATA, have, size)
+    res["layout_MBps"] = layout(t.path / DATA, size)
+    log.info("  layout %d MiB: %.0f MB/s", size >> 20, res["layout_MBps"])
 
 
 def make_clone(t: Target) -> None:
@@ -153,135 +157,83 @@ def fstype(path: Path) -> str:
         return "?"
 
 
-# --------------------------------------------------------------------------
-# daxfs image + mount
-
-def find_daxfs() -> Path:
-    exe = Path(sys.executable).parent / "daxfs"
-    if exe.exists():
-        return exe
-    found = shutil.which("daxfs")
-    if not found:
-        raise BenchError("daxfs executable not found next to "
-                         f"{sys.executable} nor on PATH; run `make setup` (pip install -e .)")
-    return Path(found)
-
-
-class DaxfsMount:
-    def __init__(self, exe: Path, image: Path, mnt: Path, logfile: Path, opts: str = ""):
-        self.exe, self.image, self.mnt, self.logfile = exe, image, mnt, logfile
-        self.opts = opts
-
-    def mount(self) -> None:
-        """Return once the mountpoint answers stat() as a mount."""
-        opts = f"log={self.logfile}" + (f",{self.opts}" if self.opts else "")
-        run([self.exe, "mount", "-o", opts, self.image, self.mnt], timeout=300)
-        deadline = time.monotonic() + 30
-        while not os.path.ismount(self.mnt):
-            if time.monotonic() > deadline:
-                raise BenchError(f"`daxfs mount` returned but {self.mnt} is not a mountpoint")
-            time.sleep(0.001)
-        os.stat(self.mnt)
-
-    def umount(self) -> None:
-        run([self.exe, "umount", self.mnt], timeout=600)
-
-
-@contextlib.contextmanager
-def daxfs_target(image_size: str, outdir: Path, name: str = "daxfs", opts: str = ""):
-    exe = find_daxfs()
-    image = Path(f"/dev/shm/daxfs-bench-{os.getpid()}.img")
-    mnt = Path(tempfile.mkdtemp(prefix="daxfs-bench-mnt-"))
-    m = DaxfsMount(exe, image, mnt, outdir / f"{name}-daemon.log", opts)
+def cpu_ticks(pid: int | None) -> int | None:
+    """utime + stime of all threads of `pid`, in clock ticks (None if it is gone)."""
+    if not pid:
+        return None
     try:
-        run([exe, "mkfs", image, "--size", image_size], timeout=300)
-        m.mount()
-        yield Target(name, mnt, m)
-    finally:
-        for attempt in range(5):  # EBUSY while killed processes exit: retry, then lazy
-            if not os.path.ismount(mnt):
-                break
-            try:
-                m.umount()
-            except BenchError as e:
-                if attempt == 4:
-                    log.error("%s\nfalling back to fusermount3 -u -z", e)
-                    subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
-                time.sleep(1)
-        with contextlib.suppress(OSError):
-            mnt.rmdir()
-        image.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def dir_target(name: str, path: Path):
-    created = not path.exists()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BenchError(f"cannot create {path}: {e}")
-    try:
-        yield Target(name, path)
-    finally:
-        if created:
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            for f in BENCH_FILES:
-                (path / f).unlink(missing_ok=True)
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------
 # measurements: one function per kind
 
-def fio_once(t: Target, job: Job, runtime: int, out: Path) -> dict:
+def fio_once(t: Target, job: Job, a, out: Path) -> dict:
     cmd = ["fio", f"--section={job.name}", "--output-format=json",
            f"--output={out}", FIO_DIR / job.file]
-    env = {**os.environ, "DIR": str(t.path), "RUNTIME": str(runtime)}
-    log.debug("$ DIR=%s RUNTIME=%s %s", t.path, runtime, " ".join(map(str, cmd)))
+    env = {**os.environ, "DIR": str(t.path), "RUNTIME": str(a.runtime), "SIZE": str(a.size)}
+    log.debug("$ DIR=%s RUNTIME=%s SIZE=%s %s", t.path, a.runtime, a.size,
+              " ".join(map(str, cmd)))
+    pid = t.pid() if t.pid else None
+    cpu0 = cpu_ticks(pid)
     # fio forks one process per job: give it its own process group so that a
     # timeout or Ctrl-C kills the job processes too (they would keep the mount busy)
     p = subprocess.Popen([str(c) for c in cmd], env=env, text=True, start_new_session=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        stdout, stderr = p.communicate(timeout=10 * runtime + 300)
+        stdout, stderr = p.communicate(timeout=10 * a.runtime + 300)
     except BaseException as e:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
         if isinstance(e, subprocess.TimeoutExpired):
             raise BenchError(f"fio {job.name} timed out, killed") from None
         raise
+    cpu1 = cpu_ticks(pid)
     try:
         jobs = json.loads(out.read_text())["jobs"]
     except (OSError, ValueError, KeyError):
         jobs = []
     errs = [j["error"] for j in jobs if j.get("error")]
     if p.returncode != 0 or not jobs or errs:
-        raise BenchError(f"fio {job.name} failed (exit {p.returncode}, errors {errs}):\n"
-                         f"{(stderr + stdout).strip()[-2000:]}")
-    bw = sum(j[d]["bw_bytes"] for j in jobs for d in ("read", "write"))
-    iops = sum(j[d]["iops"] for j in jobs for d in ("read", "write"))
-    return {"MB/s": bw / 1e6, "IOPS": iops}
+        raise BenchError(f"fio {job.name} failed (exit {p.returncode}, errors {errs}): "
+                         f"{oneline(stderr + stdout) or 'no output'}")
+    sample = {"MB/s": sum(j[d]["bw_bytes"] for j in jobs for d in ("read", "write")) / 1e6,
+              "IOPS": sum(j[d]["iops"] for j in jobs for d in ("read", "write")),
+              "ios": sum(j[d]["total_ios"] for j in jobs for d in ("read", "write"))}
+    if cpu0 is not None and cpu1 is not None and sample["ios"]:
+        sample["daemon_cpu_us_per_op"] = (cpu1 - cpu0) / CLK_TCK / sample["ios"] * 1e6
+    return sample
 
 
-def run_fio_job(t: Target, job: Job, runtime: int, runs: int, outdir: Path) -> dict:
+def run_fio_job(t: Target, job: Job, a, outdir: Path, res: dict) -> dict:
+    if job.prep != "fresh":
+        ensure_data(t, a.size, res)
     if job.prep == "warm":
         read_once(t.path / DATA)
-    elif job.prep == "cold":
-        drop_caches()
     samples = []
-    for i in range(runs):
-        if job.prep == "clone":
+    for i in range(a.runs):
+        if job.prep == "fresh":
+            (t.path / DATA).unlink(missing_ok=True)
+        elif job.prep == "clone":
             make_clone(t)
-        samples.append(fio_once(t, job, runtime, outdir / f"{t.name}-{job.name}-{i}.json"))
+        samples.append(fio_once(t, job, a, outdir / f"{t.name}-{job.name}-{i}.json"))
     (t.path / CLONE).unlink(missing_ok=True)
-    value = float(np.median([s[job.metric] for s in samples]))
-    log.info("  %-15s %12.1f %s", job.name, value, job.metric)
-    return {"metric": job.metric, "value": value, "runs": samples}
+    out = {"metric": job.metric, "value": float(np.median([s[job.metric] for s in samples])),
+           "runs": samples}
+    cpu = [s["daemon_cpu_us_per_op"] for s in samples if "daemon_cpu_us_per_op" in s]
+    if cpu:
+        out["daemon_cpu_us_per_op"] = float(np.median(cpu))
+    log.info("  %-15s %12.1f %s%s", job.name, out["value"], job.metric,
+             f"   daemon CPU {out['daemon_cpu_us_per_op']:.1f} us/op" if cpu else "")
+    return out
 
 
 def measure_copy(t: Target, runs: int) -> dict:
-    """Wall time of `cp` (reflink on daxfs) vs a byte copy `cat src | cat > dst` of the 1 GiB
-    file, incl. fsync of dst. The pipe matters: GNU cat >= 9 itself uses copy_file_range when
+    """Wall time of `cp` (reflink on daxfs) vs a byte copy `cat src | cat > dst` of fio.dat,
+    incl. fsync of dst. The pipe matters: GNU cat >= 9 itself uses copy_file_range when
     writing to a regular file, so `cat src > dst` would be a reflink on daxfs too."""
     src = t.path / DATA
     read_once(src)
@@ -335,22 +287,22 @@ def measure_mount(t: Target, nfiles: int, runs: int) -> dict:
     return res
 
 
-def bench_target(t: Target, jobs, args, outdir: Path) -> dict:
+def bench_target(t: Target, jobs, a, outdir: Path) -> dict:
     log.info("== %s: %s (%s)", t.name, t.path, fstype(t.path))
-    res = {"path": str(t.path), "fstype": fstype(t.path), "jobs": {}, "errors": {}}
-    res["layout_MBps"] = layout(t.path / DATA)
-    log.info("  layout 1 GiB: %.0f MB/s", res["layout_MBps"])
+    res = {"path": str(t.path), "fstype": fstype(t.path), "desc": t.desc, "jobs": {},
+           "errors": {}}
     for job in jobs:
         try:
-            res["jobs"][job.name] = run_fio_job(t, job, args.runtime, args.runs, outdir)
+            res["jobs"][job.name] = run_fio_job(t, job, a, outdir, res)
         except (BenchError, OSError) as e:
             log.error("  %s on %s: %s", job.name, t.name, e)
             res["errors"][job.name] = str(e)
-    extras = [("copy", lambda: measure_copy(t, args.runs))]
-    if t.mount:
-        extras.append(("mount", lambda: measure_mount(t, args.nfiles, args.runs)))
+    extras = [] if a.no_extras else [("copy", lambda: measure_copy(t, a.runs))]
+    if t.mount and not a.no_extras:
+        extras.append(("mount", lambda: measure_mount(t, a.nfiles, a.runs)))
     for name, fn in extras:
         try:
+            ensure_data(t, a.size, res)
             res[name] = fn()
         except (BenchError, OSError) as e:
             log.error("  %s on %s: %s", name, t.name, e)
@@ -359,151 +311,72 @@ def bench_target(t: Target, jobs, args, outdir: Path) -> dict:
 
 
 # --------------------------------------------------------------------------
-# report
 
 def machine_info() -> dict:
     mem = next(l for l in Path("/proc/meminfo").read_text().splitlines()
                if l.startswith("MemTotal"))
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.machine())
+    try:
+        libfuse = run(["pkg-config", "--modversion", "fuse3"]).stdout.strip()
+    except BenchError:
+        libfuse = "?"
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "host": platform.node(), "nproc": os.cpu_count(), "cpu": cpu,
             "memtotal_GiB": round(int(mem.split()[1]) / 2**20, 1),
             "kernel": platform.release(), "fio": run(["fio", "--version"]).stdout.strip(),
-            "python": platform.python_version()}
+            "libfuse": libfuse, "python": platform.python_version(), "loadavg_start": loadavg()}
 
 
-def ratio_columns(names: list[str]) -> list[tuple[str, str]]:
-    """(numerator, denominator) pairs: each target / tmpfs, daxfs / each named target."""
-    pairs = [(n, "tmpfs") for n in names if n != "tmpfs" and "tmpfs" in names]
-    if "daxfs" in names:
-        pairs += [("daxfs", n) for n in names if n not in ("daxfs", "tmpfs")]
-    return pairs
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
-
-def value(results, target, row):
-    return results[target]["jobs"].get(row, {}).get("value")
-
-
-def fmt(v, metric=""):
-    if v is None:
-        return "err"
-    if metric == "IOPS":
-        return f"{v / 1e3:.1f}k" if v >= 1e3 else f"{v:.0f}"
-    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
-
-
-def markdown(info: dict, cfg: dict, results: dict, jobs) -> str:
-    names = list(results)
-    pairs = ratio_columns(names)
-    lines = [f"# daxfs benchmark {info['date']}", "",
-             f"- machine: {info['host']}, {info['nproc']} CPUs ({info['cpu']}), "
-             f"{info['memtotal_GiB']} GiB RAM, kernel {info['kernel']}, {info['fio']}",
-             f"- mode: {cfg['mode']}, runtime {cfg['runtime']} s, median of {cfg['runs']} run(s)",
-             *(f"- {n}: `{r['path']}` ({r['fstype']})" for n, r in results.items()), "",
-             "| job | unit | " + " | ".join(names) + "".join(f" | {a}/{b}" for a, b in pairs) + " |",
-             "|---|---|" + "---:|" * (len(names) + len(pairs))]
-    for job in jobs:
-        vals = [fmt(value(results, n, job.name), job.metric) for n in names]
-        ratios = []
-        for a, b in pairs:
-            va, vb = value(results, a, job.name), value(results, b, job.name)
-            ratios.append(f"{va / vb:.2f}" if va and vb else "–")
-        lines.append(f"| {job.name} | {job.metric} | " + " | ".join(vals + ratios) + " |")
-    lines += ["", "| other | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-
-    def row(label, get):  # rows nobody has (e.g. mount without daxfs) are left out
-        cells = []
-        for n in names:
-            try:
-                cells.append(get(results[n]))
-            except (KeyError, TypeError, ZeroDivisionError):
-                cells.append("–")
-        if set(cells) != {"–"}:
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-
-    row("layout 1 GiB (MB/s)", lambda r: f"{r['layout_MBps']:.0f}")
-    row("cp 1 GiB (s)", lambda r: f"{r['copy']['cp_s']:.3f}")
-    row("cat > 1 GiB (s)", lambda r: f"{r['copy']['cat_s']:.3f}")
-    row("cp / cat time", lambda r: f"{r['copy']['cp_over_cat']:.3f}")
-    row("cow-storm clone/orig IOPS",
-        lambda r: f"{r['jobs']['cow-storm']['value'] / r['jobs']['cow-storm-orig']['value']:.2f}")
-    row("create files (/s)", lambda r: f"{r['mount']['create_per_s']:.0f}")
-    row("mount, N files (s)", lambda r: f"{r['mount']['mount_s']:.3f} (N={r['mount']['nfiles']})")
-    row("ls top dir (s)", lambda r: f"{r['mount']['ls_s']:.3f} ({r['mount']['ls_entries']} entries)")
-    row("umount (s)", lambda r: f"{r['mount']['umount_s']:.3f}")
-    errors = [(n, k, e) for n, r in results.items() for k, e in r["errors"].items()]
-    if errors:
-        lines += ["", "## Errors", ""]
-        lines += [f"- **{n} / {k}**:\n\n```\n{e}\n```" for n, k, e in errors]
-    return "\n".join(lines) + "\n"
-
-
-def chart(results: dict, jobs, path: Path) -> str:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "chart skipped: matplotlib not installed (pip install matplotlib)"
-    others = [n for n in results if n != "tmpfs"]
-    if "tmpfs" not in results or not others:
-        return "chart skipped: needs the tmpfs baseline and one other target"
-    x = np.arange(len(jobs))
-    width = 0.8 / len(others)
-    fig, ax = plt.subplots(figsize=(max(8, len(jobs) * 0.9), 4.5))
-    for i, n in enumerate(others):
-        ys = [(value(results, n, j.name) or 0) / (value(results, "tmpfs", j.name) or np.inf)
-              for j in jobs]
-        ax.bar(x + (i - (len(others) - 1) / 2) * width, ys, width, label=n)
-    ax.axhline(1, color="k", lw=0.8)
-    ax.set_yscale("log")
-    ax.set_xticks(x, [j.name for j in jobs], rotation=30, ha="right")
-    ax.set_ylabel("ratio to tmpfs (log)")
-    ax.set_title("throughput relative to tmpfs (higher is better)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return f"chart: {path}"
-
-
-# --------------------------------------------------------------------------
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--short", dest="mode", action="store_const", const="short",
-                      help="runtime 3 s, 1 run, no 2-thread job (default)")
+                      help="3 s per job, 1 run (default)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full",
-                      help="runtime 10 s, 3 runs, all jobs")
+                      help="5 s per job, median of 3 runs")
     p.add_argument("--target", action="append", default=[], metavar="NAME=PATH",
                    help="benchmark directory PATH as NAME (repeatable)")
     p.add_argument("--daxfs", action="store_true", help="also benchmark a fresh daxfs mount")
     p.add_argument("--dax", action="store_true",
                    help="also benchmark a fresh daxfs mount in dax mode (-o dax)")
-    p.add_argument("--no-tmpfs", action="store_true", help=f"skip the tmpfs baseline ({TMPFS_DIR})")
+    p.add_argument("--peers", action="store_true",
+                   help="also benchmark the peers: " + ", ".join(PEER_NAMES))
+    p.add_argument("--peer", action="append", default=[], choices=PEER_NAMES, metavar="NAME",
+                   help="benchmark this one peer (repeatable): " + ", ".join(PEER_NAMES))
+    p.add_argument("--peer-cache", type=Path, default=PEER_CACHE, metavar="DIR",
+                   help="where the peers are built and downloaded to (default: %(default)s)")
+    p.add_argument("--no-tmpfs", action="store_true", help="skip the tmpfs baseline (a fresh directory in /dev/shm)")
     p.add_argument("--runtime", type=int, help="seconds per fio job (overrides mode)")
     p.add_argument("--runs", type=int, help="repetitions per job, median reported (overrides mode)")
     p.add_argument("--jobs", help="comma-separated subset of: " + ",".join(j.name for j in JOBS))
+    p.add_argument("--size", type=parse_size, default=1 << 30,
+                   help="size of the fio file (default 1G; smaller only for smoke tests)")
+    p.add_argument("--no-extras", action="store_true",
+                   help="skip the cp/cat copy timing and the daxfs many-files mount test")
     p.add_argument("--nfiles", type=int, default=100_000, help="files for the daxfs mount test")
     p.add_argument("--image-size", default="3G", help="daxfs image size (sparse, on /dev/shm)")
     p.add_argument("--out", type=Path, default=ROOT / "results", help="results base directory")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     a.mode = a.mode or "short"
-    a.runtime = a.runtime or (3 if a.mode == "short" else 10)
+    a.runtime = a.runtime or (3 if a.mode == "short" else 5)
     a.runs = a.runs or (1 if a.mode == "short" else 3)
     return a
 
 
 def select_targets(a, outdir: Path) -> list[tuple[str, object]]:
     targets = [] if a.no_tmpfs else [("tmpfs", lambda: dir_target("tmpfs", TMPFS_DIR))]
+    reserved = {"tmpfs", "daxfs", "daxfs-dax", *PEER_NAMES}
     for spec in a.target:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise BenchError(f"--target expects NAME=PATH, got {spec!r}")
-        if name in ("tmpfs", "daxfs", "daxfs-dax") or name in (n for n, _ in targets):
+        if name in reserved or name in (n for n, _ in targets):
             raise BenchError(f"--target name {name!r} is reserved or used twice")
         targets.append((name, lambda n=name, p=Path(path).absolute(): dir_target(n, p)))
     if a.daxfs:
@@ -513,14 +386,17 @@ def select_targets(a, outdir: Path) -> list[tuple[str, object]]:
         find_daxfs()
         targets.append(("daxfs-dax", lambda: daxfs_target(a.image_size, outdir, "daxfs-dax",
                                                            "dax")))
+    for peer in PEERS:
+        if a.peers or peer.name in a.peer:
+            targets.append((peer.name, lambda pr=peer: peer_target(pr, outdir, a.peer_cache)))
     if not targets:
-        raise BenchError("nothing to benchmark: give --target, --daxfs or drop --no-tmpfs")
+        raise BenchError("nothing to benchmark: give --target, --daxfs, --peers or drop --no-tmpfs")
     return targets
 
 
 def select_jobs(a) -> list[Job]:
     if not a.jobs:
-        return [j for j in JOBS if a.mode == "full" or not j.full_only]
+        return list(JOBS)
     wanted = a.jobs.split(",")
     unknown = set(wanted) - {j.name for j in JOBS}
     if unknown:
@@ -538,24 +414,26 @@ def main(argv=None) -> int:
             raise BenchError("fio not found on PATH: run `make setup` or install fio "
                              "(e.g. apt-get install fio)")
         if os.geteuid() != 0:
-            log.warning("not root: cannot drop caches, cold jobs may run warm")
+            log.warning("not root: daxfs and peer mounts may fail")
         outdir = a.out / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         targets, jobs = select_targets(a, outdir), select_jobs(a)
         (outdir / "fio").mkdir(parents=True, exist_ok=True)
         logging.getLogger().addHandler(logging.FileHandler(outdir / "bench.log"))
         info = machine_info()
-        cfg = {"mode": a.mode, "runtime": a.runtime, "runs": a.runs, "nfiles": a.nfiles,
-               "jobs": [j.name for j in jobs], "argv": sys.argv[1:]}
-        log.info("%s mode, %d s x %d run(s), %d jobs -> %s", a.mode, a.runtime, a.runs,
-                 len(jobs), outdir)
+        cfg = {"mode": a.mode, "runtime": a.runtime, "runs": a.runs, "size": a.size,
+               "nfiles": a.nfiles, "jobs": [j.name for j in jobs], "argv": sys.argv[1:]}
+        log.info("%s mode, %d s x %d run(s), %d jobs, %d targets -> %s", a.mode, a.runtime,
+                 a.runs, len(jobs), len(targets), outdir)
         results = {}
         for name, make in targets:
             try:
                 with make() as t:
                     results[name] = bench_target(t, jobs, a, outdir / "fio")
-            except (BenchError, OSError) as e:  # setup/layout failed: report, go on
-                log.error("target %s: %s", name, e)
-                results[name] = {"path": "?", "fstype": "?", "jobs": {}, "errors": {"setup": str(e)}}
+            except (BenchError, OSError) as e:  # build, mount or setup failed: report, go on
+                log.error("target %s skipped: %s", name, e)
+                results[name] = {"path": "?", "fstype": "?", "desc": "", "jobs": {},
+                                 "errors": {"setup": str(e)}}
+        info["loadavg_end"] = loadavg()
         (outdir / "results.json").write_text(json.dumps(
             {"machine": info, "config": cfg, "results": results}, indent=2))
         md = markdown(info, cfg, results, jobs)
@@ -571,6 +449,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+    except Exception as e:  # a bug in the bench itself: still one line (-v: the traceback)
+        log.debug("traceback", exc_info=True)
+        log.error("bench.py internal error: %s: %s", type(e).__name__, e)
+        return 3
 
 
 if __name__ == "__main__":

@@ -202,8 +202,10 @@ def run_fusermount(mountpoint: str, lazy: bool) -> tuple[bool, str]:
 
 
 def is_stale(path: str) -> bool:
+    """Whether `path` is a FUSE mount whose daemon is gone. statfs, not stat: the kernel always
+    asks the daemon for it, while stat may be answered from cached attributes."""
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False

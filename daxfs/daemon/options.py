@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 from ..errors import UsageError
+from .kcache import DEFAULT_ATTR_TIMEOUT, DEFAULT_BDI_MAX_RATIO
 
 FSTYPE = "fuse.daxfs"
 SUBTYPE = "daxfs"
@@ -15,6 +16,9 @@ DEFAULT_MAX_TASKS = 32
 # place, skipping a trio round trip per request (2-3x the 4 KiB IOPS). Costs at most this much
 # CPU per request, nothing while idle. `-o spin_us=0` turns it off.
 DEFAULT_SPIN_US = 50
+# C threads that read /dev/fuse and answer reads and in-place overwrites without Python (the
+# data plane, daxfs/_dataplane.c): one per core. `-o threads=0` serves everything in Python.
+DEFAULT_THREADS = min(8, os.cpu_count() or 1)
 
 # Options mount(8)/mount.fuse3 may hand us that are accepted and ignored (a FUSE mount is always
 # nosuid,nodev; `noexec` / `exec` are honoured, see MountOptions.noexec).
@@ -35,7 +39,11 @@ class MountOptions:
     min_tasks: int = DEFAULT_MIN_TASKS
     max_tasks: int = DEFAULT_MAX_TASKS
     spin_us: int = DEFAULT_SPIN_US
+    threads: int = DEFAULT_THREADS
     dax: bool = False               # every open direct I/O: clones read through one frame
+    writeback: bool = False         # the kernel's writeback cache (see README, Modes)
+    bdi_max_ratio: int = DEFAULT_BDI_MAX_RATIO     # % of the dirty limit; 0: kernel's 1 %
+    attr_timeout: float = DEFAULT_ATTR_TIMEOUT     # s, attributes and entries
 
     def fuse_options(self, image: str) -> set[str]:
         opts = {f"fsname={fuse_opt_escape(image)}", f"subtype={SUBTYPE}"}
@@ -69,6 +77,8 @@ def parse_mount_options(groups: list[str] | None, *, debug: bool = False) -> Mou
                 mo.debug = True
             elif key == "dax" and not eq:
                 mo.dax = True
+            elif key == "writeback" and not eq:
+                mo.writeback = True
             elif key in ("noexec", "exec") and not eq:
                 mo.noexec = key == "noexec"
             elif key == "nodefault_permissions" and not eq:
@@ -77,24 +87,41 @@ def parse_mount_options(groups: list[str] | None, *, debug: bool = False) -> Mou
                 if not value:
                     raise UsageError("mount option log= needs a file name")
                 mo.log = os.path.abspath(value)
-            elif key in ("min_tasks", "max_tasks", "spin_us") and eq:
+            elif key in ("min_tasks", "max_tasks", "spin_us", "threads") and eq:
                 try:
                     n = int(value)
                 except ValueError:
                     raise UsageError(f"mount option {key} needs a number, not {value!r}") from None
-                lo, hi = (0, 1_000_000) if key == "spin_us" else (1, 1 << 20)
+                lo, hi = {"spin_us": (0, 1_000_000), "threads": (0, 64)}.get(key, (1, 1 << 20))
                 if not lo <= n <= hi:
                     raise UsageError(f"mount option {key} must be between {lo} and {hi}")
                 setattr(mo, key, n)
+            elif key in ("bdi_max_ratio", "attr_timeout") and eq:
+                mo_set_number(mo, key, value, 100 if key == "bdi_max_ratio" else 1e6)
             elif (key in IGNORED_OPTIONS and not eq) or key.startswith("x-") or key == "comment":
                 continue
             else:
                 raise UsageError(f"unknown mount option {opt!r} (known: allow_other, ro, debug, "
-                                 f"dax, noexec, default_permissions, log=FILE, min_tasks=N, "
-                                 f"max_tasks=N, spin_us=N)")
+                                 f"dax, writeback, noexec, default_permissions, log=FILE, "
+                                 f"min_tasks=N, max_tasks=N, spin_us=N, threads=N, bdi_max_ratio=N, "
+                                 f"attr_timeout=S)")
+    if mo.dax and mo.writeback:
+        raise UsageError("mount options dax and writeback exclude each other (dax makes every "
+                         "open direct I/O: nothing would use the writeback cache)")
     if mo.min_tasks > mo.max_tasks:
         raise UsageError(f"mount option min_tasks={mo.min_tasks} exceeds max_tasks={mo.max_tasks}")
     return mo
+
+
+def mo_set_number(mo: MountOptions, key: str, value: str, hi: float) -> None:
+    """bdi_max_ratio=N (an int, 0..100) or attr_timeout=S (seconds, may have a fraction)."""
+    try:
+        n = int(value) if key == "bdi_max_ratio" else float(value)
+    except ValueError:
+        raise UsageError(f"mount option {key} needs a number, not {value!r}") from None
+    if not 0 <= n <= hi:
+        raise UsageError(f"mount option {key} must be between 0 and {hi:g}")
+    setattr(mo, key, n)
 
 
 def fuse_opt_escape(text: str) -> str:

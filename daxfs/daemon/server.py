@@ -11,6 +11,7 @@ import tempfile
 
 from .. import format as fmt
 from ..errors import EXIT_CLOSE_FAILED, EXIT_ERROR, EXIT_OK, FsError, MountError, UsageError
+from . import kcache
 from .mounttab import describe_lock, exposed_image_warning, mounts_below, try_lock
 from .options import MountOptions
 
@@ -53,6 +54,12 @@ class Server:
         self._open_engine()
         ops = self._load_hook()
         self._mount(ops)
+        ops.invalidator = kcache.Invalidator(self.pyfuse3)
+        if not self.opts.ro:
+            kcache.set_bdi_limits(self.mountpoint, self.opts.bdi_max_ratio)
+        if self.opts.writeback:
+            log.info("writeback mode: the kernel's writeback cache absorbs buffered writes; "
+                     "data is stored at fsync/msync/close or the kernel's writeback")
         if not self.opts.ro:
             data = self.fs.g.data_start * fmt.BLOCK_SIZE
             if self.fs.pm.prefault(data, self.fs.pm.size - data):
@@ -112,21 +119,45 @@ class Server:
         self.pyfuse3 = pyfuse3
         self.fusehook = fusehook
         from ..fuse_ops import Operations
-        ops = Operations(self.fs, dax=self.opts.dax)
+        ops = Operations(self.fs, dax=self.opts.dax, writeback=self.opts.writeback,
+                         timeout=self.opts.attr_timeout)
         if fusehook is not None:
             # dax: every open is direct I/O; mmap then needs FUSE_DIRECT_IO_ALLOW_MMAP
             fusehook.set_direct_io_mmap(self.opts.dax)
             fusehook.set_handlers(**ops.hook_handlers())
             fusehook.set_fast_path(read=ops.read_sync, write=ops.write_sync,
                                    spin_us=self.opts.spin_us)
-            self.fs.extra_stats = fusehook.fast_stats
+            self.fs.extra_stats = lambda: {**fusehook.fast_stats(),
+                                           **{f"dp_{k}": v for k, v in
+                                              fusehook.data_plane_stats().items()},
+                                           "prefaulting": int(self.fs.pm.prefaulting)}
+            self._start_data_plane(fusehook, ops)
             # the kernel, not us, judges setuid/setgid/capability clearing and O_TRUNC: it
             # alone knows whether the caller has CAP_FSETID (see fuse_ops)
+            # and the page cache stays across attribute refreshes (kcache)
+            cache = kcache.conn_options(fusehook)
             fusehook.set_conn_options(want_flags_off=fusehook.FUSE_CAP_HANDLE_KILLPRIV
-                                      | fusehook.FUSE_CAP_ATOMIC_O_TRUNC)
+                                      | fusehook.FUSE_CAP_ATOMIC_O_TRUNC
+                                      | cache["want_flags_off"],
+                                      want_flags_on=cache["want_flags_on"])
             fusehook.set_capability_xattrs(bool(self.fs.xattrs.capability_inodes))
             self.fs.xattrs.capability_listener = fusehook.set_capability_xattrs
         return ops
+
+    def _start_data_plane(self, fusehook, ops) -> None:
+        """C threads serve reads and in-place overwrites (daxfs/_dataplane.c, dataplane.py)."""
+        if self.opts.threads <= 0:
+            return
+        from ..dataplane import DataPlane
+        pm = self.fs.pm
+        persist = {"nothing": fusehook.PERSIST_NONE, "msync": fusehook.PERSIST_MSYNC}.get(
+            pm.store_needs, fusehook.PERSIST_READS_ONLY)
+        fusehook.set_data_plane(threads=self.opts.threads, base=pm.address, size=pm.size,
+                                persist=persist, writes=not self.fs.readonly)
+        ops.plane = DataPlane(self.fs, fusehook)
+        log.info("data plane: %d threads, %s", self.opts.threads,
+                 "reads only" if persist == fusehook.PERSIST_READS_ONLY or self.fs.readonly
+                 else "reads and in-place writes")
 
     def _mount(self, ops) -> None:
         pyfuse3 = self.pyfuse3
@@ -197,6 +228,8 @@ class Server:
                 log.exception("pyfuse3.close failed")
                 code = code or EXIT_ERROR
             self.mounted = False
+        if self.fusehook is not None:
+            self.fusehook.stop_data_plane()     # no thread may touch the mapping past here
         if self.fs is not None:
             try:
                 self.fs.close()

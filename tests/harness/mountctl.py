@@ -3,6 +3,7 @@ file, umount, fsck, and the log's tracebacks. Only ever stops the daemon it star
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import signal
@@ -30,7 +31,8 @@ class Mount:
 
     _templates: dict[str, str] = {}      # size -> a pristine image made once per process
 
-    def __init__(self, size: str, tag: str = "exerciser"):
+    def __init__(self, size: str, tag: str = "exerciser", options: str = ""):
+        self.options = options          # extra `-o` mount options, e.g. "writeback"
         base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
         u = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.dir = Path(tempfile.mkdtemp(prefix=f"daxfs-{tag}-"))
@@ -40,6 +42,9 @@ class Mount:
         self.mnt.mkdir()
         self.mounted = False
         self.log_pos = 0
+        # requests the C data plane answered, summed over this image's mounts (so a run shows
+        # that its reads and writes did go through C, not only through Python)
+        self.served = {"c_reads": 0, "c_writes": 0}
         tpl = self._templates.get(size)
         if tpl is None or not os.path.exists(tpl):
             _run("mkfs", self.image, "--size", size)
@@ -51,10 +56,17 @@ class Mount:
         os.chmod(self.image, 0o600)
 
     def mount(self) -> None:
-        _run("mount", self.image, self.mnt, "-o", f"log={self.log}")
+        opts = f"log={self.log}" + (f",{self.options}" if self.options else "")
+        _run("mount", self.image, self.mnt, "-o", opts)
         self.mounted = True
 
     def umount(self) -> None:
+        try:
+            st = json.loads(os.getxattr(self.mnt, "user.daxfs.stats"))
+            self.served["c_reads"] += st.get("dp_reads_served", 0)
+            self.served["c_writes"] += st.get("dp_writes_served", 0)
+        except (OSError, ValueError):
+            pass
         self.mounted = False
         _run("umount", self.mnt)
 

@@ -45,7 +45,8 @@ import numpy as np
 DAXFS = os.path.join(os.path.dirname(sys.executable), "daxfs")
 IMG, MNT = f"/dev/shm/daxfs-repro-{{os.getpid()}}.img", tempfile.mkdtemp()
 subprocess.run([DAXFS, "mkfs", IMG, "--size", "{size}"], check=True, capture_output=True)
-subprocess.run([DAXFS, "mount", IMG, MNT], check=True)
+MOUNT_OPTS = ["-o", "{options}"] if "{options}" else []
+subprocess.run([DAXFS, "mount", IMG, MNT, *MOUNT_OPTS], check=True)
 libc = ctypes.CDLL(None, use_errno=True)
 libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 
@@ -131,7 +132,7 @@ def remount():
         os.close(fd[f])
     subprocess.run([DAXFS, "umount", MNT], check=True)
     print("fsck:", subprocess.run([DAXFS, "fsck", IMG], capture_output=True).returncode)
-    subprocess.run([DAXFS, "mount", IMG, MNT], check=True)
+    subprocess.run([DAXFS, "mount", IMG, MNT, *MOUNT_OPTS], check=True)
     for f in range(3):
         fd[f] = os.open(f"{{MNT}}/f{{f}}", os.O_RDWR)
     return "remounted"
@@ -210,11 +211,11 @@ def render_op(op: tuple) -> tuple[str, str]:
     raise AssertionError(name)
 
 
-def snippet(ops: list, mismatch, what: str, size: str) -> str:
+def snippet(ops: list, mismatch, what: str, size: str, options: str = "") -> str:
     expected = mismatch.text.replace('"""', "'''")
     if mismatch.expected:
         expected += f"\nthe model's bytes there: {mismatch.expected}"
-    out = [HEADER.format(what=what, expected=expected, size=size)]
+    out = [HEADER.format(what=what, expected=expected, size=size, options=options)]
     for op in ops:
         label, expr = render_op(op)
         out.append(f"    do({label!r}, lambda: {expr})\n")

@@ -1,0 +1,756 @@
+/*
+ * daxfs data plane -- READ and WRITE answered by C threads, without the GIL.
+ *
+ * Why.  Every request that pyfuse3 serves costs one Python thread about 25 us,
+ * and there is only one such thread: 4 KiB direct reads top out near 40k IOPS
+ * however many cores and jobs there are.  Most of what fio, databases and
+ * mmap'ing programs send is READ, and WRITE into blocks that are already
+ * there: copying bytes between the request and the mapped image.  That needs no
+ * Python at all, once Python has said which blocks a file maps.
+ *
+ * How it fits into pyfuse3 (which we do not patch, see _fusehook.c):
+ *
+ *  - pyfuse3's loop waits until fuse_session_fd() is readable and then calls
+ *    fuse_session_receive_buf() and fuse_session_process_buf().  We interpose
+ *    the first two.  fuse_session_fd() starts `threads` workers on the real
+ *    /dev/fuse descriptor and gives pyfuse3 an eventfd instead; the workers read
+ *    every request, answer the READ and WRITE requests they can, and queue the
+ *    rest; fuse_session_receive_buf() hands pyfuse3 the queued requests (the
+ *    worker's buffer itself, no copy), which libfuse then processes and answers
+ *    on the shared descriptor as before.  fuse_session_destroy() stops and joins
+ *    the workers first.
+ *
+ *  - What a worker may serve comes from Python: per inode, a *published map*:
+ *    the file size, whether in-place writes are allowed (regular file, no
+ *    setuid/setgid bits, image writable, persistence we can do: none on a RAM
+ *    filesystem, msync on a disk file), and its mapped block runs, each marked
+ *    *owned* when every block in it has reference count 1.  A READ of a
+ *    published inode is answered by one writev() straight from the image (holes
+ *    read as zeros, EOF clips); a WRITE is done in place when it lies inside the
+ *    size and every block it touches is mapped and owned.  Anything else goes to
+ *    Python: allocation, COW breaks, size changes, all metadata.
+ *
+ *  - Consistency.  Maps live in a hash table under one reader-writer lock.
+ *    Workers hold it for reading while they use a map, including the memcpy /
+ *    writev.  Python *revokes* an inode (takes the lock for writing, so no worker
+ *    is inside that map, and removes it) before an operation that changes the
+ *    inode's mapping, size, mode or the sharing of its blocks, and again at the
+ *    transaction's commit; only Python publishes.  So a worker never writes a
+ *    block that is shared or freed, and never reads a block after the commit
+ *    that freed it (freed blocks are not reused before that commit, alloc.py).
+ *
+ *  - Timestamps.  A worker's write sets the map's mtime (ns); Python takes it
+ *    on revoke, on getattr and on sync and stores it like its own lazily kept
+ *    timestamps of overwrites (txn.py).
+ *
+ * What is not done here: DAX mappings (cache-line flushes stay in Python; the
+ * workers then serve reads only), FUSE_INTERRUPT of a request a worker answered
+ * (libfuse keeps a small record of it), splice.
+ */
+#define _GNU_SOURCE
+#include "_dataplane.h"
+
+#define FUSE_USE_VERSION 35
+#include <fuse_lowlevel.h>
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BLOCK_SHIFT 12
+#define BUF_SIZE ((1 << 20) + 8192)   /* max_write (1 MiB) + headers, as libfuse sizes it */
+#define MAX_IOV 1024                  /* UIO_MAXIOV */
+#define MAX_THREADS 64
+#define BUCKETS (1 << 14)
+#define MAX_RUNS (1 << 22)
+#define ZEROS (1 << 20)
+
+enum { PERSIST_NONE = 0, PERSIST_MSYNC = 1, PERSIST_READS_ONLY = 2 };
+
+/* ------------------------------------------------------------------ */
+/* configuration (set by Python before mounting) and the real libfuse  */
+
+static int want_threads;
+static char *image;                   /* base of the daemon's mapping of the image */
+static uint64_t image_size;
+static int persist_mode;
+static atomic_int writes_on;
+
+static int (*real_fd)(struct fuse_session *);
+static int (*real_receive)(struct fuse_session *, struct fuse_buf *);
+static void (*real_destroy)(struct fuse_session *);
+static void (*real_exit)(struct fuse_session *);
+
+static struct fuse_session *dp_se;    /* the session pyfuse3 made (through our hook) */
+static int fuse_fd = -1, queue_fd = -1;
+static pthread_t workers[MAX_THREADS];
+static int nworkers;
+static atomic_int started, ended, stopping;
+static char zeros[ZEROS];             /* never written: .bss, the kernel's zero page */
+
+static atomic_ullong st_reads, st_writes, st_read_bytes, st_write_bytes, st_forwarded,
+    st_getxattrs;
+
+int dp_resolve(void *h)
+{
+    real_fd = (int (*)(struct fuse_session *))dlvsym(h, "fuse_session_fd", "FUSE_3.0");
+    real_receive = (int (*)(struct fuse_session *, struct fuse_buf *))dlvsym(
+        h, "fuse_session_receive_buf", "FUSE_3.0");
+    real_destroy = (void (*)(struct fuse_session *))dlvsym(h, "fuse_session_destroy",
+                                                          "FUSE_3.0");
+    real_exit = (void (*)(struct fuse_session *))dlvsym(h, "fuse_session_exit", "FUSE_3.0");
+    return real_fd && real_receive && real_destroy && real_exit ? 0 : -1;
+}
+
+void dp_note_session(struct fuse_session *se)
+{
+    if (!atomic_load(&started))
+        dp_se = se;
+}
+
+int dp_active(void)
+{
+    return atomic_load(&started);
+}
+
+/* ------------------------------------------------------------------ */
+/* published maps                                                      */
+
+struct run {                  /* as Python packs it (dataplane.py RUN_DTYPE) */
+    uint64_t lblk;
+    uint64_t pblk;
+    uint32_t n;
+    uint32_t owned;           /* every block has reference count 1: writable in place */
+};
+_Static_assert(sizeof(struct run) == 24, "run is 24 bytes");
+
+struct map {
+    struct map *next;         /* hash chain */
+    uint64_t ino;
+    uint64_t size;
+    int writable;
+    uint32_t nruns;
+    atomic_llong mtime;       /* ns of the last write done here, 0: none since taken */
+    struct run runs[];
+};
+
+static struct map *buckets[BUCKETS];
+static pthread_rwlock_t maps_lock;
+static pthread_once_t lock_once = PTHREAD_ONCE_INIT;
+
+static void init_lock(void)
+{
+    /* Python's revoke must not wait behind a stream of new readers */
+    pthread_rwlockattr_t a;
+    pthread_rwlockattr_init(&a);
+    pthread_rwlockattr_setkind_np(&a, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&maps_lock, &a);
+    pthread_rwlockattr_destroy(&a);
+}
+
+static unsigned bucket_of(uint64_t ino)
+{
+    return (unsigned)((ino * 0x9E3779B97F4A7C15ull) >> (64 - 14));
+}
+
+static struct map *find(uint64_t ino)          /* lock held */
+{
+    struct map *m = buckets[bucket_of(ino)];
+    while (m && m->ino != ino)
+        m = m->next;
+    return m;
+}
+
+static struct map *unlink_map(uint64_t ino)    /* write lock held */
+{
+    struct map **pp = &buckets[bucket_of(ino)];
+    while (*pp && (*pp)->ino != ino)
+        pp = &(*pp)->next;
+    struct map *m = *pp;
+    if (m)
+        *pp = m->next;
+    return m;
+}
+
+/* Index of the first run that ends after file block b (nruns if none). */
+static uint32_t first_run(const struct map *m, uint64_t b)
+{
+    uint32_t lo = 0, hi = m->nruns;
+    while (lo < hi) {
+        uint32_t mid = (lo + hi) / 2;
+        if (m->runs[mid].lblk + m->runs[mid].n <= b)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+static long long realtime_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* ------------------------------------------------------------------ */
+/* serving READ and WRITE                                              */
+
+static void reply_err(uint64_t unique, int err)
+{
+    struct wire_out out = {.len = sizeof(out), .error = -err, .unique = unique};
+    (void)!write(fuse_fd, &out, sizeof(out));  /* ENOENT: the request was interrupted */
+}
+
+/* 1: answered; 0: Python must serve it. */
+static int serve_read(const struct wire_in *in, const struct wire_read_in *rd)
+{
+    struct iovec iov[MAX_IOV];
+    struct wire_out out = {.error = 0, .unique = in->unique};
+    int cnt = 1;
+    size_t total = 0;
+
+    pthread_rwlock_rdlock(&maps_lock);
+    const struct map *m = find(in->nodeid);
+    if (!m)
+        goto forward;
+    uint64_t pos = rd->offset, end = pos + rd->size;
+    if (end > m->size || end < pos)
+        end = m->size;
+    uint32_t i = pos < end ? first_run(m, pos >> BLOCK_SHIFT) : 0;
+    while (pos < end) {
+        const struct run *r = i < m->nruns ? &m->runs[i] : NULL;
+        uint64_t e;
+        if (r && r->lblk << BLOCK_SHIFT <= pos) {
+            e = (r->lblk + r->n) << BLOCK_SHIFT;
+            e = e < end ? e : end;
+            iov[cnt].iov_base = image + (r->pblk << BLOCK_SHIFT) + (pos - (r->lblk << BLOCK_SHIFT));
+            i++;
+        } else {                                   /* a hole: up to the next run */
+            e = r ? r->lblk << BLOCK_SHIFT : end;
+            e = e < end ? e : end;
+            if (e - pos > ZEROS)
+                e = pos + ZEROS;
+            iov[cnt].iov_base = (void *)zeros;
+        }
+        iov[cnt].iov_len = e - pos;
+        total += e - pos;
+        pos = e;
+        if (++cnt == MAX_IOV && pos < end)
+            goto forward;                          /* too fragmented for one writev */
+    }
+    out.len = (uint32_t)(sizeof(out) + total);
+    iov[0].iov_base = &out;
+    iov[0].iov_len = sizeof(out);
+    (void)!writev(fuse_fd, iov, cnt);
+    pthread_rwlock_unlock(&maps_lock);
+    atomic_fetch_add(&st_reads, 1);
+    atomic_fetch_add(&st_read_bytes, total);
+    return 1;
+forward:
+    pthread_rwlock_unlock(&maps_lock);
+    return 0;
+}
+
+/* Store in place when the whole range is mapped by owned runs inside the size; else 0.
+ * All of it or nothing: page-cache writeback ignores short counts. */
+static int serve_write(const struct wire_in *in, const struct wire_write_in *wr,
+                       const char *data)
+{
+    if (!atomic_load(&writes_on) || wr->size == 0)
+        return 0;
+    if (!(wr->write_flags & WIRE_WRITE_CACHE) && capability_xattrs)
+        return 0;                                  /* Python drops security.capability */
+    pthread_rwlock_rdlock(&maps_lock);
+    struct map *m = find(in->nodeid);
+    uint64_t off = wr->offset, end = off + wr->size;
+    if (!m || !m->writable || end > m->size || end < off)
+        goto forward;
+    uint64_t b0 = off >> BLOCK_SHIFT, b1 = (end - 1) >> BLOCK_SHIFT;
+    uint32_t i0 = first_run(m, b0), i = i0;
+    for (uint64_t b = b0; b <= b1; i++) {          /* covered by owned runs, no gap */
+        if (i >= m->nruns || m->runs[i].lblk > b || !m->runs[i].owned)
+            goto forward;
+        b = m->runs[i].lblk + m->runs[i].n;
+    }
+    uint64_t pos = off;
+    for (i = i0; pos < end; i++) {
+        const struct run *r = &m->runs[i];
+        uint64_t e = (r->lblk + r->n) << BLOCK_SHIFT;
+        e = e < end ? e : end;
+        char *dst = image + (r->pblk << BLOCK_SHIFT) + (pos - (r->lblk << BLOCK_SHIFT));
+        memcpy(dst, data + (pos - off), e - pos);
+        if (persist_mode == PERSIST_MSYNC) {
+            uintptr_t a = (uintptr_t)dst & ~(uintptr_t)4095;
+            msync((void *)a, (uintptr_t)dst + (e - pos) - a, MS_SYNC);
+        }
+        pos = e;
+    }
+    atomic_store(&m->mtime, realtime_ns());
+    pthread_rwlock_unlock(&maps_lock);
+
+    struct {
+        struct wire_out h;
+        uint32_t size, padding;
+    } out = {{sizeof(out), 0, in->unique}, wr->size, 0};
+    (void)!write(fuse_fd, &out, sizeof(out));
+    atomic_fetch_add(&st_writes, 1);
+    atomic_fetch_add(&st_write_bytes, wr->size);
+    return 1;
+forward:
+    pthread_rwlock_unlock(&maps_lock);
+    return 0;
+}
+
+/* The kernel asks for security.capability before every write through its page cache (FUSE
+ * mounts never get SB_NOSEC); while no inode has one, answer as _fusehook.c's hook_getxattr
+ * does, here, instead of a round trip through Python's event loop. */
+static int serve_getxattr(const struct wire_in *in, const char *name, size_t len)
+{
+    static const char cap[] = "security.capability";
+    if (capability_xattrs || len < sizeof(cap) || memcmp(name, cap, sizeof(cap)) != 0)
+        return 0;
+    reply_err(in->unique, ENODATA);
+    atomic_fetch_add(&st_getxattrs, 1);
+    return 1;
+}
+
+static int serve(const char *buf, size_t n)
+{
+    const struct wire_in *in = (const struct wire_in *)buf;
+    if (n < sizeof(*in) || in->len != n)
+        return 0;
+    if (in->opcode == WIRE_GETXATTR && n > sizeof(*in) + 8)
+        return serve_getxattr(in, buf + sizeof(*in) + 8, n - sizeof(*in) - 8);
+    if (in->opcode == WIRE_READ && n >= sizeof(*in) + sizeof(struct wire_read_in))
+        return serve_read(in, (const struct wire_read_in *)(buf + sizeof(*in)));
+    if (in->opcode == WIRE_WRITE && n >= sizeof(*in) + sizeof(struct wire_write_in)) {
+        const struct wire_write_in *wr = (const struct wire_write_in *)(buf + sizeof(*in));
+        if (n != sizeof(*in) + sizeof(*wr) + wr->size)
+            return 0;
+        return serve_write(in, wr, buf + sizeof(*in) + sizeof(*wr));
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* request buffers and the queue to Python                             */
+
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static char *pool[2 * MAX_THREADS + 64];
+static int npool;
+
+static char *buf_take(void)
+{
+    pthread_mutex_lock(&pool_mu);
+    char *b = npool ? pool[--npool] : NULL;
+    pthread_mutex_unlock(&pool_mu);
+    return b ? b : malloc(BUF_SIZE);
+}
+
+static void buf_give(char *b)
+{
+    pthread_mutex_lock(&pool_mu);
+    if (npool < (int)(sizeof(pool) / sizeof(pool[0]))) {
+        pool[npool++] = b;
+        b = NULL;
+    }
+    pthread_mutex_unlock(&pool_mu);
+    free(b);
+}
+
+struct item {
+    struct item *next;
+    char *buf;
+    size_t len;
+};
+
+static pthread_mutex_t q_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct item *q_head, *q_tail;
+
+/* The eventfd is readable exactly while the queue is non-empty (or the session ended):
+ * both are changed under q_mu. */
+static void enqueue(char *buf, size_t len)
+{
+    struct item *it = malloc(sizeof(*it));
+    if (!it) {
+        reply_err(((struct wire_in *)buf)->unique, ENOMEM);
+        buf_give(buf);
+        return;
+    }
+    it->next = NULL;
+    it->buf = buf;
+    it->len = len;
+    pthread_mutex_lock(&q_mu);
+    if (q_tail)
+        q_tail->next = it;
+    else
+        q_head = it;
+    q_tail = it;
+    uint64_t one = 1;
+    (void)!write(queue_fd, &one, sizeof(one));
+    pthread_mutex_unlock(&q_mu);
+    atomic_fetch_add(&st_forwarded, 1);
+}
+
+static void session_over(void)
+{
+    pthread_mutex_lock(&q_mu);
+    if (!atomic_exchange(&ended, 1)) {
+        real_exit(dp_se);
+        uint64_t one = 1;
+        (void)!write(queue_fd, &one, sizeof(one));
+    }
+    pthread_mutex_unlock(&q_mu);
+}
+
+/* ------------------------------------------------------------------ */
+/* the workers                                                         */
+
+/* Workers block in read(): the kernel wakes one waiter per request (its wait is exclusive),
+ * where poll() would wake them all.  To stop them, STOP_SIGNAL (whose handler does nothing,
+ * installed without SA_RESTART) interrupts the read; it is resent until each has gone, since
+ * one may arrive just before the read starts. */
+#define STOP_SIGNAL (SIGRTMAX - 3)
+static atomic_int exited;
+
+static void on_stop_signal(int sig) { (void)sig; }
+
+static void *worker(void *arg)
+{
+    sigset_t only;
+    sigemptyset(&only);
+    sigaddset(&only, STOP_SIGNAL);
+    pthread_sigmask(SIG_UNBLOCK, &only, NULL);
+    char *buf = NULL;
+    while (!atomic_load(&stopping)) {
+        if (!buf && !(buf = buf_take())) {
+            usleep(1000);                          /* out of memory: try again */
+            continue;
+        }
+        ssize_t n = read(fuse_fd, buf, BUF_SIZE);
+        if (n < 0) {
+            if (errno == EINTR || errno == ENOENT || errno == EAGAIN)
+                continue;                          /* ENOENT: interrupted before we read it */
+            session_over();                        /* ENODEV: unmounted, or aborted */
+            break;
+        }
+        if (n == 0) {
+            session_over();
+            break;
+        }
+        if (serve(buf, (size_t)n))
+            continue;
+        enqueue(buf, (size_t)n);
+        buf = NULL;
+    }
+    if (buf)
+        buf_give(buf);
+    atomic_fetch_add(&exited, 1);
+    return NULL;
+}
+
+static int start(int fd)
+{
+    pthread_once(&lock_once, init_lock);
+    struct sigaction sa, old_sa;
+    if (sigaction(STOP_SIGNAL, NULL, &old_sa) != 0 || old_sa.sa_handler != SIG_DFL)
+        return -1;                                 /* someone else uses it */
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(STOP_SIGNAL, &sa, NULL) != 0)
+        return -1;
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || ((fl & O_NONBLOCK) && fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0))
+        return -1;
+    queue_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (queue_fd < 0)
+        return -1;
+    fuse_fd = fd;
+    /* signals stay with Python's thread (but STOP_SIGNAL, which each worker unblocks) */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    for (nworkers = 0; nworkers < want_threads; nworkers++) {
+        if (pthread_create(&workers[nworkers], NULL, worker, NULL) != 0)
+            break;
+        char name[16];
+        snprintf(name, sizeof(name), "daxfs-io%d", nworkers);
+        pthread_setname_np(workers[nworkers], name);
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (nworkers == 0) {
+        close(queue_fd);
+        queue_fd = -1;
+        return -1;
+    }
+    atomic_store(&started, 1);
+    return 0;
+}
+
+static void stop_workers(void)
+{
+    if (!atomic_load(&started) || atomic_exchange(&stopping, 1))
+        return;
+    while (atomic_load(&exited) < nworkers) {
+        for (int i = 0; i < nworkers; i++)
+            pthread_kill(workers[i], STOP_SIGNAL);  /* a gone thread is still joinable */
+        usleep(2000);
+    }
+    for (int i = 0; i < nworkers; i++)
+        pthread_join(workers[i], NULL);
+    nworkers = 0;
+    pthread_mutex_lock(&q_mu);
+    while (q_head) {                               /* never answered: the session is over */
+        struct item *it = q_head;
+        q_head = it->next;
+        buf_give(it->buf);
+        free(it);
+    }
+    q_tail = NULL;
+    pthread_mutex_unlock(&q_mu);
+}
+
+/* ------------------------------------------------------------------ */
+/* the interposed libfuse functions                                    */
+
+int hook_session_fd(struct fuse_session *se) __asm__("fuse_session_fd");
+int hook_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
+    __asm__("fuse_session_receive_buf");
+void hook_session_destroy(struct fuse_session *se) __asm__("fuse_session_destroy");
+
+int hook_session_fd(struct fuse_session *se)
+{
+    int fd = real_fd(se);
+    if (se != dp_se || fd < 0)
+        return fd;
+    if (!atomic_load(&started) && (want_threads <= 0 || start(fd) != 0))
+        return fd;
+    return queue_fd;
+}
+
+int hook_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
+{
+    if (!atomic_load(&started) || se != dp_se)
+        return real_receive(se, buf);
+    pthread_mutex_lock(&q_mu);
+    struct item *it = q_head;
+    if (it) {
+        q_head = it->next;
+        if (!q_head)
+            q_tail = NULL;
+    }
+    if (!q_head && !atomic_load(&ended)) {
+        uint64_t v;
+        (void)!read(queue_fd, &v, sizeof(v));     /* empty: not readable any more */
+    }
+    pthread_mutex_unlock(&q_mu);
+    if (!it)
+        return atomic_load(&ended) ? 0 : -EINTR;  /* pyfuse3 waits again on -EINTR */
+    if (buf->mem)
+        buf_give(buf->mem);                        /* the previous one was ours too */
+    buf->mem = it->buf;
+    buf->size = it->len;
+    buf->flags = 0;
+    buf->fd = -1;
+    buf->pos = 0;
+    int n = (int)it->len;
+    free(it);
+    return n;
+}
+
+void hook_session_destroy(struct fuse_session *se)
+{
+    if (se == dp_se)
+        stop_workers();
+    real_destroy(se);
+}
+
+/* ------------------------------------------------------------------ */
+/* Python API                                                          */
+
+PyObject *dp_py_configure(PyObject *self, PyObject *args)
+{
+    int threads, persist, writes;
+    unsigned long long base, size;
+    if (!PyArg_ParseTuple(args, "iKKip", &threads, &base, &size, &persist, &writes))
+        return NULL;
+    if (atomic_load(&started)) {
+        PyErr_SetString(PyExc_RuntimeError, "the data plane is already running");
+        return NULL;
+    }
+    if (threads < 0 || threads > MAX_THREADS || persist < PERSIST_NONE ||
+        persist > PERSIST_READS_ONLY || (threads && (!base || !size))) {
+        PyErr_SetString(PyExc_ValueError, "bad data plane configuration");
+        return NULL;
+    }
+    pthread_once(&lock_once, init_lock);
+    want_threads = threads;
+    image = (char *)(uintptr_t)base;
+    image_size = size;
+    persist_mode = persist;
+    atomic_store(&writes_on, writes && persist != PERSIST_READS_ONLY);
+    Py_RETURN_NONE;
+}
+
+PyObject *dp_py_publish(PyObject *self, PyObject *args)
+{
+    unsigned long long ino, size;
+    int writable;
+    Py_buffer v;
+    if (!PyArg_ParseTuple(args, "KKpy*", &ino, &size, &writable, &v))
+        return NULL;
+    size_t n = (size_t)v.len / sizeof(struct run);
+    struct map *m = NULL;
+    if ((size_t)v.len % sizeof(struct run) || n > MAX_RUNS) {
+        PyErr_SetString(PyExc_ValueError, "runs must be packed 24-byte records, at most 4M");
+        goto out;
+    }
+    m = malloc(sizeof(*m) + n * sizeof(struct run));
+    if (!m) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    memcpy(m->runs, v.buf, n * sizeof(struct run));
+    uint64_t blocks = image_size >> BLOCK_SHIFT, prev_end = 0;
+    for (size_t i = 0; i < n; i++) {               /* sorted, disjoint, inside the image */
+        const struct run *r = &m->runs[i];
+        if (r->n == 0 || r->lblk < prev_end || r->pblk >= blocks || r->n > blocks - r->pblk ||
+            r->lblk > (UINT64_MAX >> BLOCK_SHIFT) - r->n) {
+            PyErr_Format(PyExc_ValueError, "run %zu of inode %llu is out of order or "
+                         "outside the image", i, ino);
+            free(m);
+            m = NULL;
+            goto out;
+        }
+        prev_end = r->lblk + r->n;
+    }
+    m->ino = ino;
+    m->size = size;
+    m->writable = writable;
+    m->nruns = (uint32_t)n;
+    pthread_rwlock_wrlock(&maps_lock);
+    struct map *old = unlink_map(ino);
+    atomic_init(&m->mtime, old ? atomic_load(&old->mtime) : 0);  /* keep an untaken time */
+    unsigned b = bucket_of(ino);
+    m->next = buckets[b];
+    buckets[b] = m;
+    pthread_rwlock_unlock(&maps_lock);
+    free(old);
+out:
+    PyBuffer_Release(&v);
+    if (!m)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+PyObject *dp_py_revoke(PyObject *self, PyObject *arg)
+{
+    unsigned long long ino = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    pthread_once(&lock_once, init_lock);
+    pthread_rwlock_wrlock(&maps_lock);
+    struct map *m = unlink_map(ino);
+    pthread_rwlock_unlock(&maps_lock);
+    long long t = m ? atomic_load(&m->mtime) : 0;
+    free(m);
+    return PyLong_FromLongLong(t);
+}
+
+PyObject *dp_py_take_times(PyObject *self, PyObject *arg)
+{
+    unsigned long long ino = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    pthread_once(&lock_once, init_lock);
+    pthread_rwlock_rdlock(&maps_lock);
+    struct map *m = find(ino);
+    long long t = m ? atomic_exchange(&m->mtime, 0) : 0;
+    pthread_rwlock_unlock(&maps_lock);
+    return PyLong_FromLongLong(t);
+}
+
+/* [(ino, mtime_ns)] of the maps written since their time was last taken; with `drop`,
+ * every map is revoked as well. */
+static PyObject *collect(int drop)
+{
+    PyObject *out = PyList_New(0);
+    if (!out)
+        return NULL;
+    pthread_once(&lock_once, init_lock);
+    if (drop)
+        pthread_rwlock_wrlock(&maps_lock);
+    else
+        pthread_rwlock_rdlock(&maps_lock);
+    for (unsigned b = 0; b < BUCKETS; b++) {
+        struct map *m = buckets[b];
+        if (drop)
+            buckets[b] = NULL;
+        while (m) {
+            struct map *next = m->next;
+            long long t = atomic_exchange(&m->mtime, 0);
+            if (t && out) {
+                PyObject *pair = Py_BuildValue("(KL)", (unsigned long long)m->ino, t);
+                if (!pair || PyList_Append(out, pair) < 0)
+                    Py_CLEAR(out);
+                Py_XDECREF(pair);
+            }
+            if (drop)
+                free(m);
+            m = next;
+        }
+    }
+    pthread_rwlock_unlock(&maps_lock);
+    return out;
+}
+
+PyObject *dp_py_take_all_times(PyObject *self, PyObject *unused)
+{
+    return collect(0);
+}
+
+PyObject *dp_py_revoke_all(PyObject *self, PyObject *unused)
+{
+    return collect(1);
+}
+
+PyObject *dp_py_set_writes(PyObject *self, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    atomic_store(&writes_on, on && persist_mode != PERSIST_READS_ONLY);
+    Py_RETURN_NONE;
+}
+
+PyObject *dp_py_stats(PyObject *self, PyObject *unused)
+{
+    return Py_BuildValue("{s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:K}", "threads",
+                         atomic_load(&started) ? nworkers : 0, "writes",
+                         atomic_load(&writes_on), "reads_served", atomic_load(&st_reads),
+                         "writes_served", atomic_load(&st_writes), "bytes_read",
+                         atomic_load(&st_read_bytes), "bytes_written",
+                         atomic_load(&st_write_bytes), "forwarded",
+                         atomic_load(&st_forwarded), "capability_getxattrs",
+                         atomic_load(&st_getxattrs));
+}
+
+PyObject *dp_py_stop(PyObject *self, PyObject *unused)
+{
+    Py_BEGIN_ALLOW_THREADS
+    stop_workers();
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}

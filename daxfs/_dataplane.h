@@ -1,0 +1,76 @@
+/* daxfs data plane (see _dataplane.c): what _fusehook.c and _dataplane.c share. */
+#ifndef DAXFS_DATAPLANE_H
+#define DAXFS_DATAPLANE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+
+struct fuse_session;
+
+/* The FUSE wire format (<linux/fuse.h>, protocol >= 7.9), spelled out here because that
+ * header and libfuse's clash. */
+struct wire_in {            /* struct fuse_in_header */
+    uint32_t len;
+    uint32_t opcode;
+    uint64_t unique;
+    uint64_t nodeid;
+    uint32_t uid, gid, pid;
+    uint16_t total_extlen;
+    uint16_t padding;
+};
+struct wire_read_in {       /* struct fuse_read_in */
+    uint64_t fh;
+    uint64_t offset;
+    uint32_t size;
+    uint32_t read_flags;
+    uint64_t lock_owner;
+    uint32_t flags;
+    uint32_t padding;
+};
+struct wire_write_in {      /* struct fuse_write_in */
+    uint64_t fh;
+    uint64_t offset;
+    uint32_t size;
+    uint32_t write_flags;
+    uint64_t lock_owner;
+    uint32_t flags;
+    uint32_t padding;
+};
+struct wire_out {           /* struct fuse_out_header */
+    uint32_t len;
+    int32_t error;
+    uint64_t unique;
+};
+_Static_assert(sizeof(struct wire_in) == 40, "fuse_in_header is 40 bytes");
+_Static_assert(sizeof(struct wire_read_in) == 40, "fuse_read_in is 40 bytes");
+_Static_assert(sizeof(struct wire_write_in) == 40, "fuse_write_in is 40 bytes");
+_Static_assert(sizeof(struct wire_out) == 16, "fuse_out_header is 16 bytes");
+
+#define WIRE_GETXATTR 22    /* followed by struct fuse_getxattr_in {size, padding}, name */
+#define WIRE_READ 15
+#define WIRE_WRITE 16
+#define WIRE_WRITE_CACHE (1u << 0)
+
+/* _fusehook.c: nonzero while some inode may carry a security.capability xattr (then a
+ * write(2) must go to Python, which drops it) */
+extern volatile int capability_xattrs;
+
+/* _dataplane.c: the interposers' view */
+int dp_active(void);                         /* worker threads are serving the session */
+void dp_note_session(struct fuse_session *se);
+int dp_resolve(void *libfuse_handle);        /* fetch the real libfuse functions; 0 ok */
+
+/* _dataplane.c: Python methods, added to _fusehook's method table */
+PyObject *dp_py_configure(PyObject *self, PyObject *args);
+PyObject *dp_py_publish(PyObject *self, PyObject *args);
+PyObject *dp_py_revoke(PyObject *self, PyObject *arg);
+PyObject *dp_py_take_times(PyObject *self, PyObject *arg);
+PyObject *dp_py_take_all_times(PyObject *self, PyObject *unused);
+PyObject *dp_py_revoke_all(PyObject *self, PyObject *unused);
+PyObject *dp_py_set_writes(PyObject *self, PyObject *arg);
+PyObject *dp_py_stats(PyObject *self, PyObject *unused);
+PyObject *dp_py_stop(PyObject *self, PyObject *unused);
+
+#endif

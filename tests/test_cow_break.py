@@ -1,5 +1,5 @@
 """The one-block COW break fast path (FileData.write -> BufCache.break_block) and the C leaf
-splices under it (daxfs/_fastmaps.c: extent_replace, frame_cut, journal_body).
+splices under it (daxfs/_fastmaps.c: extent_replace, frame_cut, journal_txn).
 
 Random writes of whole and partial blocks, single- and multi-block, into three files that
 share blocks at equal and shifted offsets (blocks with 2, 3 and 4 references, so both the

@@ -130,6 +130,16 @@ def check_daemon_log(mnt) -> None:
                              f"{text[start:i + 3000]}")
 
 
+def finish_mount(image, mnt) -> None:
+    """The end of a test's mount: unmount, the daemon gone, no traceback in its log, fsck
+    clean."""
+    if is_mounted(mnt):
+        umount(mnt)
+    assert wait_unlocked(image), f"the daemon of {image} did not exit after umount"
+    check_daemon_log(mnt)
+    check_fsck(image)
+
+
 def remount(image, mnt, *opts: str) -> Path:
     """Unmount and mount again (everything must survive); returns the mountpoint."""
     umount(mnt)
@@ -177,11 +187,7 @@ def mounted(image, tmp_path):
         raise
     try:
         yield mnt
-        if is_mounted(mnt):
-            umount(mnt)
-        assert wait_unlocked(image), f"the daemon of {image} did not exit after umount"
-        check_daemon_log(mnt)
-        check_fsck(image)
+        finish_mount(image, mnt)
     finally:
         if is_mounted(mnt) or _image_daemon(image):
             force_cleanup(image, mnt)

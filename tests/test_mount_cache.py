@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (check_daemon_log, check_fsck, daxfs_cli, force_cleanup, have_fuse,
-                      have_root, is_mounted, mount, remount, umount, wait_unlocked)
+from conftest import (check_fsck, daxfs_cli, finish_mount, force_cleanup, have_fuse, have_root,
+                      is_mounted, mount, remount, umount)
 from test_mount_mmap import Agent, apply, assert_bytes, clone_range, kill9_daemon, pread_all
 from test_posix import as_user
 
@@ -121,11 +121,7 @@ def cmount(request, image):
         yield mnt, mode, opts, started
         for a in started:
             a.kill()
-        if is_mounted(mnt):
-            umount(mnt)
-        assert wait_unlocked(image), f"the daemon of {image} did not exit after umount"
-        check_daemon_log(mnt)
-        check_fsck(image)
+        finish_mount(image, mnt)
     finally:
         for a in started:
             a.kill()

@@ -56,6 +56,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -81,6 +82,7 @@ enum { PERSIST_NONE = 0, PERSIST_MSYNC = 1, PERSIST_READS_ONLY = 2 };
 /* configuration (set by Python before mounting) and the real libfuse  */
 
 static int want_threads;
+static long long spin_ns;             /* after serving, poll this long before sleeping */
 static char *image;                   /* base of the daemon's mapping of the image */
 static uint64_t image_size;
 static int persist_mode;
@@ -426,6 +428,31 @@ static atomic_int exited;
 
 static void on_stop_signal(int sig) { (void)sig; }
 
+static long long mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* After a request, look for the next one for up to spin_ns before sleeping in read(): on
+ * these VMs waking a sleeping thread costs ~20 us, more than a 4 KiB request's whole service
+ * (one job's direct 4 KiB reads here: 47k IOPS sleeping, 63k spinning). */
+static atomic_int spinning;
+
+static void spin_for_next(void)
+{
+    int idle = 0;
+    /* one spinner at a time: with 2 cores, more would take the CPU the clients need */
+    if (spin_ns <= 0 || !atomic_compare_exchange_strong(&spinning, &idle, 1))
+        return;
+    struct pollfd p = {.fd = fuse_fd, .events = POLLIN};
+    long long deadline = mono_ns() + spin_ns;
+    while (!atomic_load(&stopping) && poll(&p, 1, 0) == 0 && mono_ns() < deadline)
+        ;
+    atomic_store(&spinning, 0);
+}
+
 static void *worker(void *arg)
 {
     sigset_t only;
@@ -449,8 +476,10 @@ static void *worker(void *arg)
             session_over();
             break;
         }
-        if (serve(buf, (size_t)n))
+        if (serve(buf, (size_t)n)) {
+            spin_for_next();
             continue;
+        }
         enqueue(buf, (size_t)n);
         buf = NULL;
     }
@@ -583,20 +612,23 @@ void hook_session_destroy(struct fuse_session *se)
 PyObject *dp_py_configure(PyObject *self, PyObject *args)
 {
     int threads, persist, writes;
+    long spin_us;
     unsigned long long base, size;
-    if (!PyArg_ParseTuple(args, "iKKip", &threads, &base, &size, &persist, &writes))
+    if (!PyArg_ParseTuple(args, "iKKipl", &threads, &base, &size, &persist, &writes, &spin_us))
         return NULL;
     if (atomic_load(&started)) {
         PyErr_SetString(PyExc_RuntimeError, "the data plane is already running");
         return NULL;
     }
     if (threads < 0 || threads > MAX_THREADS || persist < PERSIST_NONE ||
-        persist > PERSIST_READS_ONLY || (threads && (!base || !size))) {
+        persist > PERSIST_READS_ONLY || (threads && (!base || !size)) || spin_us < 0 ||
+        spin_us > 1000000) {
         PyErr_SetString(PyExc_ValueError, "bad data plane configuration");
         return NULL;
     }
     pthread_once(&lock_once, init_lock);
     want_threads = threads;
+    spin_ns = spin_us * 1000LL;
     image = (char *)(uintptr_t)base;
     image_size = size;
     persist_mode = persist;

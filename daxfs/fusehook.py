@@ -193,14 +193,17 @@ def cap_names(mask: int) -> list[str]:
 PERSIST_NONE, PERSIST_MSYNC, PERSIST_READS_ONLY = 0, 1, 2
 
 
-def set_data_plane(*, threads: int, base: int, size: int, persist: int, writes: bool) -> None:
+def set_data_plane(*, threads: int, base: int, size: int, persist: int, writes: bool,
+                   spin_us: int = 0) -> None:
     """Before mounting: serve READ and in-place WRITE of published files from `threads` C
     threads (0: everything goes through pyfuse3). `base`/`size`: the daemon's mapping of the
     image, which must outlive the session. `persist`: what a store into the image needs to be
     durable: PERSIST_NONE (RAM filesystem), PERSIST_MSYNC (disk file), PERSIST_READS_ONLY
     (cache-line flushes, left to Python: the threads serve reads only). `writes`: in-place
-    writes allowed at all (not on a read-only mount)."""
-    _fusehook._dp_configure(int(threads), int(base), int(size), int(persist), bool(writes))
+    writes allowed at all (not on a read-only mount). `spin_us`: after serving a request a
+    thread polls this long for the next one before it sleeps (waking it costs more)."""
+    _fusehook._dp_configure(int(threads), int(base), int(size), int(persist), bool(writes),
+                            int(spin_us))
 
 
 def publish(ino: int, size: int, writable: bool, runs) -> None:

@@ -153,7 +153,8 @@ class Server:
         persist = {"nothing": fusehook.PERSIST_NONE, "msync": fusehook.PERSIST_MSYNC}.get(
             pm.store_needs, fusehook.PERSIST_READS_ONLY)
         fusehook.set_data_plane(threads=self.opts.threads, base=pm.address, size=pm.size,
-                                persist=persist, writes=not self.fs.readonly)
+                                persist=persist, writes=not self.fs.readonly,
+                                spin_us=self.opts.spin_us)
         ops.plane = DataPlane(self.fs, fusehook)
         log.info("data plane: %d threads, %s", self.opts.threads,
                  "reads only" if persist == fusehook.PERSIST_READS_ONLY or self.fs.readonly

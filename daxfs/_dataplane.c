@@ -120,11 +120,6 @@ void dp_note_session(struct fuse_session *se)
         dp_se = se;
 }
 
-int dp_active(void)
-{
-    return atomic_load(&started);
-}
-
 /* ------------------------------------------------------------------ */
 /* published maps                                                      */
 
@@ -428,7 +423,7 @@ static atomic_int exited;
 
 static void on_stop_signal(int sig) { (void)sig; }
 
-static long long mono_ns(void)
+long long mono_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -776,15 +771,6 @@ PyObject *dp_py_take_all_times(PyObject *self, PyObject *unused)
 PyObject *dp_py_revoke_all(PyObject *self, PyObject *unused)
 {
     return collect(1);
-}
-
-PyObject *dp_py_set_writes(PyObject *self, PyObject *arg)
-{
-    int on = PyObject_IsTrue(arg);
-    if (on < 0)
-        return NULL;
-    atomic_store(&writes_on, on && persist_mode != PERSIST_READS_ONLY);
-    Py_RETURN_NONE;
 }
 
 PyObject *dp_py_stats(PyObject *self, PyObject *unused)

@@ -58,8 +58,8 @@ _Static_assert(sizeof(struct wire_out) == 16, "fuse_out_header is 16 bytes");
 extern volatile int capability_xattrs;
 
 /* _dataplane.c: the interposers' view */
-int dp_active(void);                         /* worker threads are serving the session */
 void dp_note_session(struct fuse_session *se);
+long long mono_ns(void);                     /* CLOCK_MONOTONIC, ns */
 int dp_resolve(void *libfuse_handle);        /* fetch the real libfuse functions; 0 ok */
 
 /* _dataplane.c: Python methods, added to _fusehook's method table */
@@ -69,7 +69,6 @@ PyObject *dp_py_revoke(PyObject *self, PyObject *arg);
 PyObject *dp_py_take_times(PyObject *self, PyObject *arg);
 PyObject *dp_py_take_all_times(PyObject *self, PyObject *unused);
 PyObject *dp_py_revoke_all(PyObject *self, PyObject *unused);
-PyObject *dp_py_set_writes(PyObject *self, PyObject *arg);
 PyObject *dp_py_stats(PyObject *self, PyObject *unused);
 PyObject *dp_py_stop(PyObject *self, PyObject *unused);
 

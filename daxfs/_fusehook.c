@@ -266,13 +266,6 @@ static void hook_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offse
 /* ------------------------------------------------------------------ */
 /* read and write without a coroutine, then drain                      */
 
-static long long now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
 /* Serve requests that are already queued or arrive within spin_ns, in place
  * (see the comment at the top).  Called with the GIL held, after a reply. */
 static void drain(void)
@@ -284,11 +277,11 @@ static void drain(void)
      * then drains that queue. */
     draining = 1;
     struct pollfd pfd = {.fd = fuse_session_fd(session), .events = POLLIN};
-    long long deadline = now_ns() + spin_ns;
+    long long deadline = mono_ns() + spin_ns;
     for (int n = 0; n < DRAIN_MAX && !fuse_session_exited(session);) {
         int r = poll(&pfd, 1, 0);
         if (r <= 0 || !(pfd.revents & POLLIN)) {
-            if (r < 0 || pfd.revents || now_ns() > deadline)
+            if (r < 0 || pfd.revents || mono_ns() > deadline)
                 break;
             continue;
         }
@@ -303,7 +296,7 @@ static void drain(void)
         drained_requests++;
         if (!answered_sync)
             break;          /* went to pyfuse3: it awaits that coroutine when we return */
-        deadline = now_ns() + spin_ns;
+        deadline = mono_ns() + spin_ns;
     }
     draining = 0;
 }
@@ -722,7 +715,6 @@ static PyMethodDef methods[] = {
     {"dp_take_times", dp_py_take_times, METH_O, NULL},
     {"dp_take_all_times", dp_py_take_all_times, METH_NOARGS, NULL},
     {"dp_revoke_all", dp_py_revoke_all, METH_NOARGS, NULL},
-    {"dp_set_writes", dp_py_set_writes, METH_O, NULL},
     {"dp_stats", dp_py_stats, METH_NOARGS, NULL},
     {"dp_stop", dp_py_stop, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},

@@ -84,6 +84,7 @@ static int hooked;
 
 /* Python handlers (strong refs, protected by the GIL). */
 static PyObject *h_cfr, *h_lseek, *h_falloc;
+static PyObject *h_kill;                /* kill_privileges(ino, suidgid), see hook_setattr */
 static PyObject *h_read, *h_write;      /* fast path; NULL: pyfuse3 serves them */
 
 /* the drain after a synchronously answered request */
@@ -101,10 +102,11 @@ static long long opt_max_readahead = -1, opt_max_write = -1,
                  opt_time_gran = -1;
 static unsigned opt_want_on, opt_want_off;
 
-/* dax mode (see install_custom_io): add FUSE_DIRECT_IO_ALLOW_MMAP to the INIT reply */
-static int want_dio_mmap;
+/* Bits libfuse 3.14 cannot ask for, added to the INIT reply (see io_writev):
+ * FUSE_DIRECT_IO_ALLOW_MMAP for dax mode, FUSE_HANDLE_KILLPRIV_V2 (see hook_setattr). */
+static int want_dio_mmap, want_killpriv_v2;
 static int init_reply_pending;
-static int dio_mmap_sent;
+static int dio_mmap_sent, killpriv_v2_sent;
 
 /* What was negotiated, as handed back to libfuse at the end of init. */
 static struct fuse_conn_info conn_seen;
@@ -165,6 +167,66 @@ static int exception_errno(const char *what)
 }
 
 /* ------------------------------------------------------------------ */
+/* setuid/setgid/capability clearing under FUSE_HANDLE_KILLPRIV_V2     */
+
+/* Why KILLPRIV_V2.  Without it FUSE never sets SB_NOSEC, so before EVERY write
+ * through the page cache the kernel's file_remove_privs() asks the daemon for
+ * getxattr("security.capability"): a second round trip per write(2), and with
+ * the writeback cache the only one.  With it the superblock is SB_NOSEC: an
+ * inode whose check found nothing to clear is marked S_NOSEC and not asked
+ * again until its attributes are refreshed.  The price is that the kernel then
+ * leaves clearing to the server where it used to send SETATTR(mode) itself:
+ *  - WRITE carries FUSE_WRITE_KILL_SUIDGID (writer without CAP_FSETID): the
+ *    fast-path write handler clears setuid/setgid (Python, fuse_ops);
+ *  - SETATTR carries FATTR_KILL_SUIDGID (libfuse passes it on as
+ *    FUSE_SET_ATTR_KILL_SUID) for a truncate by such a caller and for every
+ *    chown of a non-directory: hook_setattr clears before pyfuse3's setattr;
+ *  - fallocate and a copy_file_range target carry no flag at all: the
+ *    caller's uid stands in for CAP_FSETID (root keeps the bits, as the
+ *    kernel's check would for an ordinary root process);
+ *  - security.capability goes on every write(2), truncate, fallocate and copy
+ *    target whoever the caller, as ext4 drops it.  (An S_NOSEC inode that gets
+ *    one is checked again: the VFS ends S_NOSEC on every security.* setxattr.)
+ * Called with the GIL; returns 0 or the errno to reply. */
+static int kill_privileges(fuse_ino_t ino, int suidgid)
+{
+    if (!h_kill)
+        return 0;
+    PyObject *r = PyObject_CallFunction(h_kill, "Ki", (unsigned long long)ino, suidgid);
+    Py_XDECREF(r);
+    return r ? 0 : exception_errno("kill_privileges");
+}
+
+static int kill_for_caller(fuse_req_t req, fuse_ino_t ino)
+{
+    if (!killpriv_v2_sent)
+        return 0;                       /* the kernel clears what is needed itself */
+    const struct fuse_ctx *ctx = fuse_req_ctx(req);
+    return kill_privileges(ino, !ctx || ctx->uid != 0);
+}
+
+static void (*orig_setattr)(fuse_req_t, fuse_ino_t, struct stat *, int,
+                            struct fuse_file_info *);
+
+static void hook_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
+                         struct fuse_file_info *fi)
+{
+    int kill = to_set & FUSE_SET_ATTR_KILL_SUID;   /* the kernel's FATTR_KILL_SUIDGID */
+    if (killpriv_v2_sent && (kill || (to_set & FUSE_SET_ATTR_SIZE))) {
+        PyGILState_STATE g = PyGILState_Ensure();
+        int err = kill_privileges(ino, kill != 0);
+        PyGILState_Release(g);
+        if (err) {
+            fuse_reply_err(req, err);
+            answered_sync = 1;
+            return;
+        }
+    }
+    orig_setattr(req, ino, attr, to_set & ~(FUSE_SET_ATTR_KILL_SUID | FUSE_SET_ATTR_KILL_SGID),
+                 fi);
+}
+
+/* ------------------------------------------------------------------ */
 /* the three new operations                                            */
 
 static void hook_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t off_in,
@@ -175,7 +237,9 @@ static void hook_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t off_in
     int err = 0;
     size_t done = 0;
     PyGILState_STATE g = PyGILState_Ensure();
-    if (!h_cfr) {
+    if ((err = kill_for_caller(req, ino_out)) != 0) {
+        /* replied below */
+    } else if (!h_cfr) {
         /* EOPNOTSUPP makes the kernel splice-copy this call; ENOSYS would
          * disable copy_file_range for the whole mount. */
         err = EOPNOTSUPP;
@@ -248,7 +312,9 @@ static void hook_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offse
 {
     int err = 0;
     PyGILState_STATE g = PyGILState_Ensure();
-    if (!h_falloc) {
+    if ((err = kill_for_caller(req, ino)) != 0) {
+        /* replied below */
+    } else if (!h_falloc) {
         err = EOPNOTSUPP; /* ENOSYS would disable fallocate for the mount */
     } else {
         PyObject *r = PyObject_CallFunction(h_falloc, "KKiLL", (unsigned long long)ino,
@@ -424,7 +490,7 @@ static void hook_init(void *userdata, struct fuse_conn_info *conn)
 
     conn_seen = *conn;
     conn_valid = 1;
-    init_reply_pending = want_dio_mmap;     /* libfuse replies right after us */
+    init_reply_pending = want_dio_mmap || want_killpriv_v2;  /* libfuse replies next */
 }
 
 /* ------------------------------------------------------------------ */
@@ -471,6 +537,10 @@ static const struct fuse_lowlevel_ops *patch_ops(const struct fuse_lowlevel_ops 
         orig_getxattr = o->getxattr;
         o->getxattr = hook_getxattr;
     }
+    if (o->setattr && o->setattr != hook_setattr) {
+        orig_setattr = o->setattr;
+        o->setattr = hook_setattr;
+    }
     if (o->init != hook_init) {
         orig_init = o->init;
         o->init = hook_init;
@@ -500,6 +570,7 @@ static const struct fuse_lowlevel_ops *patch_ops(const struct fuse_lowlevel_ops 
  * announced FUSE_INIT_EXT, as libfuse does for its own flags2 bits.
  * struct fuse_init_out: flags at byte 12, flags2 at byte 32. */
 #define INIT_EXT_BIT        (1u << 30)
+#define KILLPRIV_V2_BIT     (1u << 28)
 #define DIO_ALLOW_MMAP_BIT2 (1u << 4)
 
 static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
@@ -509,10 +580,15 @@ static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
         uint32_t flags, flags2;
         memcpy(&flags, (char *)iov[1].iov_base + 12, 4);
         memcpy(&flags2, (char *)iov[1].iov_base + 32, 4);
-        if (flags & INIT_EXT_BIT) {
+        if (want_dio_mmap && (flags & INIT_EXT_BIT)) {
             flags2 |= DIO_ALLOW_MMAP_BIT2;
             memcpy((char *)iov[1].iov_base + 32, &flags2, 4);
             dio_mmap_sent = 1;
+        }
+        if (want_killpriv_v2 && h_kill) {
+            flags |= KILLPRIV_V2_BIT;
+            memcpy((char *)iov[1].iov_base + 12, &flags, 4);
+            killpriv_v2_sent = 1;
         }
     }
     return writev(fd, iov, count);
@@ -532,7 +608,7 @@ static void install_custom_io(struct fuse_session *se)
     if (fd < 0)
         return;
     if (fuse_session_custom_io(se, &io, fd) != 0)
-        want_dio_mmap = 0;
+        want_dio_mmap = want_killpriv_v2 = 0;
     close(fd);
 }
 
@@ -540,7 +616,8 @@ static void note_session(struct fuse_session *se)
 {
     session = se;
     dp_note_session(se);
-    if (se && want_dio_mmap)
+    killpriv_v2_sent = dio_mmap_sent = 0;
+    if (se && (want_dio_mmap || want_killpriv_v2))
         install_custom_io(se);
     if (se && ops_copy.ops.copy_file_range && ops_copy.ops.lseek &&
         ops_copy.ops.fallocate)
@@ -601,11 +678,11 @@ static int set_one(PyObject **slot, PyObject *v, const char *name)
 
 static PyObject *py_set_handlers(PyObject *self, PyObject *args)
 {
-    PyObject *cfr, *ls, *fa;
-    if (!PyArg_ParseTuple(args, "OOO", &cfr, &ls, &fa))
+    PyObject *cfr, *ls, *fa, *kp = Py_None;
+    if (!PyArg_ParseTuple(args, "OOO|O", &cfr, &ls, &fa, &kp))
         return NULL;
     if (set_one(&h_cfr, cfr, "copy_file_range") || set_one(&h_lseek, ls, "lseek") ||
-        set_one(&h_falloc, fa, "fallocate"))
+        set_one(&h_falloc, fa, "fallocate") || set_one(&h_kill, kp, "kill_privileges"))
         return NULL;
     Py_RETURN_NONE;
 }
@@ -662,6 +739,20 @@ static PyObject *py_direct_io_mmap_sent(PyObject *self, PyObject *unused)
     return PyBool_FromLong(dio_mmap_sent);
 }
 
+static PyObject *py_set_killpriv_v2(PyObject *self, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    want_killpriv_v2 = on;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_killpriv_v2_sent(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(killpriv_v2_sent);
+}
+
 static PyObject *py_set_capability_xattrs(PyObject *self, PyObject *arg)
 {
     int v = PyObject_IsTrue(arg);
@@ -707,6 +798,8 @@ static PyMethodDef methods[] = {
     {"set_capability_xattrs", py_set_capability_xattrs, METH_O, NULL},
     {"set_direct_io_mmap", py_set_direct_io_mmap, METH_O, NULL},
     {"direct_io_mmap_sent", py_direct_io_mmap_sent, METH_NOARGS, NULL},
+    {"set_killpriv_v2", py_set_killpriv_v2, METH_O, NULL},
+    {"killpriv_v2_sent", py_killpriv_v2_sent, METH_NOARGS, NULL},
     {"conn_info", py_conn_info, METH_NOARGS, NULL},
     {"_paths", py_paths, METH_NOARGS, NULL},
     {"_dp_configure", dp_py_configure, METH_VARARGS, NULL},

@@ -11,15 +11,19 @@ direct write. The kernel (6.x) still invalidates the cached pages such a write o
 buffered descriptors and mappings of the same file stay coherent
 (tests/test_mount_mmap.py::test_o_direct_writes_reach_cached_descriptors_mappings_and_new_opens).
 
-Setuid/setgid and security.capability (ext4's rules, tests/test_posix.py): the daemon turns
-FUSE_HANDLE_KILLPRIV and atomic O_TRUNC off (daemon/server.py), so for buffered writes, truncate,
-open(O_TRUNC), fallocate, copy_file_range targets and chown the kernel itself decides what to
-clear (it alone knows whether the caller has CAP_FSETID) and sends SETATTR(mode) and
-REMOVEXATTR(security.capability). Direct (FOPEN_DIRECT_IO) writes bypass that: the kernel only
-sets FUSE_WRITE_KILL_SUIDGID in the WRITE, so `write_sync` clears the bits when that flag says
-so, and drops security.capability on every write that is not page-cache writeback (as ext4
-does for root's writes too). If O_TRUNC does reach OPEN (a session without the hook), OPEN
-truncates.
+Setuid/setgid and security.capability (ext4's rules, tests/test_posix.py): the daemon answers
+INIT with FUSE_HANDLE_KILLPRIV_V2 (daemon/server.py, _fusehook.c): the superblock is then
+SB_NOSEC, so the kernel stops asking getxattr("security.capability") before every write
+through its page cache (once per inode and attribute refresh instead), and leaves the clearing
+to us: `write_sync` clears setuid/setgid when a WRITE carries FUSE_WRITE_KILL_SUIDGID (a writer
+without CAP_FSETID) and drops security.capability on every write that is not page-cache
+writeback (as ext4 does for root's writes too); the hook calls `kill_privileges` before a
+SETATTR with FATTR_KILL_SUIDGID (truncate by such a caller, chown) or a size change, and before
+fallocate and a copy_file_range target (uid 0 standing in for CAP_FSETID: those requests carry
+no flag). A security.* setxattr ends the inode's S_NOSEC (the VFS does that), so a later
+write through the page cache is checked again. Atomic O_TRUNC stays off:
+open(O_TRUNC) arrives as SETATTR(size); if O_TRUNC does reach OPEN (a session without the
+hook), OPEN truncates.
 
 The page cache is kept (keep_cache on every open, attribute and entry timeouts of an hour,
 FUSE_CAP_AUTO_INVAL_DATA off: daemon/kcache.py says why that is coherent); the one attribute
@@ -297,6 +301,10 @@ class Operations(pyfuse3.Operations):
     def copy_file_range(self, ino_in, fh_in, off_in, ino_out, fh_out, off_out, length, flags):
         return _sync(self.fs.clone_range, ino_in, off_in, ino_out, off_out, length, flags)
 
+    def kill_privileges(self, ino, suidgid):
+        if _sync(self.fs.kill_privileges, ino, bool(suidgid)) and self.invalidator is not None:
+            self.invalidator.attrs(ino)
+
     def lseek(self, ino, fh, off, whence):
         return _sync(self.fs.lseek, ino, off, whence)
 
@@ -331,7 +339,8 @@ class Operations(pyfuse3.Operations):
         # size may be ahead of ours; without a handler (ENOSYS) it answers SEEK_DATA/SEEK_HOLE
         # itself, from its own size (all data, the hole at EOF)
         return {"copy_file_range": self.copy_file_range,
-                "lseek": None if self.writeback else self.lseek, "fallocate": self.fallocate}
+                "lseek": None if self.writeback else self.lseek, "fallocate": self.fallocate,
+                "kill_privileges": self.kill_privileges}
 
 
 def _sync(fn, *args):

@@ -61,9 +61,10 @@ from . import _fusehook  # noqa: E402  (must precede pyfuse3)
 __all__ = ["set_handlers", "set_fast_path", "fast_stats", "set_conn_options",
            "set_data_plane", "publish", "revoke", "take_times", "take_all_times", "revoke_all",
            "data_plane_stats", "stop_data_plane",
-           "set_capability_xattrs", "set_direct_io_mmap", "direct_io_mmap_sent", "hooked",
+           "set_capability_xattrs", "set_direct_io_mmap", "direct_io_mmap_sent",
+           "set_killpriv_v2", "killpriv_v2_sent", "hooked",
            "conn_info", "cap_names",
-           "CopyFileRange", "Lseek", "Fallocate"]
+           "CopyFileRange", "Lseek", "Fallocate", "KillPrivileges"]
 
 # copy_file_range(ino_in, fh_in, off_in, ino_out, fh_out, off_out, length, flags) -> bytes copied
 CopyFileRange = Callable[[int, int, int, int, int, int, int, int], int]
@@ -71,6 +72,9 @@ CopyFileRange = Callable[[int, int, int, int, int, int, int, int], int]
 Lseek = Callable[[int, int, int, int], int]
 # fallocate(ino, fh, mode, off, length) -> None; mode is the fallocate(2) FALLOC_FL_* mask
 Fallocate = Callable[[int, int, int, int, int], None]
+# kill_privileges(ino, suidgid) -> None: drop security.capability, and with suidgid clear
+# setuid (and setgid when group-exec is set); see set_killpriv_v2
+KillPrivileges = Callable[[int, bool], None]
 
 # Re-export the FUSE_CAP_* bits for want_flags_on / want_flags_off, and the FUSE_WRITE_* bits
 # the fast path's write handler receives.
@@ -84,13 +88,15 @@ _conn_opts: dict[str, int] = {}
 
 def set_handlers(*, copy_file_range: Optional[CopyFileRange] = None,
                  lseek: Optional[Lseek] = None,
-                 fallocate: Optional[Fallocate] = None) -> None:
-    """Register (or, with None, clear) all three handlers at once.
+                 fallocate: Optional[Fallocate] = None,
+                 kill_privileges: Optional[KillPrivileges] = None) -> None:
+    """Register (or, with None, clear) all handlers at once.
 
     May be called before or after mounting; the C side picks up the current
-    handlers on every request.
+    handlers on every request. ``kill_privileges`` is called only once
+    FUSE_HANDLE_KILLPRIV_V2 was negotiated (:func:`set_killpriv_v2`).
     """
-    _fusehook._set_handlers(copy_file_range, lseek, fallocate)
+    _fusehook._set_handlers(copy_file_range, lseek, fallocate, kill_privileges)
 
 
 def set_fast_path(*, read: Optional[Callable[[int, int, int], object]] = None,
@@ -164,6 +170,21 @@ def set_direct_io_mmap(on: bool) -> None:
 def direct_io_mmap_sent() -> bool:
     """Whether the INIT reply carried FUSE_DIRECT_IO_ALLOW_MMAP."""
     return bool(_fusehook.direct_io_mmap_sent())
+
+
+def set_killpriv_v2(on: bool) -> None:
+    """Before the session is made: answer INIT with FUSE_HANDLE_KILLPRIV_V2 (which libfuse
+    3.14 cannot request), so the kernel marks the superblock SB_NOSEC and stops asking
+    getxattr("security.capability") before every write through its page cache. The daemon
+    then clears setuid/setgid/capability itself (the comment above hook_setattr in
+    _fusehook.c lists where); needs the ``kill_privileges`` handler and the fast-path write
+    handler, which sees FUSE_WRITE_KILL_SUIDGID."""
+    _fusehook.set_killpriv_v2(bool(on))
+
+
+def killpriv_v2_sent() -> bool:
+    """Whether the INIT reply carried FUSE_HANDLE_KILLPRIV_V2."""
+    return bool(_fusehook.killpriv_v2_sent())
 
 
 def hooked() -> bool:

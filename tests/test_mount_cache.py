@@ -24,7 +24,7 @@ import pytest
 from conftest import (check_fsck, daxfs_cli, finish_mount, force_cleanup, have_fuse, have_root,
                       is_mounted, mount, remount, umount)
 from test_mount_mmap import Agent, apply, assert_bytes, clone_range, kill9_daemon, pread_all
-from test_posix import as_user
+from test_posix import CAP_VALUE, as_user
 
 pytestmark = pytest.mark.skipif(not have_fuse(), reason="needs /dev/fuse and fusermount3")
 
@@ -343,6 +343,70 @@ def test_setuid_cleared_by_a_write_is_seen_by_statx_mode(cmount, direct):
     assert as_user(write_as_user) == BS
     assert not statx_mode(p) & stat.S_ISUID, oct(statx_mode(p))
     assert not os.stat(p).st_mode & stat.S_ISUID
+
+
+def stats(mnt) -> dict:
+    return json.loads(os.getxattr(str(mnt), "user.daxfs.stats"))
+
+
+def test_buffered_writes_ask_for_no_capability_each(cmount):
+    """FUSE_HANDLE_KILLPRIV_V2 (_fusehook.c): the superblock is SB_NOSEC, so the kernel asks
+    getxattr("security.capability") once per inode, not before every write through its page
+    cache (a second round trip per write(2) in the default mode, the only one with -o writeback)."""
+    mnt, mode, _, _ = cmount
+    assert stats(mnt)["killpriv_v2"] == 1
+    before = stats(mnt)["dp_capability_getxattrs"]
+    fd = os.open(mnt / "f", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        for i in range(200):
+            assert os.pwrite(fd, b"x" * BS, (i * 7 % 200) * BS) == BS
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert stats(mnt)["dp_capability_getxattrs"] - before <= 2
+    assert (mnt / "f").read_bytes() == b"x" * (200 * BS)
+
+
+NOSEC_OPS = {
+    "write": lambda fd, src: os.pwrite(fd, b"z", 0),
+    "ftruncate": lambda fd, src: os.ftruncate(fd, 100),
+    "fallocate": lambda fd, src: os.posix_fallocate(fd, 0, 5 * BS),
+    "copy_file_range_target": lambda fd, src: os.copy_file_range(src, fd, BS, 0, 0),
+}
+
+
+@pytest.mark.skipif(not have_root(), reason="needs root (security.capability, another user)")
+def test_capability_set_on_a_checked_inode_still_goes(cmount):
+    """With SB_NOSEC (above) an inode the kernel once checked is not checked again: a
+    security.capability set afterwards must still go at the next write, truncate, fallocate
+    or copy into the file by another user, as on ext4. Two guards overlap here: the VFS ends
+    S_NOSEC on a security.* setxattr, and the daemon drops the xattr on each of these requests
+    (FUSE_HANDLE_KILLPRIV_V2's contract, which a kernel may rely on alone)."""
+    mnt, mode, _, _ = cmount
+    kept = []
+    for op, fn in sorted(NOSEC_OPS.items()):
+        p, src = mnt / f"nosec_{op}", mnt / f"src_{op}"
+        write_file(src, os.urandom(2 * BS))
+        write_file(p, os.urandom(2 * BS))
+        os.chmod(p, 0o666)
+        fd = os.open(p, os.O_WRONLY)
+        os.pwrite(fd, b"y", 0)              # a write after the chmod: the inode is S_NOSEC now
+        os.close(fd)
+        os.setxattr(p, "security.capability", CAP_VALUE)
+
+        def as_other():
+            fd, s = os.open(p, os.O_WRONLY), os.open(src, os.O_RDONLY)
+            try:
+                fn(fd, s)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.close(s)
+
+        as_user(as_other)
+        if "security.capability" in os.listxattr(p):
+            kept.append(op)
+    assert kept == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,11 +130,13 @@ class Server:
             self.fs.extra_stats = lambda: {**fusehook.fast_stats(),
                                            **{f"dp_{k}": v for k, v in
                                               fusehook.data_plane_stats().items()},
-                                           "prefaulting": int(self.fs.pm.prefaulting)}
+                                           "prefaulting": int(self.fs.pm.prefaulting),
+                                           "killpriv_v2": int(fusehook.killpriv_v2_sent())}
             self._start_data_plane(fusehook, ops)
-            # the kernel, not us, judges setuid/setgid/capability clearing and O_TRUNC: it
-            # alone knows whether the caller has CAP_FSETID (see fuse_ops)
-            # and the page cache stays across attribute refreshes (kcache)
+            # we clear setuid/setgid/capability (FUSE_HANDLE_KILLPRIV_V2, see fuse_ops), not
+            # FUSE_HANDLE_KILLPRIV's v1 rules; O_TRUNC arrives as SETATTR(size); and the page
+            # cache stays across attribute refreshes (kcache)
+            fusehook.set_killpriv_v2(True)
             cache = kcache.conn_options(fusehook)
             fusehook.set_conn_options(want_flags_off=fusehook.FUSE_CAP_HANDLE_KILLPRIV
                                       | fusehook.FUSE_CAP_ATOMIC_O_TRUNC

@@ -6,13 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
-DAXFS_MODES = ("daxfs", "daxfs-dax")
-SHORT = {"daxfs-dax": "dax", "passthrough_ll": "ll", "passthrough_ll-writeback": "ll-wb",
+DAXFS_MODES = ("daxfs", "daxfs-dax", "daxfs-writeback")
+SHORT = {"daxfs-dax": "dax", "daxfs-writeback": "wb", "passthrough_ll": "ll",
+         "passthrough_ll-writeback": "ll-wb",
          "pyfuse3-passthroughfs": "py"}
 
 
 COLORS = {"daxfs": "C0", "daxfs-dax": "C1", "passthrough_ll": "C2",     # the same in every
-          "passthrough_ll-writeback": "C3", "pyfuse3-passthroughfs": "C4"}  # run's chart
+          "passthrough_ll-writeback": "C3", "pyfuse3-passthroughfs": "C4",  # run's chart
+          "daxfs-writeback": "C6"}
 
 
 def short(name: str) -> str:

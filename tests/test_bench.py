@@ -38,8 +38,9 @@ def leftover_mounts() -> list[str]:
 
 
 def test_bench_all_targets_tiny(tmp_path):
-    p, results, md = bench(tmp_path, "--jobs", "seqW,rr4k-buf,cow-storm", "--daxfs", "--peers")
-    names = ["tmpfs", "daxfs", "passthrough_ll", "passthrough_ll-writeback",
+    p, results, md = bench(tmp_path, "--jobs", "seqW,rr4k-buf,cow-storm", "--daxfs",
+                           "--writeback", "--peers")
+    names = ["tmpfs", "daxfs", "daxfs-writeback", "passthrough_ll", "passthrough_ll-writeback",
              "pyfuse3-passthroughfs"]
     assert list(results) == names, p.stdout + p.stderr
     for n in names:
@@ -51,7 +52,8 @@ def test_bench_all_targets_tiny(tmp_path):
     assert "daemon_cpu_us_per_op" in results["daxfs"]["jobs"]["rr4k-buf"]
     assert "daemon_cpu_us_per_op" in results["passthrough_ll"]["jobs"]["rr4k-buf"]
     header = next(l for l in md.splitlines() if l.startswith("| job | unit |"))
-    for col in names + ["daxfs/tmpfs", "daxfs/ll", "daxfs/ll-wb", "daxfs/py"]:
+    for col in names + ["daxfs/tmpfs", "daxfs/ll", "daxfs/ll-wb", "daxfs/py", "wb/tmpfs",
+                        "wb/ll"]:
         assert f"| {col} " in header, header
     assert not leftover_mounts()
 

@@ -49,9 +49,11 @@ import functools
 import logging
 import os
 import reprlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import pyfuse3
+from pyfuse3 import (EntryAttributes, FileHandleT, FileInfo, FileNameT, FlagT, InodeT, ModeT,
+                     ReaddirToken, RequestContext, SetattrFields, StatvfsData, XAttrNameT)
 
 from .errors import FsError
 from .fs import Attr, FileSystem
@@ -109,8 +111,8 @@ class Operations(pyfuse3.Operations):
         self.invalidator = invalidator      # daemon.kcache.Invalidator, once mounted
 
     # -- helpers --------------------------------------------------------------------------------
-    def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
-        e = pyfuse3.EntryAttributes()
+    def _entry(self, a: Attr) -> EntryAttributes:
+        e = EntryAttributes()
         e.st_ino = a.ino
         e.generation = a.generation
         e.entry_timeout = self.timeout
@@ -130,10 +132,11 @@ class Operations(pyfuse3.Operations):
 
     # -- names ----------------------------------------------------------------------------------
     @_errors
-    async def lookup(self, parent_inode, name, ctx=None):
+    async def lookup(self, parent_inode: InodeT, name: FileNameT,
+                     ctx: RequestContext | None = None) -> EntryAttributes:
         return self._entry(self.fs.lookup(parent_inode, name))
 
-    async def forget(self, inode_list):
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         for ino, n in inode_list:
             try:
                 self.fs.forget(ino, n)
@@ -143,11 +146,12 @@ class Operations(pyfuse3.Operations):
                 log.exception("forget(%d, %d)", ino, n)
 
     @_errors
-    async def getattr(self, inode, ctx=None):
+    async def getattr(self, inode: InodeT, ctx: RequestContext | None = None) -> EntryAttributes:
         return self._entry(self.fs.getattr(inode))
 
     @_errors
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    async def setattr(self, inode: InodeT, attr: EntryAttributes, fields: SetattrFields,
+                      fh: FileHandleT | None, ctx: RequestContext) -> EntryAttributes:
         a = self.fs.setattr(
             inode,
             mode=attr.st_mode if fields.update_mode else None,
@@ -160,39 +164,46 @@ class Operations(pyfuse3.Operations):
         return self._entry(a)
 
     @_errors
-    async def readlink(self, inode, ctx):
+    async def readlink(self, inode: InodeT, ctx: RequestContext) -> FileNameT:
         return self.fs.readlink(inode)
 
     @_errors
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+    async def mknod(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int,
+                    ctx: RequestContext) -> EntryAttributes:
         return self._entry(self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
 
     @_errors
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    async def mkdir(self, parent_inode: InodeT, name: FileNameT, mode: ModeT,
+                    ctx: RequestContext) -> EntryAttributes:
         return self._entry(self.fs.mkdir(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid))
 
     @_errors
-    async def unlink(self, parent_inode, name, ctx):
+    async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         self.fs.unlink(parent_inode, name)
 
     @_errors
-    async def rmdir(self, parent_inode, name, ctx):
+    async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         self.fs.rmdir(parent_inode, name)
 
     @_errors
-    async def symlink(self, parent_inode, name, target, ctx):
+    async def symlink(self, parent_inode: InodeT, name: FileNameT, target: FileNameT,
+                      ctx: RequestContext) -> EntryAttributes:
         return self._entry(self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @_errors
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+    async def rename(self, parent_inode_old: InodeT, name_old: FileNameT,
+                     parent_inode_new: InodeT, name_new: FileNameT, flags: FlagT,
+                     ctx: RequestContext) -> None:
         self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     @_errors
-    async def link(self, inode, new_parent_inode, new_name, ctx):
+    async def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT,
+                   ctx: RequestContext) -> EntryAttributes:
         return self._entry(self.fs.link(inode, new_parent_inode, new_name))
 
     # -- files ----------------------------------------------------------------------------------
-    def _open(self, ino: int, flags: int, ctx, truncate: bool = False) -> pyfuse3.FileInfo:
+    def _open(self, ino: int, flags: int, ctx: RequestContext,
+              truncate: bool = False) -> FileInfo:
         # With the writeback cache, O_DIRECT opens go through the kernel's generic direct I/O
         # (no FOPEN_DIRECT_IO), which writes dirty cached pages back before a direct read or
         # write of their range; FOPEN_DIRECT_IO reads would miss them.
@@ -208,44 +219,45 @@ class Operations(pyfuse3.Operations):
         # SETATTR follows, and who may keep setuid/setgid is judged by uid alone
         self.fs.open_file(ino, truncate=truncate, kill_suidgid=truncate and ctx.uid != 0,
                           cached_writer=writer)
-        return pyfuse3.FileInfo(fh=ino | (CACHED_WRITER if writer else 0), keep_cache=True,
+        return FileInfo(fh=ino | (CACHED_WRITER if writer else 0), keep_cache=True,
                                 direct_io=direct)
 
     @_errors
-    async def open(self, inode, flags, ctx):
+    async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
         return self._open(inode, flags, ctx, truncate=bool(flags & os.O_TRUNC))
 
     @_errors
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    async def create(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
+                     ctx: RequestContext) -> tuple[FileInfo, EntryAttributes]:
         a = self.fs.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
         return self._open(a.ino, flags, ctx), self._entry(a)
 
     @_errors
-    async def read(self, fh, off, size):
+    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes | memoryview:
         return self.fs.read(fh & FH_INO, off, size, view=True)
 
     @_errors
-    async def write(self, fh, off, buf):
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         return self.fs.write(fh & FH_INO, off, buf, True)     # whole: cannot tell writeback
 
-    async def flush(self, fh):
+    async def flush(self, fh: FileHandleT) -> None:
         pass
 
     @_errors
-    async def release(self, fh):
+    async def release(self, fh: FileHandleT) -> None:
         self.fs.release_file(fh & FH_INO, cached_writer=bool(fh & CACHED_WRITER))
 
     @_errors
-    async def fsync(self, fh, datasync):
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         self.fs.fsync(fh & FH_INO, datasync)
 
     # -- directories ----------------------------------------------------------------------------
     @_errors
-    async def opendir(self, inode, ctx):
+    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
         return self.fs.opendir(inode)
 
     @_errors
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
         fs = self.fs
         while batch := fs.readdir(fh, start_id, READDIR_BATCH, dots=True):
             for cookie, name, ino in batch:
@@ -256,17 +268,17 @@ class Operations(pyfuse3.Operations):
                 start_id = cookie
 
     @_errors
-    async def releasedir(self, fh):
+    async def releasedir(self, fh: FileHandleT) -> None:
         self.fs.releasedir(fh)
 
     @_errors
-    async def fsyncdir(self, fh, datasync):
+    async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
         self.fs.sync()
 
     @_errors
-    async def statfs(self, ctx):
+    async def statfs(self, ctx: RequestContext) -> StatvfsData:
         s = self.fs.statfs()
-        st = pyfuse3.StatvfsData()
+        st = StatvfsData()
         st.f_bsize = st.f_frsize = s.bsize
         st.f_blocks = s.blocks
         st.f_bfree = st.f_bavail = s.bfree
@@ -277,49 +289,49 @@ class Operations(pyfuse3.Operations):
 
     # -- xattrs ---------------------------------------------------------------------------------
     @_errors
-    async def setxattr(self, inode, name, value, ctx):
+    async def setxattr(self, inode: InodeT, name: XAttrNameT, value: bytes,
+                       ctx: RequestContext) -> None:
         self.fs.setxattr(inode, name, value, 0, ctx.uid, ctx.gid)
 
     @_errors
-    async def getxattr(self, inode, name, ctx):
+    async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> bytes:
         return self.fs.getxattr(inode, name, ctx.uid)
 
     @_errors
-    async def listxattr(self, inode, ctx):
+    async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:
         return self.fs.listxattr(inode)
 
     @_errors
-    async def removexattr(self, inode, name, ctx):
+    async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> None:
         self.fs.removexattr(inode, name)
 
-    async def access(self, inode, mode, ctx):
+    async def access(self, inode: InodeT, mode: ModeT, ctx: RequestContext) -> bool:
         return True     # default_permissions: the kernel checks mode bits itself
 
-
-
     # -- called synchronously by daxfs._fusehook (ops pyfuse3 does not register) ----------------
-    def copy_file_range(self, ino_in, fh_in, off_in, ino_out, fh_out, off_out, length, flags):
+    def copy_file_range(self, ino_in: int, fh_in: int, off_in: int, ino_out: int, fh_out: int,
+                        off_out: int, length: int, flags: int) -> int:
         return _sync(self.fs.clone_range, ino_in, off_in, ino_out, off_out, length, flags)
 
-    def kill_privileges(self, ino, suidgid):
+    def kill_privileges(self, ino: int, suidgid: bool) -> None:
         if _sync(self.fs.kill_privileges, ino, bool(suidgid)) and self.invalidator is not None:
             self.invalidator.attrs(ino)
 
-    def lseek(self, ino, fh, off, whence):
+    def lseek(self, ino: int, fh: int, off: int, whence: int) -> int:
         return _sync(self.fs.lseek, ino, off, whence)
 
-    def fallocate(self, ino, fh, mode, off, length):
+    def fallocate(self, ino: int, fh: int, mode: int, off: int, length: int) -> None:
         _sync(self.fs.fallocate, ino, mode, off, length)
 
     # the fast path (fusehook.set_fast_path): read/write called from C, replied at once
     # (reads and in-place writes of files handed to the data plane never get here)
-    def read_sync(self, fh, off, size):
+    def read_sync(self, fh: int, off: int, size: int) -> bytes | memoryview:
         data = _sync(self.fs.read, fh & FH_INO, off, size, True)
         if self.plane is not None:
             _sync(self.plane.offer, fh & FH_INO)
         return data
 
-    def write_sync(self, fh, off, data, write_flags=0):
+    def write_sync(self, fh: int, off: int, data: memoryview, write_flags: int = 0) -> int:
         ino = fh & FH_INO
         changes = self.plane.changes if self.plane is not None else 0
         if not write_flags & FUSE_WRITE_CACHE:      # write(2), not page-cache writeback
@@ -334,7 +346,7 @@ class Operations(pyfuse3.Operations):
             _sync(self.plane.offer, ino)        # bytes and timestamps only: hand it over
         return n
 
-    def hook_handlers(self) -> dict:
+    def hook_handlers(self) -> dict[str, Callable | None]:
         # writeback cache: the kernel sends FUSE_LSEEK without writing dirty pages back, and its
         # size may be ahead of ours; without a handler (ENOSYS) it answers SEEK_DATA/SEEK_HOLE
         # itself, from its own size (all data, the hole at EOF)

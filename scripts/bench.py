@@ -326,11 +326,20 @@ def machine_info() -> dict:
             "host": platform.node(), "nproc": os.cpu_count(), "cpu": cpu,
             "memtotal_GiB": round(int(mem.split()[1]) / 2**20, 1),
             "kernel": platform.release(), "fio": run(["fio", "--version"]).stdout.strip(),
-            "libfuse": libfuse, "python": platform.python_version(), "loadavg_start": loadavg()}
+            "libfuse": libfuse, "python": platform.python_version(), "loadavg_start": loadavg(),
+            "memavail_start_GiB": mem_available_gib()}
 
 
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def mem_available_gib() -> float:
+    """MemAvailable: what the page cache may use. Leftover images in /dev/shm take it, and
+    then cached-read and mmap jobs measure evictions (seen: 0.78 -> 0.21 for mmap writes)."""
+    line = next(l for l in Path("/proc/meminfo").read_text().splitlines()
+                if l.startswith("MemAvailable"))
+    return round(int(line.split()[1]) / 2**20, 1)
 
 
 def parse_args(argv):
@@ -428,6 +437,11 @@ def main(argv=None) -> int:
         (outdir / "fio").mkdir(parents=True, exist_ok=True)
         logging.getLogger().addHandler(logging.FileHandler(outdir / "bench.log"))
         info = machine_info()
+        need = round(4 * a.size / 2**30 + 2, 1)    # image + file + its page cache, twice over
+        if info["memavail_start_GiB"] < need:
+            log.warning("only %.1f GiB of memory available (want %.1f): cached and mmap jobs "
+                        "will measure evictions; look for leftover images in /dev/shm",
+                        info["memavail_start_GiB"], need)
         cfg = {"mode": a.mode, "runtime": a.runtime, "runs": a.runs, "size": a.size,
                "nfiles": a.nfiles, "jobs": [j.name for j in jobs], "argv": sys.argv[1:]}
         log.info("%s mode, %d s x %d run(s), %d jobs, %d targets -> %s", a.mode, a.runtime,
@@ -442,6 +456,7 @@ def main(argv=None) -> int:
                 results[name] = {"path": "?", "fstype": "?", "desc": "", "jobs": {},
                                  "errors": {"setup": str(e)}}
         info["loadavg_end"] = loadavg()
+        info["memavail_end_GiB"] = mem_available_gib()
         (outdir / "results.json").write_text(json.dumps(
             {"machine": info, "config": cfg, "results": results}, indent=2))
         md = markdown(info, cfg, results, jobs)

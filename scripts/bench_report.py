@@ -52,7 +52,9 @@ def markdown(info: dict, cfg: dict, results: dict, jobs) -> str:
              f"{info['memtotal_GiB']} GiB RAM, kernel {info['kernel']}, {info['fio']}, "
              f"libfuse {info.get('libfuse', '?')}, Python {info['python']}; load average "
              f"{info.get('loadavg_start', '?')} at the start, {info.get('loadavg_end', '?')} at "
-             "the end (the machine may be shared: compare ratios within this run)",
+             "the end (the machine may be shared: compare ratios within this run); memory "
+             f"available {info.get('memavail_start_GiB', '?')} GiB at the start, "
+             f"{info.get('memavail_end_GiB', '?')} GiB at the end",
              f"- mode: {cfg['mode']}, {cfg['runtime']} s per job, median of {cfg['runs']} "
              f"run(s); fio psync on one {size_s} file; jobs run in this order on each target "
              "with nothing warming or dropping the page cache between them (seqW deletes the "

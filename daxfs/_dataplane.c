@@ -69,7 +69,7 @@
 #include <unistd.h>
 
 #define BLOCK_SHIFT 12
-#define BUF_SIZE ((1 << 20) + 8192)   /* max_write (1 MiB) + headers, as libfuse sizes it */
+#define BUF_SIZE DP_BUF_SIZE
 #define MAX_IOV 1024                  /* UIO_MAXIOV */
 #define MAX_THREADS 64
 #define BUCKETS (1 << 14)
@@ -203,14 +203,23 @@ static long long realtime_ns(void)
 /* ------------------------------------------------------------------ */
 /* serving READ and WRITE                                              */
 
-static void reply_err(uint64_t unique, int err)
+static void dev_send(struct dp_sink *sink, const struct iovec *iov, int cnt)
+{
+    (void)!writev(fuse_fd, iov, cnt);          /* ENOENT: the request was interrupted */
+}
+
+struct dp_sink dp_dev_sink = {.send = dev_send};
+
+static void reply_err(struct dp_sink *sink, uint64_t unique, int err)
 {
     struct wire_out out = {.len = sizeof(out), .error = -err, .unique = unique};
-    (void)!write(fuse_fd, &out, sizeof(out));  /* ENOENT: the request was interrupted */
+    struct iovec iov = {&out, sizeof(out)};
+    sink->send(sink, &iov, 1);
 }
 
 /* 1: answered; 0: Python must serve it. */
-static int serve_read(const struct wire_in *in, const struct wire_read_in *rd)
+static int serve_read(const struct wire_in *in, const struct wire_read_in *rd,
+                      struct dp_sink *sink)
 {
     struct iovec iov[MAX_IOV];
     struct wire_out out = {.error = 0, .unique = in->unique};
@@ -249,7 +258,7 @@ static int serve_read(const struct wire_in *in, const struct wire_read_in *rd)
     out.len = (uint32_t)(sizeof(out) + total);
     iov[0].iov_base = &out;
     iov[0].iov_len = sizeof(out);
-    (void)!writev(fuse_fd, iov, cnt);
+    sink->send(sink, iov, cnt);
     pthread_rwlock_unlock(&maps_lock);
     atomic_fetch_add(&st_reads, 1);
     atomic_fetch_add(&st_read_bytes, total);
@@ -262,7 +271,7 @@ forward:
 /* Store in place when the whole range is mapped by owned runs inside the size; else 0.
  * All of it or nothing: page-cache writeback ignores short counts. */
 static int serve_write(const struct wire_in *in, const struct wire_write_in *wr,
-                       const char *data)
+                       const char *data, struct dp_sink *sink)
 {
     if (!atomic_load(&writes_on) || wr->size == 0)
         return 0;
@@ -300,7 +309,8 @@ static int serve_write(const struct wire_in *in, const struct wire_write_in *wr,
         struct wire_out h;
         uint32_t size, padding;
     } out = {{sizeof(out), 0, in->unique}, wr->size, 0};
-    (void)!write(fuse_fd, &out, sizeof(out));
+    struct iovec iov = {&out, sizeof(out)};
+    sink->send(sink, &iov, 1);
     atomic_fetch_add(&st_writes, 1);
     atomic_fetch_add(&st_write_bytes, wr->size);
     return 1;
@@ -312,32 +322,45 @@ forward:
 /* The kernel asks for security.capability before every write through its page cache (FUSE
  * mounts never get SB_NOSEC); while no inode has one, answer as _fusehook.c's hook_getxattr
  * does, here, instead of a round trip through Python's event loop. */
-static int serve_getxattr(const struct wire_in *in, const char *name, size_t len)
+static int serve_getxattr(const struct wire_in *in, const char *name, size_t len,
+                          struct dp_sink *sink)
 {
     static const char cap[] = "security.capability";
     if (capability_xattrs || len < sizeof(cap) || memcmp(name, cap, sizeof(cap)) != 0)
         return 0;
-    reply_err(in->unique, ENODATA);
+    reply_err(sink, in->unique, ENODATA);
     atomic_fetch_add(&st_getxattrs, 1);
     return 1;
 }
 
+int dp_serve(const struct wire_in *in, const char *op, size_t oplen, const char *data,
+             size_t datalen, struct dp_sink *sink)
+{
+    if (in->opcode == WIRE_GETXATTR && oplen == 8 && datalen > 0)
+        return serve_getxattr(in, data, datalen, sink);
+    if (in->opcode == WIRE_READ && oplen >= sizeof(struct wire_read_in))
+        return serve_read(in, (const struct wire_read_in *)op, sink);
+    if (in->opcode == WIRE_WRITE && oplen == sizeof(struct wire_write_in)) {
+        const struct wire_write_in *wr = (const struct wire_write_in *)op;
+        return datalen == wr->size && serve_write(in, wr, data, sink);
+    }
+    return 0;
+}
+
+/* A request as read from /dev/fuse: one buffer, the op's struct right after the header. */
 static int serve(const char *buf, size_t n)
 {
     const struct wire_in *in = (const struct wire_in *)buf;
     if (n < sizeof(*in) || in->len != n)
         return 0;
-    if (in->opcode == WIRE_GETXATTR && n > sizeof(*in) + 8)
-        return serve_getxattr(in, buf + sizeof(*in) + 8, n - sizeof(*in) - 8);
-    if (in->opcode == WIRE_READ && n >= sizeof(*in) + sizeof(struct wire_read_in))
-        return serve_read(in, (const struct wire_read_in *)(buf + sizeof(*in)));
-    if (in->opcode == WIRE_WRITE && n >= sizeof(*in) + sizeof(struct wire_write_in)) {
-        const struct wire_write_in *wr = (const struct wire_write_in *)(buf + sizeof(*in));
-        if (n != sizeof(*in) + sizeof(*wr) + wr->size)
-            return 0;
-        return serve_write(in, wr, buf + sizeof(*in) + sizeof(*wr));
-    }
-    return 0;
+    size_t oplen = in->opcode == WIRE_GETXATTR ? 8 : in->opcode == WIRE_WRITE ?
+        sizeof(struct wire_write_in) : in->opcode == WIRE_READ ? sizeof(struct wire_read_in) : 0;
+    if (in->opcode == WIRE_INIT)
+        uring_note_init(buf, n);
+    if (!oplen || n < sizeof(*in) + oplen)
+        return 0;
+    const char *op = buf + sizeof(*in);
+    return dp_serve(in, op, oplen, op + oplen, n - sizeof(*in) - oplen, &dp_dev_sink);
 }
 
 /* ------------------------------------------------------------------ */
@@ -347,7 +370,7 @@ static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
 static char *pool[2 * MAX_THREADS + 64];
 static int npool;
 
-static char *buf_take(void)
+char *dp_buf_take(void)
 {
     pthread_mutex_lock(&pool_mu);
     char *b = npool ? pool[--npool] : NULL;
@@ -355,7 +378,7 @@ static char *buf_take(void)
     return b ? b : malloc(BUF_SIZE);
 }
 
-static void buf_give(char *b)
+void dp_buf_give(char *b)
 {
     pthread_mutex_lock(&pool_mu);
     if (npool < (int)(sizeof(pool) / sizeof(pool[0]))) {
@@ -377,14 +400,11 @@ static struct item *q_head, *q_tail;
 
 /* The eventfd is readable exactly while the queue is non-empty (or the session ended):
  * both are changed under q_mu. */
-static void enqueue(char *buf, size_t len)
+int dp_enqueue(char *buf, size_t len)
 {
     struct item *it = malloc(sizeof(*it));
-    if (!it) {
-        reply_err(((struct wire_in *)buf)->unique, ENOMEM);
-        buf_give(buf);
-        return;
-    }
+    if (!it)
+        return -1;
     it->next = NULL;
     it->buf = buf;
     it->len = len;
@@ -398,6 +418,7 @@ static void enqueue(char *buf, size_t len)
     (void)!write(queue_fd, &one, sizeof(one));
     pthread_mutex_unlock(&q_mu);
     atomic_fetch_add(&st_forwarded, 1);
+    return 0;
 }
 
 static void session_over(void)
@@ -418,7 +439,7 @@ static void session_over(void)
  * where poll() would wake them all.  To stop them, STOP_SIGNAL (whose handler does nothing,
  * installed without SA_RESTART) interrupts the read; it is resent until each has gone, since
  * one may arrive just before the read starts. */
-#define STOP_SIGNAL (SIGRTMAX - 3)
+#define STOP_SIGNAL DP_STOP_SIGNAL
 static atomic_int exited;
 
 static void on_stop_signal(int sig) { (void)sig; }
@@ -473,7 +494,7 @@ static void *worker(void *arg)
     pthread_sigmask(SIG_UNBLOCK, &only, NULL);
     char *buf = NULL;
     while (!atomic_load(&stopping)) {
-        if (!buf && !(buf = buf_take())) {
+        if (!buf && !(buf = dp_buf_take())) {
             usleep(1000);                          /* out of memory: try again */
             continue;
         }
@@ -495,11 +516,14 @@ static void *worker(void *arg)
             spin_for_next();
             continue;
         }
-        enqueue(buf, (size_t)n);
+        if (dp_enqueue(buf, (size_t)n) != 0) {
+            reply_err(&dp_dev_sink, ((struct wire_in *)buf)->unique, ENOMEM);
+            continue;
+        }
         buf = NULL;
     }
     if (buf)
-        buf_give(buf);
+        dp_buf_give(buf);
     atomic_fetch_add(&exited, 1);
     return NULL;
 }
@@ -545,6 +569,7 @@ static int start(int fd)
 
 static void stop_workers(void)
 {
+    uring_stop();                                  /* its threads hand requests to our queue */
     if (!atomic_load(&started) || atomic_exchange(&stopping, 1))
         return;
     while (atomic_load(&exited) < nworkers) {
@@ -559,7 +584,7 @@ static void stop_workers(void)
     while (q_head) {                               /* never answered: the session is over */
         struct item *it = q_head;
         q_head = it->next;
-        buf_give(it->buf);
+        dp_buf_give(it->buf);
         free(it);
     }
     q_tail = NULL;
@@ -603,7 +628,7 @@ int hook_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
     if (!it)
         return atomic_load(&ended) ? 0 : -EINTR;  /* pyfuse3 waits again on -EINTR */
     if (buf->mem)
-        buf_give(buf->mem);                        /* the previous one was ours too */
+        dp_buf_give(buf->mem);                     /* the previous one was ours too */
     buf->mem = it->buf;
     buf->size = it->len;
     buf->flags = 0;
@@ -775,14 +800,18 @@ PyObject *dp_py_revoke_all(PyObject *self, PyObject *unused)
 
 PyObject *dp_py_stats(PyObject *self, PyObject *unused)
 {
-    return Py_BuildValue("{s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:K}", "threads",
+    int uring, queues;
+    unsigned long long uring_requests;
+    uring_stats(&uring, &uring_requests, &queues);
+    return Py_BuildValue("{s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:i,s:K}", "threads",
                          atomic_load(&started) ? nworkers : 0, "writes",
                          atomic_load(&writes_on), "reads_served", atomic_load(&st_reads),
                          "writes_served", atomic_load(&st_writes), "bytes_read",
                          atomic_load(&st_read_bytes), "bytes_written",
                          atomic_load(&st_write_bytes), "forwarded",
                          atomic_load(&st_forwarded), "capability_getxattrs",
-                         atomic_load(&st_getxattrs));
+                         atomic_load(&st_getxattrs), "uring", uring, "uring_queues", queues,
+                         "uring_requests", uring_requests);
 }
 
 PyObject *dp_py_stop(PyObject *self, PyObject *unused)

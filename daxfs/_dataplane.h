@@ -5,7 +5,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <signal.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 struct fuse_session;
 
@@ -51,11 +53,43 @@ _Static_assert(sizeof(struct wire_out) == 16, "fuse_out_header is 16 bytes");
 #define WIRE_GETXATTR 22    /* followed by struct fuse_getxattr_in {size, padding}, name */
 #define WIRE_READ 15
 #define WIRE_WRITE 16
+#define WIRE_INIT 26
 #define WIRE_WRITE_CACHE (1u << 0)
+
+/* interrupts a data plane or ring thread's wait, to stop it (its handler does nothing) */
+#define DP_STOP_SIGNAL (SIGRTMAX - 3)
+#define DP_BUF_SIZE ((1 << 20) + 8192)   /* max_write (1 MiB) + headers, as libfuse sizes it */
 
 /* _fusehook.c: nonzero while some inode may carry a security.capability xattr (then a
  * write(2) must go to Python, which drops it) */
 extern volatile int capability_xattrs;
+
+/* Where a reply goes: /dev/fuse (dp_dev_sink: one writev) or a ring entry (_uring.c: copied
+ * into the entry's buffers, committed by its ring's thread).  iov[0] is the fuse_out_header. */
+struct dp_sink {
+    void (*send)(struct dp_sink *sink, const struct iovec *iov, int cnt);
+};
+extern struct dp_sink dp_dev_sink;
+
+/* _dataplane.c: serving, shared with _uring.c.  A request in parts: its header, the op's own
+ * struct (`op`, e.g. fuse_read_in) and what follows it (`data`: a write's bytes, a name).
+ * 1: answered through `sink`; 0: Python must serve it. */
+int dp_serve(const struct wire_in *in, const char *op, size_t oplen, const char *data,
+             size_t datalen, struct dp_sink *sink);
+char *dp_buf_take(void);                     /* a DP_BUF_SIZE request buffer (NULL: no memory) */
+void dp_buf_give(char *buf);
+int dp_enqueue(char *buf, size_t len);       /* hand a request to Python; -1: no memory */
+
+/* _uring.c: FUSE-over-io_uring (see the essay there) */
+void uring_note_init(const char *buf, size_t n);    /* a worker read the INIT request */
+int uring_wanted(void);
+int uring_init_reply(char *init_out, size_t len, int fuse_fd);  /* 1: add the flag */
+void uring_init_replied(int ok);             /* the INIT reply was written (ok) or not */
+int uring_reply(const struct iovec *iov, int count);  /* 1: a ring entry took the reply */
+void uring_stop(void);
+void uring_stats(int *active, unsigned long long *requests, int *queues);
+PyObject *uring_py_configure(PyObject *self, PyObject *arg);
+PyObject *uring_py_status(PyObject *self, PyObject *unused);
 
 /* _dataplane.c: the interposers' view */
 void dp_note_session(struct fuse_session *se);

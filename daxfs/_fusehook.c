@@ -490,7 +490,7 @@ static void hook_init(void *userdata, struct fuse_conn_info *conn)
 
     conn_seen = *conn;
     conn_valid = 1;
-    init_reply_pending = want_dio_mmap || want_killpriv_v2;  /* libfuse replies next */
+    init_reply_pending = want_dio_mmap || want_killpriv_v2 || uring_wanted();  /* replies next */
 }
 
 /* ------------------------------------------------------------------ */
@@ -573,8 +573,17 @@ static const struct fuse_lowlevel_ops *patch_ops(const struct fuse_lowlevel_ops 
 #define KILLPRIV_V2_BIT     (1u << 28)
 #define DIO_ALLOW_MMAP_BIT2 (1u << 4)
 
+#define OVER_IO_URING_BIT2  (1u << 9)
+
 static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
 {
+    if (uring_reply(iov, count)) {             /* a request that came through a ring */
+        ssize_t n = 0;
+        for (int i = 0; i < count; i++)
+            n += (ssize_t)iov[i].iov_len;
+        return n;
+    }
+    int uring_sent = 0;
     if (init_reply_pending && count >= 2 && iov[1].iov_len >= 36) {
         init_reply_pending = 0;
         uint32_t flags, flags2;
@@ -590,8 +599,18 @@ static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
             memcpy((char *)iov[1].iov_base + 12, &flags, 4);
             killpriv_v2_sent = 1;
         }
+        /* -o uring: only if the kernel offered it (_uring.c checks the INIT request) and the
+         * rings and their threads are ready: from the reply on, requests wait for them */
+        if ((flags & INIT_EXT_BIT) && uring_init_reply(iov[1].iov_base, iov[1].iov_len, fd)) {
+            flags2 |= OVER_IO_URING_BIT2;
+            memcpy((char *)iov[1].iov_base + 32, &flags2, 4);
+            uring_sent = 1;
+        }
     }
-    return writev(fd, iov, count);
+    ssize_t n = writev(fd, iov, count);
+    if (uring_sent)
+        uring_init_replied(n >= 0);
+    return n;
 }
 
 static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
@@ -607,8 +626,10 @@ static void install_custom_io(struct fuse_session *se)
     int fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return;
-    if (fuse_session_custom_io(se, &io, fd) != 0)
+    if (fuse_session_custom_io(se, &io, fd) != 0) {
         want_dio_mmap = want_killpriv_v2 = 0;
+        uring_py_configure(NULL, Py_False);
+    }
     close(fd);
 }
 
@@ -617,7 +638,7 @@ static void note_session(struct fuse_session *se)
     session = se;
     dp_note_session(se);
     killpriv_v2_sent = dio_mmap_sent = 0;
-    if (se && (want_dio_mmap || want_killpriv_v2))
+    if (se && (want_dio_mmap || want_killpriv_v2 || uring_wanted()))
         install_custom_io(se);
     if (se && ops_copy.ops.copy_file_range && ops_copy.ops.lseek &&
         ops_copy.ops.fallocate)
@@ -810,6 +831,8 @@ static PyMethodDef methods[] = {
     {"dp_revoke_all", dp_py_revoke_all, METH_NOARGS, NULL},
     {"dp_stats", dp_py_stats, METH_NOARGS, NULL},
     {"dp_stop", dp_py_stop, METH_NOARGS, NULL},
+    {"_uring_configure", uring_py_configure, METH_O, NULL},
+    {"uring_status", uring_py_status, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
 

@@ -60,7 +60,7 @@ from . import _fusehook  # noqa: E402  (must precede pyfuse3)
 
 __all__ = ["set_handlers", "set_fast_path", "fast_stats", "set_conn_options",
            "set_data_plane", "publish", "revoke", "take_times", "take_all_times", "revoke_all",
-           "data_plane_stats", "stop_data_plane",
+           "data_plane_stats", "stop_data_plane", "set_uring", "uring_status",
            "set_capability_xattrs", "set_direct_io_mmap", "direct_io_mmap_sent",
            "set_killpriv_v2", "killpriv_v2_sent", "hooked",
            "conn_info", "cap_names",
@@ -259,6 +259,21 @@ def data_plane_stats() -> dict:
     """threads running, writes allowed, reads/writes served and bytes, requests forwarded to
     Python."""
     return _fusehook.dp_stats()
+
+
+def set_uring(on: bool) -> None:
+    """Before mounting: serve through FUSE-over-io_uring (daxfs/_uring.c), if the kernel offers
+    FUSE_OVER_IO_URING in its INIT (module parameter enable_uring) and the data plane runs
+    (its worker reads the INIT request): one ring per possible CPU, each served by a thread
+    pinned to that CPU. Otherwise everything goes through /dev/fuse as before."""
+    _fusehook._uring_configure(bool(on))
+
+
+def uring_status() -> dict:
+    """wanted, init_seen (a worker read the INIT request), offered (the kernel offered the
+    flag), active (the INIT reply carried it and no ring failed to register), queues, requests
+    (received through the rings), errno/error (of the first ring command that failed)."""
+    return _fusehook.uring_status()
 
 
 def stop_data_plane() -> None:

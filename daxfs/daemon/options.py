@@ -42,6 +42,7 @@ class MountOptions:
     threads: int = DEFAULT_THREADS
     dax: bool = False               # every open direct I/O: clones read through one frame
     writeback: bool = False         # the kernel's writeback cache (see README, Modes)
+    uring: bool = False             # FUSE-over-io_uring for the data plane (README, Design)
     bdi_max_ratio: int = DEFAULT_BDI_MAX_RATIO     # % of the dirty limit; 0: kernel's 1 %
     attr_timeout: float = DEFAULT_ATTR_TIMEOUT     # s, attributes and entries
 
@@ -79,6 +80,8 @@ def parse_mount_options(groups: list[str] | None, *, debug: bool = False) -> Mou
                 mo.dax = True
             elif key == "writeback" and not eq:
                 mo.writeback = True
+            elif key == "uring" and not eq:
+                mo.uring = True
             elif key in ("noexec", "exec") and not eq:
                 mo.noexec = key == "noexec"
             elif key == "nodefault_permissions" and not eq:
@@ -102,12 +105,15 @@ def parse_mount_options(groups: list[str] | None, *, debug: bool = False) -> Mou
                 continue
             else:
                 raise UsageError(f"unknown mount option {opt!r} (known: allow_other, ro, debug, "
-                                 f"dax, writeback, noexec, default_permissions, log=FILE, "
+                                 f"dax, writeback, uring, noexec, default_permissions, log=FILE, "
                                  f"min_tasks=N, max_tasks=N, spin_us=N, threads=N, bdi_max_ratio=N, "
                                  f"attr_timeout=S)")
     if mo.dax and mo.writeback:
         raise UsageError("mount options dax and writeback exclude each other (dax makes every "
                          "open direct I/O: nothing would use the writeback cache)")
+    if mo.uring and mo.threads == 0:
+        raise UsageError("mount option uring needs the data plane (threads=N with N > 0): its "
+                         "rings are served by the data plane's C code")
     if mo.min_tasks > mo.max_tasks:
         raise UsageError(f"mount option min_tasks={mo.min_tasks} exceeds max_tasks={mo.max_tasks}")
     return mo

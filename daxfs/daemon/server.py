@@ -131,6 +131,7 @@ class Server:
                                            **{f"dp_{k}": v for k, v in
                                               fusehook.data_plane_stats().items()},
                                            "prefaulting": int(self.fs.pm.prefaulting),
+                                           "uring": int(fusehook.uring_status()["active"]),
                                            "killpriv_v2": int(fusehook.killpriv_v2_sent())}
             self._start_data_plane(fusehook, ops)
             # we clear setuid/setgid/capability (FUSE_HANDLE_KILLPRIV_V2, see fuse_ops), not
@@ -161,6 +162,9 @@ class Server:
         log.info("data plane: %d threads, %s", self.opts.threads,
                  "reads only" if persist == fusehook.PERSIST_READS_ONLY or self.fs.readonly
                  else "reads and in-place writes")
+        if self.opts.uring:
+            fusehook.set_uring(enable_fuse_uring())
+
 
     def _mount(self, ops) -> None:
         pyfuse3 = self.pyfuse3
@@ -205,6 +209,8 @@ class Server:
                 log.info("negotiated: max_write=%d max_readahead=%d proto=%s.%s",
                          info["max_write"], info["max_readahead"], info.get("proto_major"),
                          info.get("proto_minor"))
+            if self.fusehook is not None and self.opts.uring:
+                log_uring(self.fusehook.uring_status())
 
         async def serve():
             async with trio.open_nursery() as nursery:
@@ -272,6 +278,39 @@ class Server:
             except (TypeError, ValueError):
                 pass
         self._old_handlers.clear()
+
+
+ENABLE_URING = "/sys/module/fuse/parameters/enable_uring"
+
+
+def enable_fuse_uring(path: str = ENABLE_URING) -> bool:
+    """-o uring: the kernel offers FUSE_OVER_IO_URING only while the fuse module's enable_uring
+    is Y; as root, turn it on (one line in the log). False (and one line) if it cannot be."""
+    try:
+        with open(path) as f:
+            if f.read().strip() == "Y":
+                return True
+    except OSError as e:
+        log.warning("-o uring: this kernel has no FUSE-over-io_uring (%s: %s); serving "
+                    "through /dev/fuse", path, e.strerror)
+        return False
+    try:
+        with open(path, "w") as f:
+            f.write("Y")
+    except OSError as e:
+        log.warning("-o uring: cannot enable FUSE-over-io_uring (writing Y to %s: %s); serving "
+                    "through /dev/fuse", path, e.strerror)
+        return False
+    log.info("-o uring: wrote Y to %s (FUSE-over-io_uring; it stays on for new mounts)", path)
+    return True
+
+
+def log_uring(st: dict) -> None:
+    if st["active"]:
+        log.info("io_uring transport: %d queues, one thread pinned to each CPU", st["queues"])
+    elif st["wanted"]:
+        why = (st["error"] or "?") if st["offered"] else "the kernel did not offer it"
+        log.warning("-o uring: not in use (%s); serving through /dev/fuse", why)
 
 
 class _CaptureStderr:

@@ -136,6 +136,7 @@ struct ring {
 };
 
 static int want;                    /* -o uring */
+static int defer;                   /* DAXFS_URING_DEFER=1: DEFER_TASKRUN (an experiment) */
 static atomic_uint init_flags, init_flags2;
 static atomic_int init_seen, stop_flag, active, failed;
 static atomic_int last_error;       /* -errno of the first command that failed */
@@ -146,6 +147,7 @@ static size_t payload_size;
 static pthread_mutex_t go_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t go_cv = PTHREAD_COND_INITIALIZER;
 static int go;                      /* 0: wait, 1: register, -1: leave */
+static int ready, ready_bad;        /* threads that started (and of those, failed to) */
 
 static pthread_mutex_t tab_mu = PTHREAD_MUTEX_INITIALIZER;
 static struct ent *table[TABLE];
@@ -239,6 +241,9 @@ static int ring_create(struct ring *r)
     struct io_uring_params p;
     memset(&p, 0, sizeof(p));
     p.flags = IORING_SETUP_SQE128 | IORING_SETUP_CQSIZE;
+    if (defer)                        /* enabled by the ring's thread, its only submitter */
+        p.flags |= IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN |
+                   IORING_SETUP_R_DISABLED;
     p.cq_entries = 2 * SQ_ENTRIES;
     r->fd = (int)syscall(SYS_io_uring_setup, SQ_ENTRIES, &p);
     if (r->fd < 0)
@@ -451,7 +456,14 @@ static void *ring_main(void *arg)
     sigemptyset(&only);
     sigaddset(&only, DP_STOP_SIGNAL);
     pthread_sigmask(SIG_UNBLOCK, &only, NULL);
+    int bad = defer && syscall(SYS_io_uring_register, r->fd, IORING_REGISTER_ENABLE_RINGS,
+                               NULL, 0) != 0;
+    if (bad)
+        fail(-errno);
     pthread_mutex_lock(&go_mu);
+    ready += 1;
+    ready_bad += bad;
+    pthread_cond_broadcast(&go_cv);
     while (!go)
         pthread_cond_wait(&go_cv, &go_mu);
     int g = go;
@@ -595,6 +607,12 @@ int uring_init_reply(char *init_out, size_t len, int fd)
         }
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_mutex_lock(&go_mu);             /* every thread up, its ring usable */
+    while (!err && ready < nrings)
+        pthread_cond_wait(&go_cv, &go_mu);
+    if (ready_bad)
+        err = -EINVAL;
+    pthread_mutex_unlock(&go_mu);
     if (err) {
         fail(err);
         leave();
@@ -642,6 +660,8 @@ PyObject *uring_py_configure(PyObject *self, PyObject *arg)
         return NULL;
     }
     want = on;
+    const char *d = getenv("DAXFS_URING_DEFER");
+    defer = d && *d == '1';
     Py_RETURN_NONE;
 }
 
@@ -651,7 +671,8 @@ PyObject *uring_py_status(PyObject *self, PyObject *unused)
     unsigned long long requests;
     uring_stats(&on, &requests, &queues);
     int err = atomic_load(&last_error);
-    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:K,s:i,s:s}", "wanted", want, "init_seen",
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:K,s:i,s:s}", "wanted", want, "defer", defer,
+                         "init_seen",
                          atomic_load(&init_seen), "offered", offered, "active", on, "queues",
                          queues, "requests", requests, "errno", -err,
                          "error", err ? strerror(-err) : "");

@@ -43,6 +43,10 @@
  *    on revoke, on getattr and on sync and stores it like its own lazily kept
  *    timestamps of overwrites (txn.py).
  *
+ *  - Transports.  READ/WRITE/getxattr are served by dp_serve() into a reply sink: one writev()
+ *    on /dev/fuse here, or a ring entry with -o uring (_uring.c, whose threads hand what they
+ *    do not serve to the same queue).
+ *
  * What is not done here: DAX mappings (cache-line flushes stay in Python; the
  * workers then serve reads only), FUSE_INTERRUPT of a request a worker answered
  * (libfuse keeps a small record of it), splice.

@@ -437,12 +437,15 @@ static void completion(struct ring *r, uint64_t data, int res)
     if (res == -EAGAIN || res == -EINTR) {      /* REGISTER before the INIT reply's effect */
         usleep(1000);
         submit_cmd(r, e, e->last_cmd);
-    } else if (res < 0) {                       /* unmounted, aborted, or refused */
-        e->state = E_DEAD;
-        if (res != -ENOTCONN && res != -ECONNABORTED && res != -ECANCELED) {
-            fail(res);
-            if (e->last_cmd == FUSE_IO_URING_CMD_REGISTER)
-                atomic_store(&failed, 1);       /* the kernel fell back to /dev/fuse */
+    } else if (res == -ENOTCONN || res == -ECONNABORTED || res == -ECANCELED) {
+        e->state = E_DEAD;                      /* unmounted or aborted */
+    } else if (res < 0) {
+        fail(res);
+        if (e->last_cmd == FUSE_IO_URING_CMD_REGISTER) {
+            e->state = E_DEAD;
+            atomic_store(&failed, 1);           /* the kernel fell back to /dev/fuse */
+        } else {                                /* a commit the kernel refused: the queue */
+            submit_cmd(r, e, FUSE_IO_URING_CMD_REGISTER);   /* must not lose the entry */
         }
     } else {
         request(r, e);

@@ -49,6 +49,10 @@
  * touches its buffers, and the handovers go through the table lock and the ring's lock.  The
  * published maps and their rwlock are the data plane's (dp_serve), unchanged.
  *
+ * Scheduling.  The ring threads are SCHED_IDLE (see ring_main): on an idle VM the scheduler
+ * otherwise wakes the answered client on the other, halted vCPU, every request.
+ * DEFER_TASKRUN + SINGLE_ISSUER rings were tried and were slower (29k vs 47k IOPS).
+ *
  * Not done: registered buffers, SQPOLL, DEFER_TASKRUN; notifications through the ring (the
  * kernel does not support them); freeing the entries' buffers at the end (the kernel may
  * still reference them until the rings' cancellation has run; the daemon is exiting).
@@ -136,7 +140,7 @@ struct ring {
 };
 
 static int want;                    /* -o uring */
-static int defer;                   /* DAXFS_URING_DEFER=1: DEFER_TASKRUN (an experiment) */
+static int sched_other;             /* DAXFS_URING_SCHED=other: ring threads not SCHED_IDLE */
 static atomic_uint init_flags, init_flags2;
 static atomic_int init_seen, stop_flag, active, failed;
 static atomic_int last_error;       /* -errno of the first command that failed */
@@ -147,7 +151,7 @@ static size_t payload_size;
 static pthread_mutex_t go_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t go_cv = PTHREAD_COND_INITIALIZER;
 static int go;                      /* 0: wait, 1: register, -1: leave */
-static int ready, ready_bad;        /* threads that started (and of those, failed to) */
+static int ready;                   /* threads that started */
 
 static pthread_mutex_t tab_mu = PTHREAD_MUTEX_INITIALIZER;
 static struct ent *table[TABLE];
@@ -241,9 +245,6 @@ static int ring_create(struct ring *r)
     struct io_uring_params p;
     memset(&p, 0, sizeof(p));
     p.flags = IORING_SETUP_SQE128 | IORING_SETUP_CQSIZE;
-    if (defer)                        /* enabled by the ring's thread, its only submitter */
-        p.flags |= IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN |
-                   IORING_SETUP_R_DISABLED;
     p.cq_entries = 2 * SQ_ENTRIES;
     r->fd = (int)syscall(SYS_io_uring_setup, SQ_ENTRIES, &p);
     if (r->fd < 0)
@@ -459,13 +460,16 @@ static void *ring_main(void *arg)
     sigemptyset(&only);
     sigaddset(&only, DP_STOP_SIGNAL);
     pthread_sigmask(SIG_UNBLOCK, &only, NULL);
-    int bad = defer && syscall(SYS_io_uring_register, r->fd, IORING_REGISTER_ENABLE_RINGS,
-                               NULL, 0) != 0;
-    if (bad)
-        fail(-errno);
+    /* SCHED_IDLE: while this thread runs (it answers a request and wakes the client), the
+     * scheduler counts the CPU as idle and wakes the client here, next to its queue, instead
+     * of moving it to the other, halted vCPU -- which costs the very IPI the rings avoid, on
+     * every request (idle VM: 23-30k IOPS instead of 67-70k).  A client on this CPU still
+     * preempts us at once, and no starvation showed under a CPU hog pinned to each CPU. */
+    struct sched_param sp = {0};
+    if (!sched_other && sched_setscheduler(0, SCHED_IDLE, &sp) != 0)
+        fail(-errno);                           /* slower on an idle VM, still correct */
     pthread_mutex_lock(&go_mu);
     ready += 1;
-    ready_bad += bad;
     pthread_cond_broadcast(&go_cv);
     while (!go)
         pthread_cond_wait(&go_cv, &go_mu);
@@ -610,11 +614,9 @@ int uring_init_reply(char *init_out, size_t len, int fd)
         }
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    pthread_mutex_lock(&go_mu);             /* every thread up, its ring usable */
+    pthread_mutex_lock(&go_mu);             /* every thread up before the flag goes out */
     while (!err && ready < nrings)
         pthread_cond_wait(&go_cv, &go_mu);
-    if (ready_bad)
-        err = -EINVAL;
     pthread_mutex_unlock(&go_mu);
     if (err) {
         fail(err);
@@ -663,8 +665,8 @@ PyObject *uring_py_configure(PyObject *self, PyObject *arg)
         return NULL;
     }
     want = on;
-    const char *d = getenv("DAXFS_URING_DEFER");
-    defer = d && *d == '1';
+    const char *d = getenv("DAXFS_URING_SCHED");
+    sched_other = d && !strcmp(d, "other");
     Py_RETURN_NONE;
 }
 
@@ -674,7 +676,7 @@ PyObject *uring_py_status(PyObject *self, PyObject *unused)
     unsigned long long requests;
     uring_stats(&on, &requests, &queues);
     int err = atomic_load(&last_error);
-    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:K,s:i,s:s}", "wanted", want, "defer", defer,
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:K,s:i,s:s}", "wanted", want, "sched_idle", !sched_other,
                          "init_seen",
                          atomic_load(&init_seen), "offered", offered, "active", on, "queues",
                          queues, "requests", requests, "errno", -err,

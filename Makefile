@@ -47,7 +47,7 @@ test: setup
 # fio suite in one run against tmpfs (/dev/shm), fresh daxfs images (both modes) and the peers
 # (libfuse's C passthrough_ll with and without writeback cache, pyfuse3's passthroughfs.py; built
 # and fetched into build/bench-peers/); results/<time>/
-BENCH_TARGETS := --daxfs --dax --writeback --peers
+BENCH_TARGETS := --daxfs --dax --writeback --uring --peers
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) scripts/bench.py --full $(BENCH_TARGETS)

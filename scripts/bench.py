@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """daxfs benchmark suite: fio jobs + copy and mount measurements, per target, in one run.
 
-    python scripts/bench.py --short --daxfs --dax --writeback --peers   # `make bench-short`
-    python scripts/bench.py --full --daxfs --dax --writeback --peers    # `make bench`
+    python scripts/bench.py --short --daxfs --dax --writeback --uring --peers  # make bench-short
+    python scripts/bench.py --full --daxfs --dax --writeback --uring --peers   # make bench
     python scripts/bench.py --short --target disk=/tmp/benchdir
 
-Targets: tmpfs (/dev/shm), a fresh daxfs image (--daxfs), one mounted -o dax (--dax) and one
--o writeback (--writeback), the
+Targets: tmpfs (/dev/shm), a fresh daxfs image (--daxfs), one mounted -o dax (--dax), one
+-o writeback (--writeback) and one -o uring (--uring), the
 peers of bench_peers.py (--peers: libfuse's C passthrough_ll with and without writeback cache,
 pyfuse3's passthroughfs.py, all over /dev/shm) and any directory (--target NAME=PATH).
 The fio job files live in scripts/fio/ (one per workload, see common.inc). Jobs run in the order
@@ -357,6 +357,8 @@ def parse_args(argv):
     p.add_argument("--writeback", action="store_true",
                    help="also benchmark a fresh daxfs mount with the writeback cache "
                         "(-o writeback)")
+    p.add_argument("--uring", action="store_true",
+                   help="also benchmark a fresh daxfs mount with FUSE-over-io_uring (-o uring)")
     p.add_argument("--peers", action="store_true",
                    help="also benchmark the peers: " + ", ".join(PEER_NAMES))
     p.add_argument("--peer", action="append", default=[], choices=PEER_NAMES, metavar="NAME",
@@ -384,7 +386,7 @@ def parse_args(argv):
 
 def select_targets(a, outdir: Path) -> list[tuple[str, object]]:
     targets = [] if a.no_tmpfs else [("tmpfs", lambda: dir_target("tmpfs", TMPFS_DIR))]
-    reserved = {"tmpfs", "daxfs", "daxfs-dax", "daxfs-writeback", *PEER_NAMES}
+    reserved = {"tmpfs", "daxfs", "daxfs-dax", "daxfs-writeback", "daxfs-uring", *PEER_NAMES}
     for spec in a.target:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
@@ -403,6 +405,10 @@ def select_targets(a, outdir: Path) -> list[tuple[str, object]]:
         find_daxfs()
         targets.append(("daxfs-writeback", lambda: daxfs_target(
             a.image_size, outdir, "daxfs-writeback", "writeback")))
+    if a.uring:
+        find_daxfs()
+        targets.append(("daxfs-uring", lambda: daxfs_target(
+            a.image_size, outdir, "daxfs-uring", "uring")))
     for peer in PEERS:
         if a.peers or peer.name in a.peer:
             targets.append((peer.name, lambda pr=peer: peer_target(pr, outdir, a.peer_cache)))

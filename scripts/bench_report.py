@@ -6,15 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
-DAXFS_MODES = ("daxfs", "daxfs-dax", "daxfs-writeback")
-SHORT = {"daxfs-dax": "dax", "daxfs-writeback": "wb", "passthrough_ll": "ll",
-         "passthrough_ll-writeback": "ll-wb",
+DAXFS_MODES = ("daxfs", "daxfs-dax", "daxfs-writeback", "daxfs-uring")
+SHORT = {"daxfs-dax": "dax", "daxfs-writeback": "wb", "daxfs-uring": "uring",
+         "passthrough_ll": "ll", "passthrough_ll-writeback": "ll-wb",
          "pyfuse3-passthroughfs": "py"}
 
 
 COLORS = {"daxfs": "C0", "daxfs-dax": "C1", "passthrough_ll": "C2",     # the same in every
           "passthrough_ll-writeback": "C3", "pyfuse3-passthroughfs": "C4",  # run's chart
-          "daxfs-writeback": "C6"}
+          "daxfs-writeback": "C6", "daxfs-uring": "C7"}
 
 
 def short(name: str) -> str:

@@ -24,6 +24,7 @@ import pytest
 from conftest import (check_fsck, daxfs_cli, finish_mount, force_cleanup, have_fuse, have_root,
                       is_mounted, mount, remount, umount)
 from test_mount_mmap import Agent, apply, assert_bytes, clone_range, kill9_daemon, pread_all
+from test_dataplane import stats
 from test_posix import CAP_VALUE, as_user
 
 pytestmark = pytest.mark.skipif(not have_fuse(), reason="needs /dev/fuse and fusermount3")
@@ -343,10 +344,6 @@ def test_setuid_cleared_by_a_write_is_seen_by_statx_mode(cmount, direct):
     assert as_user(write_as_user) == BS
     assert not statx_mode(p) & stat.S_ISUID, oct(statx_mode(p))
     assert not os.stat(p).st_mode & stat.S_ISUID
-
-
-def stats(mnt) -> dict:
-    return json.loads(os.getxattr(str(mnt), "user.daxfs.stats"))
 
 
 def test_buffered_writes_ask_for_no_capability_each(cmount):

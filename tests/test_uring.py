@@ -4,8 +4,6 @@ none passes by having been served through /dev/fuse; the content is compared wit
 written, the image is fsck'ed after unmounting, and the daemon log must hold no traceback."""
 from __future__ import annotations
 
-import json
-import mmap
 import os
 import subprocess
 import sys
@@ -16,6 +14,7 @@ import pytest
 from conftest import (check_daemon_log, check_fsck, finish_mount, force_cleanup, have_fuse,
                       mount, remount, wait_unlocked)
 from daxfs.daemon import lock_holder
+from test_dataplane import pread_direct, pwrite_direct, stats
 
 ENABLE = "/sys/module/fuse/parameters/enable_uring"
 BS = 4096
@@ -26,30 +25,6 @@ pytestmark = [
                        reason=f"kernel without FUSE-over-io_uring ({ENABLE} is absent)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="-o uring turns enable_uring on: needs root"),
 ]
-
-
-def stats(mnt) -> dict:
-    return json.loads(os.getxattr(mnt, "user.daxfs.stats"))
-
-
-def pread_direct(path, off: int, n: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        buf = mmap.mmap(-1, n)
-        got = os.preadv(fd, [buf], off)
-        return bytes(buf[:got])
-    finally:
-        os.close(fd)
-
-
-def pwrite_direct(path, off: int, data: bytes) -> None:
-    buf = mmap.mmap(-1, len(data))
-    buf[:] = data
-    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-    try:
-        assert os.pwritev(fd, [buf], off) == len(data)
-    finally:
-        os.close(fd)
 
 
 def sh(*cmd, **kw) -> subprocess.CompletedProcess:

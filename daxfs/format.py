@@ -3,7 +3,8 @@
 Everything daxfs keeps lives in one image file, addressed in 4 KiB blocks:
 
     block 0                 superblock (SUPERBLOCK_DTYPE), immutable but for `clean`/`mount_count`
-    journal_start           journal header block (JOURNAL_HEADER_DTYPE), then the redo log
+    journal_start           journal header block (JOURNAL_HEADER_DTYPE; COW_APPLIED_OFF), then
+                            the redo log, then the COW intent ring (Geometry.cow_ring)
     inode_start             inode table: inode_count records of INODE_DTYPE; index == inode number
     dirent_start            directory entry table: dirent_count records of DIRENT_DTYPE
     extent_start            extent table: extent_count records of EXTENT_DTYPE
@@ -258,6 +259,57 @@ def unpack_journal_header(raw: bytes) -> tuple[bool, int]:
     return bytes(h["magic"]) == JOURNAL_MAGIC, int(h["epoch"])
 
 
+# ------------------------------------------------------------------------------ COW intent ring
+# The last blocks of the journal region hold a ring of COW_RECORD_DTYPE records, written by the
+# C data plane when it breaks the sharing of a block itself (daxfs/_cowplane.c explains the
+# protocol, cowlog.py applies them): "inode `ino` now maps file block `lblk` to `new_pblk`
+# instead of the shared `old_pblk`". Record `seq` lives in slot seq % slots; a record counts
+# when its magic and check match and its seq is at least the applied seq, a u64 at
+# COW_APPLIED_OFF of the journal header block, which only journal transactions change (the
+# one that applies records also advances it). Images made before the ring existed hold old log
+# bytes there: they never match magic and check.
+COW_MAGIC = int.from_bytes(b"DAXCOW01", "little")
+COW_RECORD_DTYPE = np.dtype([
+    ("magic", "<u8"),       # == COW_MAGIC
+    ("seq", "<u8"),         # record number, never reused
+    ("ino", "<u8"),
+    ("lblk", "<u8"),        # file block
+    ("new_pblk", "<u8"),    # the block written (free on the image until the record is applied)
+    ("old_pblk", "<u8"),    # the shared block the file mapped at lblk
+    ("mtime", "<u8"),       # ns of the write
+    ("check", "<u8"),       # cow_check(the seven words before)
+])
+assert COW_RECORD_DTYPE.itemsize == 64
+COW_APPLIED_OFF = 64        # in the journal header block, after JOURNAL_HEADER_DTYPE
+assert JOURNAL_HEADER_DTYPE.itemsize <= COW_APPLIED_OFF
+COW_RING_MAX_BLOCKS = 64    # 4096 records; at most an eighth of the journal region
+_M64 = 0xFFFFFFFFFFFFFFFF
+
+
+def cow_check(words) -> int:
+    """The check word of a COW record over its first seven words (the same in C)."""
+    h = 0x9E3779B97F4A7C15
+    for w in words:
+        h ^= int(w)
+        h = (h * 0xFF51AFD7ED558CCD) & _M64
+        h ^= h >> 33
+    return h
+
+
+def pack_cow_record(seq: int, ino: int, lblk: int, new_pblk: int, old_pblk: int,
+                    mtime: int) -> bytes:
+    """One ring record, as the C data plane stores it (tests write them the same way)."""
+    words = [COW_MAGIC, seq, ino, lblk, new_pblk, old_pblk, mtime]
+    return struct.pack("<8Q", *words, cow_check(words))
+
+
+def valid_cow_records(ring: np.ndarray, applied: int) -> np.ndarray:
+    """The records of a ring (a COW_RECORD_DTYPE array) that count, in seq order."""
+    cand = ring[(ring["magic"] == COW_MAGIC) & (ring["seq"] >= applied)]
+    ok = [i for i, r in enumerate(cand) if cow_check(r.tolist()[:7]) == int(r["check"])]
+    return np.sort(cand[ok], order="seq")
+
+
 def commit_word(epoch: int, seq: int) -> int:
     return ((epoch * 0x9E3779B97F4A7C15) ^ (seq * 0xC2B2AE3D27D4EB4F) ^ 0xDA7F5C0117) & \
         0xFFFFFFFFFFFFFFFF | 1
@@ -314,6 +366,20 @@ class Geometry:
             raise FormatError(f"image size {size_bytes} leaves no room for data")
         return cls(nblocks, journal_start, journal_blocks, inode_start, inode_count, dirent_start,
                    dirent_count, extent_start, extent_count, refcount_start, pos)
+
+    @property
+    def cow_ring_blocks(self) -> int:
+        return min(COW_RING_MAX_BLOCKS, self.journal_blocks // 8)
+
+    def cow_ring(self) -> tuple[int, int]:
+        """(byte offset, slots) of the COW intent ring: the journal region's last blocks."""
+        n = self.cow_ring_blocks
+        start = self.journal_start + self.journal_blocks - n
+        return start * BLOCK_SIZE, n * BLOCK_SIZE // COW_RECORD_DTYPE.itemsize
+
+    @property
+    def cow_applied_offset(self) -> int:
+        return self.journal_start * BLOCK_SIZE + COW_APPLIED_OFF
 
     @property
     def data_blocks(self) -> int:

@@ -72,7 +72,10 @@ class Journal:
         self.hdr_off = g.journal_start * fmt.BLOCK_SIZE
         self.epoch_off = self.hdr_off + fmt.JOURNAL_EPOCH_OFF     # 8 bytes, stored atomically
         self.log_off = self.hdr_off + fmt.BLOCK_SIZE
-        self.log_len = (g.journal_blocks - 1) * fmt.BLOCK_SIZE
+        # new transactions stop before the COW intent ring (format.py); replay scans the whole
+        # region, as images made before the ring existed may hold transactions there
+        self.log_len = (g.journal_blocks - 1 - g.cow_ring_blocks) * fmt.BLOCK_SIZE
+        self.scan_len = (g.journal_blocks - 1) * fmt.BLOCK_SIZE
         self.meta_len = g.data_start * fmt.BLOCK_SIZE
         self.pos = 0          # next free byte in the log
         self.seq = 0          # sequence number of the next transaction in this epoch
@@ -162,14 +165,14 @@ class Journal:
         epoch = self.epoch
         buf = self.pm.buf
         pos, seq = 0, 0
-        while pos + TXN_HEADER.size + 8 <= self.log_len:
+        while pos + TXN_HEADER.size + 8 <= self.scan_len:
             at = self.log_off + pos
             magic, nrec, body_len, crc, t_epoch, t_seq = TXN_HEADER.unpack(
                 bytes(buf[at:at + TXN_HEADER.size]))
             if magic != TXN_MAGIC or t_epoch != epoch or t_seq != seq:
                 return
             end = pos + TXN_HEADER.size + body_len + 8
-            if body_len % 8 or end > self.log_len:
+            if body_len % 8 or end > self.scan_len:
                 return
             body = bytes(buf[at + TXN_HEADER.size:at + TXN_HEADER.size + body_len])
             if txn_crc(nrec, t_epoch, t_seq, body) != crc:

@@ -11,6 +11,7 @@ a crash must never find a block that is still mapped by the old state overwritte
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 
 import numpy as np
 
@@ -61,6 +62,11 @@ def implied_refcounts(pblk: np.ndarray, length: np.ndarray, inodes: np.ndarray,
     return cov + np.bincount(xb, minlength=nb)[:nb]
 
 
+# below this many free blocks the C COW pool is taken back (dataplane.POOL_FLOOR is where it
+# stops being filled: above this)
+POOL_RECLAIM_BELOW = 2048
+
+
 class BlockAllocator:
     def __init__(self, table: np.ndarray, g: fmt.Geometry):
         self.g = g
@@ -72,6 +78,8 @@ class BlockAllocator:
         self.cursor = g.data_start
         self.dirty: list[tuple[int, int]] = []             # (start, end) ranges since last commit
         self.quarantine: list[tuple[int, int]] = []        # freed by the open transaction
+        self.pooled = 0                                    # blocks in the C COW pool
+        self.reclaim_pool: Callable[[], bool] | None = None   # DataPlane.reclaim
 
     def undercounted(self, implied: np.ndarray) -> np.ndarray:
         """Data blocks whose count is below the references the tables hold: trusting such a
@@ -225,8 +233,13 @@ class BlockAllocator:
         return runs_of(np.sort(np.concatenate(found)))
 
     def available(self) -> int:
-        """Blocks this transaction can still allocate."""
-        return self.free - self._quarantined()
+        """Blocks this transaction can still allocate. When few are left and the C COW pool
+        holds some, they come back first (dataplane.DataPlane.reclaim)."""
+        n = self.free - self._quarantined()
+        if self.pooled and n < POOL_RECLAIM_BELOW and self.reclaim_pool is not None:
+            self.reclaim_pool()
+            n = self.free - self._quarantined()
+        return n
 
     def _quarantined(self) -> int:
         q = self.quarantine
@@ -234,6 +247,47 @@ class BlockAllocator:
 
     def _in_quarantine(self, s: int, n: int) -> bool:
         return any(q0 < s + n and s < q1 for q0, q1 in self.quarantine)
+
+    # -- the C data plane's COW pool (dataplane.py, cowlog.py) ---------------------------------------
+    # Blocks handed to C for the COW breaks it does itself are counted 1 here, so that nothing
+    # else allocates them, but not on the image: until a ring record maps one, a crash leaves
+    # it free. `pooled` of them are in C's hands (statfs counts them free).
+    def pool_take(self, n: int) -> np.ndarray:
+        """Up to n free blocks for the pool (fewer when short of space; between transactions)."""
+        n = min(n, self.available())
+        if n <= 0:
+            return np.empty(0, np.uint64)
+        runs = self.plan(n)
+        for s, ln in runs:
+            self.rc[s:s + ln] = 1
+        self.free -= n
+        self.refs += n
+        self.pooled += n
+        return np.concatenate([np.arange(s, s + ln, dtype=np.uint64) for s, ln in runs])
+
+    def pool_return(self, blocks: np.ndarray) -> None:
+        """Blocks the pool gives back unused: free again."""
+        if not blocks.size:
+            return
+        self.rc[blocks.astype(np.int64)] = 0
+        self.free += int(blocks.size)
+        self.refs -= int(blocks.size)
+        self.pooled -= int(blocks.size)
+
+    def pool_used(self, pblk: int) -> None:
+        """A pool block that a COW break mapped: its count of 1 joins the transaction."""
+        self.dirty.append((pblk, pblk + 1))
+        self.pooled -= 1
+
+    def claim(self, pblk: int) -> None:
+        """A block free on the image that a ring record from before a crash maps (recovery):
+        count 1 from now on, in the transaction."""
+        if self.rc[pblk]:
+            raise FsError(errno.EEXIST, f"block {pblk} of a COW record is in use")
+        self.rc[pblk] = 1
+        self.dirty.append((pblk, pblk + 1))
+        self.free -= 1
+        self.refs += 1
 
     # -- reference counting ----------------------------------------------------------------------
     def incref(self, pblk: int, n: int) -> None:

@@ -17,6 +17,7 @@ Writes into holes follow the same path with zero-fill instead of the copy.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 
 import numpy as np
 
@@ -51,6 +52,7 @@ class BufCache:
         self.inodes = inodes
         self.frames = frames        # shared blocks -> aliases; changed in step with the maps
         self.stats = Stats()
+        self.reclaim_pool: Callable[[], bool] | None = None   # DataPlane.reclaim (extent_room)
 
     # -- read --------------------------------------------------------------------------------------
     def read(self, node: Inode, off: int, size: int, *, view: bool = False) -> bytes | memoryview:
@@ -207,7 +209,15 @@ class BufCache:
             self.pm.copy(dst, p << SHIFT, BS)
         self.pm.store(dst + o, mv)
         txn.persist_data(dst, BS)
-        self._remapped(txn, node, em.remap(l, 1, q, self.inodes.extent_pool.take, at))
+        self.adopt_break(txn, node, l, at, q)
+
+    def adopt_break(self, txn: Transaction, node: Inode, l: int, at: tuple[int, int, int],
+                    q: int) -> None:
+        """The mapping half of a COW break whose block `q` already holds the new bytes (and
+        counts 1): file block l moves from the shared block `at` maps to q, the old block
+        loses this reference and alias. break_block's second step; cowlog.py's for the
+        breaks the C data plane did. Needs two extent records."""
+        self._remapped(txn, node, node.extents.remap(l, 1, q, self.inodes.extent_pool.take, at))
         self.stats.cow_breaks += 1
 
     # -- mapping changes ---------------------------------------------------------------------------
@@ -251,6 +261,8 @@ class BufCache:
 
     def extent_room(self, n: int) -> None:
         """ENOSPC unless n more extent records can be taken (checked before any change)."""
+        if len(self.inodes.extent_pool) < n and self.reclaim_pool is not None:
+            self.reclaim_pool()             # the C COW pool's records first
         if len(self.inodes.extent_pool) < n:
             raise FsError(errno.ENOSPC, "no free extent records (mkfs --extents)")
 
@@ -295,6 +307,10 @@ class BufCache:
         avail, recs = self.alloc.available(), len(self.inodes.extent_pool)
         if blocks <= avail and records <= recs:
             return end
+        if self.reclaim_pool is not None and self.reclaim_pool():   # the C COW pool first
+            avail, recs = self.alloc.available(), len(self.inodes.extent_pool)
+            if blocks <= avail and records <= recs:
+                return end
         budget = min(avail, recs // 2)
         if end > node.size and node.size >> SHIFT < off >> SHIFT and self._tail_shared(node):
             budget -= 1                      # zero_tail's break of the shared EOF block

@@ -36,6 +36,7 @@ from . import format as fmt
 from . import usage
 from .alloc import BlockAllocator, implied_refcounts
 from .bufcache import BufCache
+from .cowlog import CowLog
 from .dirs import Directories
 from .errors import FsError, MountError
 # the parts' constants, for callers of the engine
@@ -106,6 +107,8 @@ class FileSystem:
         self.data = FileData(self, TXN_BLOCKS if txn_blocks is None else txn_blocks)
         self.names = Namespace(self)
         self.orphans = Orphans(self)
+        self.cow = CowLog(self)
+        self.cow.recover()
         if not readonly:
             self._set_clean(False)
             self.orphans.recover()
@@ -360,16 +363,18 @@ class FileSystem:
         """Space and sharing counters (`daxfs stat`), O(1): running totals kept by the
         allocator and the inode table (scan_stats() computes the same from the tables)."""
         g, a = self.g, self.alloc
-        used = g.data_blocks - a.free
+        free = a.free + a.pooled        # the data plane's COW pool is free on the image
+        used = g.data_blocks - free
         out = {"logical_bytes": self.inodes.logical_bytes, "physical_bytes": used * BS,
-               "free_bytes": a.free * BS, "total_bytes": g.data_blocks * BS,
+               "free_bytes": free * BS, "total_bytes": g.data_blocks * BS,
                "files": self.inodes.used, "shared_blocks": a.shared,
-               "aliases": a.refs - self.inodes.xattr_blocks,
+               "aliases": a.refs - a.pooled - self.inodes.xattr_blocks,
                # aliases - data frames == refs - used blocks (xattr blocks cancel out)
-               "bytes_saved": max(0, a.refs - used) * BS}
+               "bytes_saved": max(0, a.refs - a.pooled - used) * BS}
         b = self.bufcache.stats
         out.update(clones=b.clones, cloned_blocks=b.cloned_blocks, cow_breaks=b.cow_breaks,
-                   journal_commits=self.journal.commits)
+                   cow_ring_applied=self.cow.applied_records,
+                   cow_ring_dropped=self.cow.mismatches, journal_commits=self.journal.commits)
         if self.extra_stats:
             out.update(self.extra_stats())
         return out
@@ -398,5 +403,5 @@ class FileSystem:
         # f_files excludes the never-used slot 0; root counts as used
         # a new name takes an inode and a directory entry (hard links only the entry): `df -i`
         # shows what can still be created, whichever table runs out first
-        return StatFs(BS, g.data_blocks, self.alloc.free, g.inode_count - 1,
+        return StatFs(BS, g.data_blocks, self.alloc.free + self.alloc.pooled, g.inode_count - 1,
                       min(len(self.inodes.pool), len(self.dirs.pool)))

@@ -64,11 +64,14 @@ class MapWatcher(Protocol):
     def revoke_all(self) -> None:
         """Serve nothing any more (the failsafe)."""
 
+    def settle(self) -> None:
+        """Apply the COW breaks done outside Python so far (cowlog.py); outside transactions."""
+
 
 class Transaction:
     """The records of one operation, keyed by table slot (a later record of a slot wins)."""
 
-    __slots__ = ("_g", "writes", "nodes", "data", "touched")
+    __slots__ = ("_g", "writes", "nodes", "data", "touched", "quiet")
 
     def __init__(self, g: fmt.Geometry) -> None:
         self._g = g
@@ -76,6 +79,8 @@ class Transaction:
         self.nodes: dict[int, Inode] = {}        # inodes to store (packed at commit)
         self.data: list[tuple[int, int]] = []    # fresh data ranges to persist first
         self.touched: set[int] = set()           # inodes changed without a record of their own
+        self.quiet = False                       # records what the data plane did (cowlog.py):
+                                                 # its maps are up to date, take none back
 
     def inode(self, node: Inode) -> None:
         self.nodes[node.ino] = node
@@ -98,6 +103,10 @@ class Transaction:
     def sharing(self, ino: int) -> None:
         """`ino`'s blocks gain an owner (a clone's source): no longer writable in place."""
         self.touched.add(ino)
+
+    def cow_applied(self, seq: int) -> None:
+        """Ring records below `seq` are applied (format.py, COW intent ring)."""
+        self.writes[self._g.cow_applied_offset] = seq.to_bytes(8, "little")
 
     def persist_data(self, off: int, length: int) -> None:
         """Bytes stored outside the journal that must be durable before the commit."""
@@ -123,9 +132,10 @@ class Transactions:
     def changing(self, *inos: int) -> None:
         """Before an operation that reads and then changes these inodes' data or mapping
         (clone, dedupe, truncate, fallocate): requests served outside Python stop using
-        them now, not only at the commit."""
+        them now, not only at the commit, and the COW breaks they did are applied first."""
         if self.watcher is not None:
             self.watcher.changed(inos)
+            self.watcher.settle()
 
     def sync_times(self, ino: int) -> None:
         if self.watcher is not None:
@@ -172,7 +182,7 @@ class Transactions:
             self.watcher.revoke_all()
 
     def _commit(self, t: Transaction) -> None:
-        if self.watcher is not None:
+        if self.watcher is not None and not t.quiet:
             # before the lazy timestamps join: those inodes' maps did not change
             self.watcher.changed([*t.nodes, *t.touched])
         writes = self.alloc.take_dirty(self._rc_base)

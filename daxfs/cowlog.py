@@ -1,0 +1,143 @@
+"""COW breaks done by the C data plane: the engine's side of the COW intent ring.
+
+Why. A write into a block a file shares with another (a reflink clone) must break the
+sharing: allocate, copy, remap, drop a reference, commit. In Python that is ~90 us per
+request, six times an in-place write served in C, and the COW storm (random 4 KiB writes
+into a fresh `cp`) ran at a sixth of the speed of the same writes into the original. The
+data plane's threads (daxfs/_cowplane.c) therefore break one-block writes themselves, and
+the engine catches up with them here, in batches.
+
+The protocol (XFS's CoW fork has the same shape: stage the data, log the intent, remap later).
+  - Python hands C a pool of free blocks (BlockAllocator.pool_take: counted 1 in memory so
+    nothing else takes them, still free on the image) and keeps two extent records per pool
+    block aside for the remaps to come.
+  - C, for a WRITE into a shared block b of a published file: takes a pool block q, copies
+    the old block and the new bytes into it, makes q durable, stores a checked ring record
+    (ino, b, q, old block, time; format.py) and makes it durable, and only then replies.
+    Its own copy of the file's map now reads and writes b at q (the overlay).
+  - Python applies the records it takes from C (`apply`): per record the mapping half of a
+    COW break (BufCache.adopt_break), and in the same transaction the applied sequence
+    number, so the ring slots can be reused and no record is applied twice. The transaction
+    is *quiet*: C's maps already say what it commits, so it takes none back.
+  - After a crash, `recover` applies every checked record at or past the applied number: an
+    acknowledged write is never lost. A record whose write was not acknowledged may or may
+    not be there; a pool block no record names is free on the image anyway.
+
+When Python applies. Python's own maps lag C's until then, so every request Python serves
+first applies what C did (dataplane.DataPlane.settle at each entry), and an operation that
+changes a file takes it back from C and applies again (txn.Transactions.changing) before it
+reads the map. A record whose block no longer maps the old block when it is applied cannot
+happen under those rules; it is counted (`mismatches`), logged and dropped, its block freed.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import format as fmt
+from .errors import FsError
+
+if TYPE_CHECKING:
+    from .fs import FileSystem
+
+log = logging.getLogger(__name__)
+
+# records per transaction: 2 extent records, 2 refcounts and up to one inode each, well
+# inside the smallest journal's half (fmt.Geometry: 256 blocks)
+BATCH = 256
+
+
+class CowLog:
+    def __init__(self, fs: FileSystem) -> None:
+        self.fs = fs
+        self.ring_off, self.slots = fs.g.cow_ring()
+        self.applied = int.from_bytes(
+            fs.pm.read(fs.g.cow_applied_offset, 8), "little")   # records below are applied
+        self.mismatches = 0
+        self.applied_records = 0
+
+    def ring(self) -> np.ndarray:
+        """A copy of the ring's slots."""
+        raw = bytes(self.fs.pm.read(self.ring_off, self.slots * fmt.COW_RECORD_DTYPE.itemsize))
+        return np.frombuffer(raw, fmt.COW_RECORD_DTYPE).copy()
+
+    def pending(self) -> np.ndarray:
+        """The ring records not applied yet, in sequence order."""
+        return fmt.valid_cow_records(self.ring(), self.applied)
+
+    def recover(self) -> int:
+        """At mount, after the journal's replay: apply the records a crash left. A read-only
+        mount applies them to its private mapping, as the replay does."""
+        recs = self.pending()
+        if not recs.size:
+            return 0
+        tx = self.fs.tx
+        readonly, tx.readonly = tx.readonly, False
+        try:
+            self.apply(recs, pooled=False)
+        finally:
+            tx.readonly = readonly
+        log.info("COW ring: applied %d break(s) done by the data plane before the crash "
+                 "(%d dropped)", recs.size, self.mismatches)
+        return int(recs.size)
+
+    def apply(self, recs: np.ndarray, pooled: bool) -> None:
+        """Apply `recs` (COW_RECORD_DTYPE, in seq order), BATCH per transaction. `pooled`:
+        their blocks come from the pool of this mount (else: free blocks on the image, named
+        by records of an earlier one). FsError ENOSPC, before any change to a batch, when the
+        extent table cannot take its records."""
+        for i in range(0, recs.size, BATCH):
+            batch = recs[i:i + BATCH]
+            self.fs.bufcache.extent_room(2 * batch.size)
+            with self.fs.tx.open() as t:
+                t.quiet = True
+                for r in batch.tolist():
+                    self._apply_one(t, r, pooled)
+                self.applied = max(self.applied, int(batch["seq"][-1]) + 1)
+                t.cow_applied(self.applied)
+
+    def _apply_one(self, t, r: tuple, pooled: bool) -> None:
+        _magic, seq, ino, lblk, q, p, mtime, _check = r
+        fs = self.fs
+        why = self._mismatch(ino, lblk, q, p, pooled)
+        if why:
+            self.mismatches += 1
+            log.error("COW ring record %d (inode %d, block %d -> %d) dropped: %s",
+                      seq, ino, lblk, q, why)
+            if pooled:
+                fs.alloc.pool_return(np.array([q], np.uint64))
+            return
+        node = fs.inodes.get(ino)
+        at = node.extents.find(lblk)
+        if pooled:
+            fs.alloc.pool_used(q)
+        else:
+            fs.alloc.claim(q)
+        fs.bufcache.adopt_break(t, node, lblk, at, q)
+        if mtime > node.mtime:
+            node.mtime = node.ctime = mtime
+        t.inode(node)
+        self.applied_records += 1
+
+    def _mismatch(self, ino: int, lblk: int, q: int, p: int, pooled: bool) -> str:
+        """Why record (ino, lblk: p -> q) cannot be applied, or ''."""
+        fs, g = self.fs, self.fs.g
+        if not (g.data_start <= q < g.nblocks and g.data_start <= p < g.nblocks):
+            return "block outside the data area"
+        if not pooled and fs.alloc.count(q):
+            return "its new block is in use"
+        try:
+            node = fs.inodes.get(ino)
+        except FsError as e:
+            if e.errno == errno.ENOENT:
+                return "no such inode"
+            raise
+        if not node.is_reg:
+            return "not a regular file"
+        at = node.extents.find(lblk)
+        if at is None or at[2] != p:
+            return "the file no longer maps the old block there"
+        return ""

@@ -87,6 +87,10 @@ def check_journal(ctx: Context) -> None:
     elif js.ran_replay:
         ctx.problem("log", f"{js.replayed} committed transaction(s) pending (checked a "
                     "replayed private copy)", "replay into the image", severity=INFO)
+    if js.cow_pending:
+        ctx.problem("COW ring", f"{js.cow_pending} COW break(s) done by the data plane are not "
+                    "applied yet (checked the image without them)", "the next mount applies "
+                    "them", repairable=False, severity=INFO)
 
 
 @check_step("inodes")

@@ -34,6 +34,7 @@ class JournalState:
     replayed: int = 0
     ran_replay: bool = False        # Journal.replay() ran (it checkpoints: the header changed)
     error: str | None = None        # replay failed
+    cow_pending: int = 0            # COW ring records the next mount applies (cowlog.py)
 
 
 def read_journal_header(mem: PMem, g: fmt.Geometry) -> tuple[bool, int]:
@@ -47,6 +48,11 @@ def journal_phase(mem: PMem, sb, g: fmt.Geometry, replay: bool) -> JournalState:
     repairing, a private copy-on-write mapping for a plain check)."""
     magic_ok, epoch = read_journal_header(mem, g)
     js = JournalState(magic_ok, epoch)
+    ring_off, slots = g.cow_ring()
+    applied = int.from_bytes(mem.read(g.cow_applied_offset, 8), "little")
+    ring = np.frombuffer(bytes(mem.read(ring_off, slots * fmt.COW_RECORD_DTYPE.itemsize)),
+                         fmt.COW_RECORD_DTYPE)
+    js.cow_pending = int(fmt.valid_cow_records(ring, applied).size)
     if not replay or not magic_ok or epoch == 0:
         return js
     try:

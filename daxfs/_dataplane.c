@@ -72,7 +72,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define BLOCK_SHIFT 12
+#define BLOCK_SHIFT DP_BLOCK_SHIFT
 #define BUF_SIZE DP_BUF_SIZE
 #define MAX_IOV 1024                  /* UIO_MAXIOV */
 #define MAX_THREADS 64
@@ -80,17 +80,15 @@
 #define MAX_RUNS (1 << 22)
 #define ZEROS (1 << 20)
 
-enum { PERSIST_NONE = 0, PERSIST_MSYNC = 1, PERSIST_READS_ONLY = 2 };
-
 /* ------------------------------------------------------------------ */
 /* configuration (set by Python before mounting) and the real libfuse  */
 
 static int want_threads;
 static long long spin_ns;             /* after serving, poll this long before sleeping */
-static char *image;                   /* base of the daemon's mapping of the image */
-static uint64_t image_size;
-static int persist_mode;
-static atomic_int writes_on;
+char *dp_image;                       /* base of the daemon's mapping of the image */
+uint64_t dp_image_size;
+int dp_persist_mode;
+atomic_int dp_writes_on;
 
 static int (*real_fd)(struct fuse_session *);
 static int (*real_receive)(struct fuse_session *, struct fuse_buf *);
@@ -126,24 +124,6 @@ void dp_note_session(struct fuse_session *se)
 
 /* ------------------------------------------------------------------ */
 /* published maps                                                      */
-
-struct run {                  /* as Python packs it (dataplane.py RUN_DTYPE) */
-    uint64_t lblk;
-    uint64_t pblk;
-    uint32_t n;
-    uint32_t owned;           /* every block has reference count 1: writable in place */
-};
-_Static_assert(sizeof(struct run) == 24, "run is 24 bytes");
-
-struct map {
-    struct map *next;         /* hash chain */
-    uint64_t ino;
-    uint64_t size;
-    int writable;
-    uint32_t nruns;
-    atomic_llong mtime;       /* ns of the last write done here, 0: none since taken */
-    struct run runs[];
-};
 
 static struct map *buckets[BUCKETS];
 static pthread_rwlock_t maps_lock;
@@ -184,7 +164,7 @@ static struct map *unlink_map(uint64_t ino)    /* write lock held */
 }
 
 /* Index of the first run that ends after file block b (nruns if none). */
-static uint32_t first_run(const struct map *m, uint64_t b)
+uint32_t dp_first_run(const struct map *m, uint64_t b)
 {
     uint32_t lo = 0, hi = m->nruns;
     while (lo < hi) {
@@ -197,11 +177,18 @@ static uint32_t first_run(const struct map *m, uint64_t b)
     return lo;
 }
 
-static long long realtime_ns(void)
+long long realtime_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* A store into the image made durable: msync of its pages on a disk file; -1: that failed. */
+int dp_persist(void *p, size_t n)
+{
+    uintptr_t a = (uintptr_t)p & ~(uintptr_t)4095;
+    return dp_persist_mode == PERSIST_MSYNC ? msync((void *)a, (uintptr_t)p + n - a, MS_SYNC) : 0;
 }
 
 /* ------------------------------------------------------------------ */
@@ -237,14 +224,15 @@ static int serve_read(const struct wire_in *in, const struct wire_read_in *rd,
     uint64_t pos = rd->offset, end = pos + rd->size;
     if (end > m->size || end < pos)
         end = m->size;
-    uint32_t i = pos < end ? first_run(m, pos >> BLOCK_SHIFT) : 0;
+    uint32_t i = pos < end ? dp_first_run(m, pos >> BLOCK_SHIFT) : 0;
     while (pos < end) {
         const struct run *r = i < m->nruns ? &m->runs[i] : NULL;
         uint64_t e;
         if (r && r->lblk << BLOCK_SHIFT <= pos) {
             e = (r->lblk + r->n) << BLOCK_SHIFT;
             e = e < end ? e : end;
-            iov[cnt].iov_base = image + (r->pblk << BLOCK_SHIFT) + (pos - (r->lblk << BLOCK_SHIFT));
+            iov[cnt].iov_base = dp_image + (r->pblk << BLOCK_SHIFT) +
+                                (pos - (r->lblk << BLOCK_SHIFT));
             i++;
         } else {                                   /* a hole: up to the next run */
             e = r ? r->lblk << BLOCK_SHIFT : end;
@@ -272,12 +260,34 @@ forward:
     return 0;
 }
 
+/* In place, when owned runs map all of [off, end): the time (ns); else 0.  Read lock held. */
+static long long store_owned(const struct map *m, uint64_t off, uint64_t end, const char *data)
+{
+    uint64_t b0 = off >> BLOCK_SHIFT, b1 = (end - 1) >> BLOCK_SHIFT;
+    uint32_t i0 = dp_first_run(m, b0), i = i0;
+    for (uint64_t b = b0; b <= b1; i++) {          /* covered by owned runs, no gap */
+        if (i >= m->nruns || m->runs[i].lblk > b || !m->runs[i].owned)
+            return 0;
+        b = m->runs[i].lblk + m->runs[i].n;
+    }
+    for (uint64_t pos = off; pos < end; i0++) {
+        const struct run *r = &m->runs[i0];
+        uint64_t e = (r->lblk + r->n) << BLOCK_SHIFT;
+        e = e < end ? e : end;
+        char *dst = dp_image + (r->pblk << BLOCK_SHIFT) + (pos - (r->lblk << BLOCK_SHIFT));
+        memcpy(dst, data + (pos - off), e - pos);
+        dp_persist(dst, e - pos);
+        pos = e;
+    }
+    return realtime_ns();
+}
+
 /* Store in place when the whole range is mapped by owned runs inside the size; else 0.
  * All of it or nothing: page-cache writeback ignores short counts. */
 static int serve_write(const struct wire_in *in, const struct wire_write_in *wr,
                        const char *data, struct dp_sink *sink)
 {
-    if (!atomic_load(&writes_on) || wr->size == 0)
+    if (!atomic_load(&dp_writes_on) || wr->size == 0)
         return 0;
     if (!(wr->write_flags & WIRE_WRITE_CACHE) && capability_xattrs)
         return 0;                                  /* Python drops security.capability */
@@ -286,27 +296,10 @@ static int serve_write(const struct wire_in *in, const struct wire_write_in *wr,
     uint64_t off = wr->offset, end = off + wr->size;
     if (!m || !m->writable || end > m->size || end < off)
         goto forward;
-    uint64_t b0 = off >> BLOCK_SHIFT, b1 = (end - 1) >> BLOCK_SHIFT;
-    uint32_t i0 = first_run(m, b0), i = i0;
-    for (uint64_t b = b0; b <= b1; i++) {          /* covered by owned runs, no gap */
-        if (i >= m->nruns || m->runs[i].lblk > b || !m->runs[i].owned)
-            goto forward;
-        b = m->runs[i].lblk + m->runs[i].n;
-    }
-    uint64_t pos = off;
-    for (i = i0; pos < end; i++) {
-        const struct run *r = &m->runs[i];
-        uint64_t e = (r->lblk + r->n) << BLOCK_SHIFT;
-        e = e < end ? e : end;
-        char *dst = image + (r->pblk << BLOCK_SHIFT) + (pos - (r->lblk << BLOCK_SHIFT));
-        memcpy(dst, data + (pos - off), e - pos);
-        if (persist_mode == PERSIST_MSYNC) {
-            uintptr_t a = (uintptr_t)dst & ~(uintptr_t)4095;
-            msync((void *)a, (uintptr_t)dst + (e - pos) - a, MS_SYNC);
-        }
-        pos = e;
-    }
-    atomic_store(&m->mtime, realtime_ns());
+    long long now = store_owned(m, off, end, data);
+    if (!now)
+        goto forward;
+    atomic_store(&m->mtime, now);
     pthread_rwlock_unlock(&maps_lock);
 
     struct {
@@ -673,10 +666,10 @@ PyObject *dp_py_configure(PyObject *self, PyObject *args)
     pthread_once(&lock_once, init_lock);
     want_threads = threads;
     spin_ns = spin_us * 1000LL;
-    image = (char *)(uintptr_t)base;
-    image_size = size;
-    persist_mode = persist;
-    atomic_store(&writes_on, writes && persist != PERSIST_READS_ONLY);
+    dp_image = (char *)(uintptr_t)base;
+    dp_image_size = size;
+    dp_persist_mode = persist;
+    atomic_store(&dp_writes_on, writes && persist != PERSIST_READS_ONLY);
     Py_RETURN_NONE;
 }
 
@@ -699,7 +692,7 @@ PyObject *dp_py_publish(PyObject *self, PyObject *args)
         goto out;
     }
     memcpy(m->runs, v.buf, n * sizeof(struct run));
-    uint64_t blocks = image_size >> BLOCK_SHIFT, prev_end = 0;
+    uint64_t blocks = dp_image_size >> BLOCK_SHIFT, prev_end = 0;
     for (size_t i = 0; i < n; i++) {               /* sorted, disjoint, inside the image */
         const struct run *r = &m->runs[i];
         if (r->n == 0 || r->lblk < prev_end || r->pblk >= blocks || r->n > blocks - r->pblk ||
@@ -809,7 +802,7 @@ PyObject *dp_py_stats(PyObject *self, PyObject *unused)
     uring_stats(&uring, &uring_requests, &queues);
     return Py_BuildValue("{s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:i,s:K}", "threads",
                          atomic_load(&started) ? nworkers : 0, "writes",
-                         atomic_load(&writes_on), "reads_served", atomic_load(&st_reads),
+                         atomic_load(&dp_writes_on), "reads_served", atomic_load(&st_reads),
                          "writes_served", atomic_load(&st_writes), "bytes_read",
                          atomic_load(&st_read_bytes), "bytes_written",
                          atomic_load(&st_write_bytes), "forwarded",

@@ -1,4 +1,4 @@
-/* daxfs data plane (see _dataplane.c): what _fusehook.c and _dataplane.c share. */
+/* daxfs data plane (see _dataplane.c): what _fusehook.c, _dataplane.c and _uring.c share. */
 #ifndef DAXFS_DATAPLANE_H
 #define DAXFS_DATAPLANE_H
 
@@ -6,6 +6,7 @@
 #include <Python.h>
 
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <sys/uio.h>
 
@@ -90,6 +91,38 @@ void uring_stop(void);
 void uring_stats(int *active, unsigned long long *requests, int *queues);
 PyObject *uring_py_configure(PyObject *self, PyObject *arg);
 PyObject *uring_py_status(PyObject *self, PyObject *unused);
+
+/* _dataplane.c: what it was configured with (dp_py_configure) */
+#define DP_BLOCK_SHIFT 12
+enum { PERSIST_NONE = 0, PERSIST_MSYNC = 1, PERSIST_READS_ONLY = 2 };
+extern char *dp_image;                       /* base of the daemon's mapping of the image */
+extern uint64_t dp_image_size;
+extern int dp_persist_mode;
+extern atomic_int dp_writes_on;
+
+/* _dataplane.c: published maps.  Used under its rwlock: held for reading while serving, for
+ * writing while a map is added or removed. */
+struct run {                  /* as Python packs it (dataplane.py RUN_DTYPE) */
+    uint64_t lblk;
+    uint64_t pblk;
+    uint32_t n;
+    uint32_t owned;           /* every block has reference count 1: writable in place */
+};
+_Static_assert(sizeof(struct run) == 24, "run is 24 bytes");
+
+struct map {
+    struct map *next;         /* hash chain */
+    uint64_t ino;
+    uint64_t size;
+    int writable;
+    uint32_t nruns;
+    atomic_llong mtime;       /* ns of the last write done here, 0: none since taken */
+    struct run runs[];
+};
+
+uint32_t dp_first_run(const struct map *m, uint64_t b);  /* first run ending after block b */
+long long realtime_ns(void);                 /* CLOCK_REALTIME, ns */
+int dp_persist(void *p, size_t n);           /* msync's pages if the mode says so; -1: failed */
 
 /* _dataplane.c: the interposers' view */
 void dp_note_session(struct fuse_session *se);

@@ -27,8 +27,9 @@
  *    *owned* when every block in it has reference count 1.  A READ of a
  *    published inode is answered by one writev() straight from the image (holes
  *    read as zeros, EOF clips); a WRITE is done in place when it lies inside the
- *    size and every block it touches is mapped and owned.  Anything else goes to
- *    Python: allocation, COW breaks, size changes, all metadata.
+ *    size and every block it touches is mapped and owned, or breaks the sharing of
+ *    the one block it touches (_cowplane.c).  Anything else goes to Python:
+ *    allocation, other COW breaks, size changes, all metadata.
  *
  *  - Consistency.  Maps live in a hash table under one reader-writer lock.
  *    Workers hold it for reading while they use a map, including the memcpy /
@@ -221,6 +222,7 @@ static int serve_read(const struct wire_in *in, const struct wire_read_in *rd,
     const struct map *m = find(in->nodeid);
     if (!m)
         goto forward;
+    const struct cow_overlay *ov = cow_overlay_of(m);
     uint64_t pos = rd->offset, end = pos + rd->size;
     if (end > m->size || end < pos)
         end = m->size;
@@ -229,11 +231,13 @@ static int serve_read(const struct wire_in *in, const struct wire_read_in *rd,
         const struct run *r = i < m->nruns ? &m->runs[i] : NULL;
         uint64_t e;
         if (r && r->lblk << BLOCK_SHIFT <= pos) {
-            e = (r->lblk + r->n) << BLOCK_SHIFT;
-            e = e < end ? e : end;
+            uint64_t re = (r->lblk + r->n) << BLOCK_SHIFT;
+            e = re < end ? re : end;
             iov[cnt].iov_base = dp_image + (r->pblk << BLOCK_SHIFT) +
                                 (pos - (r->lblk << BLOCK_SHIFT));
-            i++;
+            if (ov)                                /* blocks moved by COW breaks: own pieces */
+                e = cow_read_piece(ov, pos, e, &iov[cnt].iov_base);
+            i += e == re;
         } else {                                   /* a hole: up to the next run */
             e = r ? r->lblk << BLOCK_SHIFT : end;
             e = e < end ? e : end;
@@ -282,8 +286,8 @@ static long long store_owned(const struct map *m, uint64_t off, uint64_t end, co
     return realtime_ns();
 }
 
-/* Store in place when the whole range is mapped by owned runs inside the size; else 0.
- * All of it or nothing: page-cache writeback ignores short counts. */
+/* Store when the range lies inside the size and owned blocks map all of it, or when _cowplane.c
+ * can (blocks it moved, a COW break); else 0.  All or nothing: writeback ignores short counts. */
 static int serve_write(const struct wire_in *in, const struct wire_write_in *wr,
                        const char *data, struct dp_sink *sink)
 {
@@ -296,8 +300,8 @@ static int serve_write(const struct wire_in *in, const struct wire_write_in *wr,
     uint64_t off = wr->offset, end = off + wr->size;
     if (!m || !m->writable || end > m->size || end < off)
         goto forward;
-    long long now = store_owned(m, off, end, data);
-    if (!now)
+    long long now = cow_overlay_of(m) ? 0 : store_owned(m, off, end, data);
+    if (!now && !(now = cow_write(m, off, end, data)))
         goto forward;
     atomic_store(&m->mtime, now);
     pthread_rwlock_unlock(&maps_lock);
@@ -709,6 +713,7 @@ PyObject *dp_py_publish(PyObject *self, PyObject *args)
     m->size = size;
     m->writable = writable;
     m->nruns = (uint32_t)n;
+    atomic_init(&m->overlay, NULL);
     pthread_rwlock_wrlock(&maps_lock);
     struct map *old = unlink_map(ino);
     atomic_init(&m->mtime, old ? atomic_load(&old->mtime) : 0);  /* keep an untaken time */
@@ -716,7 +721,7 @@ PyObject *dp_py_publish(PyObject *self, PyObject *args)
     m->next = buckets[b];
     buckets[b] = m;
     pthread_rwlock_unlock(&maps_lock);
-    free(old);
+    cow_free_map(old);
 out:
     PyBuffer_Release(&v);
     if (!m)
@@ -734,7 +739,7 @@ PyObject *dp_py_revoke(PyObject *self, PyObject *arg)
     struct map *m = unlink_map(ino);
     pthread_rwlock_unlock(&maps_lock);
     long long t = m ? atomic_load(&m->mtime) : 0;
-    free(m);
+    cow_free_map(m);
     return PyLong_FromLongLong(t);
 }
 
@@ -777,7 +782,7 @@ static PyObject *collect(int drop)
                 Py_XDECREF(pair);
             }
             if (drop)
-                free(m);
+                cow_free_map(m);
             m = next;
         }
     }
@@ -798,9 +803,10 @@ PyObject *dp_py_revoke_all(PyObject *self, PyObject *unused)
 PyObject *dp_py_stats(PyObject *self, PyObject *unused)
 {
     int uring, queues;
-    unsigned long long uring_requests;
+    unsigned long long uring_requests, cow_breaks, cow_forwarded;
     uring_stats(&uring, &uring_requests, &queues);
-    return Py_BuildValue("{s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:i,s:K}", "threads",
+    cow_stats(&cow_breaks, &cow_forwarded);
+    return Py_BuildValue("{s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:i,s:K,s:K,s:K}", "threads",
                          atomic_load(&started) ? nworkers : 0, "writes",
                          atomic_load(&dp_writes_on), "reads_served", atomic_load(&st_reads),
                          "writes_served", atomic_load(&st_writes), "bytes_read",
@@ -808,7 +814,8 @@ PyObject *dp_py_stats(PyObject *self, PyObject *unused)
                          atomic_load(&st_write_bytes), "forwarded",
                          atomic_load(&st_forwarded), "capability_getxattrs",
                          atomic_load(&st_getxattrs), "uring", uring, "uring_queues", queues,
-                         "uring_requests", uring_requests);
+                         "uring_requests", uring_requests, "cow_breaks", cow_breaks,
+                         "cow_forwarded", cow_forwarded);
 }
 
 PyObject *dp_py_stop(PyObject *self, PyObject *unused)

@@ -1,4 +1,5 @@
-/* daxfs data plane (see _dataplane.c): what _fusehook.c, _dataplane.c and _uring.c share. */
+/* daxfs data plane (see _dataplane.c): what _fusehook.c, _dataplane.c, _uring.c and _cowplane.c
+ * share. */
 #ifndef DAXFS_DATAPLANE_H
 #define DAXFS_DATAPLANE_H
 
@@ -100,8 +101,8 @@ extern uint64_t dp_image_size;
 extern int dp_persist_mode;
 extern atomic_int dp_writes_on;
 
-/* _dataplane.c: published maps.  Used under its rwlock: held for reading while serving, for
- * writing while a map is added or removed. */
+/* _dataplane.c: published maps.  Used under its rwlock: held for reading while serving (and
+ * breaking), for writing while a map is added or removed. */
 struct run {                  /* as Python packs it (dataplane.py RUN_DTYPE) */
     uint64_t lblk;
     uint64_t pblk;
@@ -110,6 +111,7 @@ struct run {                  /* as Python packs it (dataplane.py RUN_DTYPE) */
 };
 _Static_assert(sizeof(struct run) == 24, "run is 24 bytes");
 
+struct cow_overlay;
 struct map {
     struct map *next;         /* hash chain */
     uint64_t ino;
@@ -117,12 +119,35 @@ struct map {
     int writable;
     uint32_t nruns;
     atomic_llong mtime;       /* ns of the last write done here, 0: none since taken */
+    _Atomic(struct cow_overlay *) overlay;   /* blocks moved by C COW breaks (_cowplane.c);
+                                              * NULL until the first */
     struct run runs[];
 };
 
 uint32_t dp_first_run(const struct map *m, uint64_t b);  /* first run ending after block b */
 long long realtime_ns(void);                 /* CLOCK_REALTIME, ns */
 int dp_persist(void *p, size_t n);           /* msync's pages if the mode says so; -1: failed */
+
+/* _cowplane.c: COW breaks of one-block writes, and the overlay of the blocks they moved (see
+ * the essay there).  Both with the maps' rwlock held for reading. */
+static inline struct cow_overlay *cow_overlay_of(const struct map *m)
+{
+    return atomic_load_explicit(&m->overlay, memory_order_acquire);
+}
+/* [pos, e) lies inside one run and starts at *base: the end of its first piece (a block in
+ * the overlay, or the run's blocks up to the next such), *base moved to where it is */
+uint64_t cow_read_piece(const struct cow_overlay *ov, uint64_t pos, uint64_t e, void **base);
+/* a write the owned runs alone do not cover: its time (ns) once stored; 0: Python serves it */
+long long cow_write(struct map *m, uint64_t off, uint64_t end, const char *data);
+void cow_free_map(struct map *m);            /* free(m) and its overlay; no reader left */
+void cow_stats(unsigned long long *breaks, unsigned long long *forwarded);
+PyObject *cow_py_configure(PyObject *self, PyObject *args);
+PyObject *cow_py_pool_add(PyObject *self, PyObject *arg);
+PyObject *cow_py_pool_take(PyObject *self, PyObject *unused);
+PyObject *cow_py_take(PyObject *self, PyObject *unused);
+PyObject *cow_py_applied(PyObject *self, PyObject *arg);
+PyObject *cow_py_disable(PyObject *self, PyObject *unused);
+PyObject *cow_py_status(PyObject *self, PyObject *unused);
 
 /* _dataplane.c: the interposers' view */
 void dp_note_session(struct fuse_session *se);

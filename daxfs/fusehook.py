@@ -61,6 +61,8 @@ from . import _fusehook  # noqa: E402  (must precede pyfuse3)
 __all__ = ["set_handlers", "set_fast_path", "fast_stats", "set_conn_options",
            "set_data_plane", "publish", "revoke", "take_times", "take_all_times", "revoke_all",
            "data_plane_stats", "stop_data_plane", "set_uring", "uring_status",
+           "cow_configure", "cow_pool_add", "cow_pool_take", "cow_take", "cow_applied",
+           "cow_disable", "cow_status",
            "set_capability_xattrs", "set_direct_io_mmap", "direct_io_mmap_sent",
            "set_killpriv_v2", "killpriv_v2_sent", "hooked",
            "conn_info", "cap_names",
@@ -257,8 +259,62 @@ def revoke_all() -> list[tuple[int, int]]:
 
 def data_plane_stats() -> dict:
     """threads running, writes allowed, reads/writes served and bytes, requests forwarded to
-    Python."""
+    Python; cow_breaks (writes served by a COW break in C, also counted in writes_served) and
+    cow_forwarded (breaks given up for want of a pool block, ring slot or overlay room)."""
     return _fusehook.dp_stats()
+
+
+# -- COW breaks by the data plane's threads (daxfs/_cowplane.c) ---------------------------------
+def cow_configure(ring_off: int, slots: int, next_seq: int, applied_seq: int, pool_low: int,
+                  drain_at: int) -> int:
+    """After set_data_plane: let the threads break the sharing of the one block a write
+    touches, logging each break in the image's COW ring (`slots` 64-byte records at byte
+    `ring_off`, format.COW_RECORD_DTYPE; the next record is `next_seq`, those below
+    `applied_seq` are applied). Returns an eventfd (non-blocking, close-on-exec; owned by the
+    C side, never close it) that becomes readable when `drain_at` records wait for cow_take,
+    the pool falls below `pool_low` blocks, or a break was given up (pool empty, ring full).
+    No breaks happen on a read-only mount or with PERSIST_READS_ONLY, but the fd is returned.
+    ValueError for a bad ring; RuntimeError if already configured (again only after
+    cow_disable with nothing pending and the pool taken, returning the same fd)."""
+    return _fusehook.cow_configure(int(ring_off), int(slots), int(next_seq), int(applied_seq),
+                                   int(pool_low), int(drain_at))
+
+
+def cow_pool_add(blocks) -> None:
+    """Lend the threads free blocks to break into (a buffer of uint64 block numbers, e.g. a
+    numpy uint64 array; each inside the image and outside the ring, else ValueError and none
+    is added). They are used in the order given."""
+    _fusehook.cow_pool_add(blocks)
+
+
+def cow_pool_take() -> bytes:
+    """Take back every block still in the pool (packed uint64s); the pool is empty after."""
+    return _fusehook.cow_pool_take()
+
+
+def cow_take() -> bytes:
+    """Every break done since the last call: their ring records (64 bytes each, seq order),
+    and the eventfd drained. b"" at once when there is nothing. After revoke(ino) returns, the
+    next call holds every break of `ino` (a break runs under its map)."""
+    return _fusehook.cow_take()
+
+
+def cow_applied(seq: int) -> None:
+    """Every record with seq < `seq` is committed by Python: their ring slots may be reused.
+    ValueError if `seq` is past the last record written."""
+    _fusehook.cow_applied(int(seq))
+
+
+def cow_disable() -> None:
+    """No break starts after this returns (and none is running). Blocks already moved stay
+    served from where they went; cow_take and cow_pool_take keep working."""
+    _fusehook.cow_disable()
+
+
+def cow_status() -> dict:
+    """enabled, pool (blocks left), pending (records not yet taken), next_seq, applied_seq,
+    breaks, forwarded."""
+    return _fusehook.cow_status()
 
 
 def set_uring(on: bool) -> None:

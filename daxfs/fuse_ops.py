@@ -78,6 +78,8 @@ def _errors(fn):
     @functools.wraps(fn)
     async def wrapper(self, *args):
         try:
+            if self.plane is not None:
+                self.plane.settle()         # the COW breaks C did (dataplane.py)
             return await fn(self, *args)
         except FsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
@@ -309,23 +311,33 @@ class Operations(pyfuse3.Operations):
         return True     # default_permissions: the kernel checks mode bits itself
 
     # -- called synchronously by daxfs._fusehook (ops pyfuse3 does not register) ----------------
+    def _settle(self) -> None:
+        """The sync handlers' part of _errors: Python's maps first catch up with C's breaks."""
+        if self.plane is not None:
+            _sync(self.plane.settle)
+
     def copy_file_range(self, ino_in: int, fh_in: int, off_in: int, ino_out: int, fh_out: int,
                         off_out: int, length: int, flags: int) -> int:
+        self._settle()
         return _sync(self.fs.clone_range, ino_in, off_in, ino_out, off_out, length, flags)
 
     def kill_privileges(self, ino: int, suidgid: bool) -> None:
+        self._settle()
         if _sync(self.fs.kill_privileges, ino, bool(suidgid)) and self.invalidator is not None:
             self.invalidator.attrs(ino)
 
     def lseek(self, ino: int, fh: int, off: int, whence: int) -> int:
+        self._settle()
         return _sync(self.fs.lseek, ino, off, whence)
 
     def fallocate(self, ino: int, fh: int, mode: int, off: int, length: int) -> None:
+        self._settle()
         _sync(self.fs.fallocate, ino, mode, off, length)
 
     # the fast path (fusehook.set_fast_path): read/write called from C, replied at once
     # (reads and in-place writes of files handed to the data plane never get here)
     def read_sync(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        self._settle()
         data = _sync(self.fs.read, fh & FH_INO, off, size, True)
         if self.plane is not None:
             _sync(self.plane.offer, fh & FH_INO)
@@ -333,6 +345,12 @@ class Operations(pyfuse3.Operations):
 
     def write_sync(self, fh: int, off: int, data: memoryview, write_flags: int = 0) -> int:
         ino = fh & FH_INO
+        if self.plane is not None:
+            # a file C serves: C may break COW in it while this write runs, from a map that
+            # does not know this write; take it back and catch up first (dataplane.py)
+            if self.plane.cow_fd is not None and ino in self.plane.published:
+                _sync(self.plane.changed, (ino,))
+            self._settle()
         changes = self.plane.changes if self.plane is not None else 0
         if not write_flags & FUSE_WRITE_CACHE:      # write(2), not page-cache writeback
             if (_sync(self.fs.kill_privileges, ino, bool(write_flags & FUSE_WRITE_KILL_SUIDGID))

@@ -43,6 +43,7 @@ class MountOptions:
     dax: bool = False               # every open direct I/O: clones read through one frame
     writeback: bool = False         # the kernel's writeback cache (see README, Modes)
     uring: bool = False             # FUSE-over-io_uring for the data plane (README, Design)
+    cow: bool = True                # cow=c: the data plane breaks COW of one-block writes
     bdi_max_ratio: int = DEFAULT_BDI_MAX_RATIO     # % of the dirty limit; 0: kernel's 1 %
     attr_timeout: float = DEFAULT_ATTR_TIMEOUT     # s, attributes and entries
 
@@ -82,6 +83,10 @@ def parse_mount_options(groups: list[str] | None, *, debug: bool = False) -> Mou
                 mo.writeback = True
             elif key == "uring" and not eq:
                 mo.uring = True
+            elif key == "cow" and eq:
+                if value not in ("c", "python"):
+                    raise UsageError(f"mount option cow must be c or python, not {value!r}")
+                mo.cow = value == "c"
             elif key in ("noexec", "exec") and not eq:
                 mo.noexec = key == "noexec"
             elif key == "nodefault_permissions" and not eq:
@@ -105,7 +110,7 @@ def parse_mount_options(groups: list[str] | None, *, debug: bool = False) -> Mou
                 continue
             else:
                 raise UsageError(f"unknown mount option {opt!r} (known: allow_other, ro, debug, "
-                                 f"dax, writeback, uring, noexec, default_permissions, log=FILE, "
+                                 f"dax, writeback, uring, cow=c|python, noexec, default_permissions, log=FILE, "
                                  f"min_tasks=N, max_tasks=N, spin_us=N, threads=N, bdi_max_ratio=N, "
                                  f"attr_timeout=S)")
     if mo.dax and mo.writeback:

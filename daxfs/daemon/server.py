@@ -31,6 +31,7 @@ class Server:
         self.fs = None
         self.pyfuse3 = None
         self.fusehook = None
+        self.plane = None                   # dataplane.DataPlane, when C threads serve
         self.mounted = False
         self.pending_signal: int | None = None
         self._old_handlers: dict[int, object] = {}
@@ -159,9 +160,13 @@ class Server:
                                 persist=persist, writes=not self.fs.readonly,
                                 spin_us=self.opts.spin_us)
         ops.plane = DataPlane(self.fs, fusehook)
+        self.plane = ops.plane
+        cow = persist != fusehook.PERSIST_READS_ONLY and not self.fs.readonly and self.opts.cow
+        if cow:
+            ops.plane.enable_cow()
         log.info("data plane: %d threads, %s", self.opts.threads,
                  "reads only" if persist == fusehook.PERSIST_READS_ONLY or self.fs.readonly
-                 else "reads and in-place writes")
+                 else "reads, in-place writes" + (" and COW breaks" if cow else ""))
         if self.opts.uring:
             fusehook.set_uring(enable_fuse_uring())
 
@@ -216,6 +221,8 @@ class Server:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch_signals, nursery.cancel_scope)
                 nursery.start_soon(log_conn)
+                if self.plane is not None and self.plane.cow_fd is not None:
+                    nursery.start_soon(self.plane.cow_task)
                 await pyfuse3.main(min_tasks=self.opts.min_tasks, max_tasks=self.opts.max_tasks)
                 nursery.cancel_scope.cancel()
 
@@ -239,6 +246,13 @@ class Server:
             self.mounted = False
         if self.fusehook is not None:
             self.fusehook.stop_data_plane()     # no thread may touch the mapping past here
+        if self.plane is not None and self.fs is not None:
+            try:
+                self.plane.shutdown()           # the last COW breaks C did, and its pool
+            except BaseException:               # noqa: BLE001
+                log.exception("applying the data plane's last COW breaks failed: they are "
+                              "applied at the next mount")
+            self.plane = None
         if self.fs is not None:
             try:
                 self.fs.close()

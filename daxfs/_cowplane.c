@@ -61,11 +61,13 @@
 #define _GNU_SOURCE
 #include "_dataplane.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #define BLOCK_SHIFT DP_BLOCK_SHIFT
@@ -77,7 +79,7 @@ _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "ring records are litt
 /* ------------------------------------------------------------------ */
 /* the overlay                                                         */
 
-#define OV_BITS 16
+#define OV_BITS 19                   /* 8 MiB of address space: the breaks of a 1 GiB clone fit */
 #define OV_SLOTS (1u << OV_BITS)
 #define OV_FILL (OV_SLOTS / 4 * 3)   /* open addressing: probes stay short below 3/4 full */
 
@@ -132,7 +134,7 @@ static void ov_put(struct cow_overlay *ov, uint64_t b, uint64_t q)
  * nothing in it); NULL: no memory.  COW mutex held. */
 static struct cow_overlay *new_overlay(struct map *m)
 {
-    struct cow_overlay *ov = calloc(1, sizeof(*ov));   /* 1 MiB of untouched zero pages */
+    struct cow_overlay *ov = calloc(1, sizeof(*ov));   /* untouched zero pages until used */
     if (!ov)
         return NULL;
     atomic_init(&ov->lo, UINT64_MAX);
@@ -181,6 +183,7 @@ _Static_assert(sizeof(struct cow_rec) == 64, "a ring record is 64 bytes");
 #define COW_MAGIC 0x3130574F43584144ull          /* "DAXCOW01" */
 
 static pthread_mutex_t cow_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cow_room = PTHREAD_COND_INITIALIZER;  /* the pool or ring got room */
 static atomic_int cow_on;            /* breaks may be tried: read without cow_mu, which
                                       * cow_break re-checks it under */
 static int configured, efd = -1;
@@ -192,7 +195,7 @@ static struct cow_rec *pending;      /* `slots` of them: pending <= next_seq - a
 static atomic_size_t npending;       /* also read without cow_mu (cow_take's quick look) */
 static atomic_int kicked;            /* the eventfd was written since cow_take drained it */
 
-static atomic_ullong st_breaks, st_forwarded;
+static atomic_ullong st_breaks, st_forwarded, st_short;   /* st_short: gave up for want of room */
 
 void cow_stats(unsigned long long *breaks, unsigned long long *forwarded)
 {
@@ -306,10 +309,37 @@ static int store_overlaid(const struct map *m, const struct cow_overlay *ov, uin
 /* The break of file block b of m, shared at p, by the write of data[0..n) at byte off inside
  * it: steps 1-4 of the essay.  The write's time (ns) once stored; 0: Python serves it.  Read
  * lock held. */
+static int short_of_room(void)                     /* cow_mu held */
+{
+    return pool_head == pool_n || next_seq - applied_seq >= slots ||
+           atomic_load(&npending) >= slots;
+}
+
+/* Wait up to ROOM_WAIT_NS for Python to refill the pool or apply records (cow_mu held across
+ * the wait, released while waiting).  Why wait rather than hand the write to Python at once:
+ * C breaks faster than Python applies, and a write Python serves itself takes the file back
+ * from the data plane, which then serves nothing of it until Python publishes it again (a
+ * pass over every block of the file); waiting here lets the breaks run at Python's pace. */
+#define ROOM_WAIT_NS 20000000LL
+static void wait_for_room(void)
+{
+    kick();
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    long long ns = until.tv_nsec + ROOM_WAIT_NS;
+    until.tv_sec += ns / 1000000000LL;
+    until.tv_nsec = ns % 1000000000LL;
+    while (short_of_room() && atomic_load(&cow_on))
+        if (pthread_cond_timedwait(&cow_room, &cow_mu, &until) == ETIMEDOUT)
+            break;
+}
+
 static long long cow_break(struct map *m, uint64_t b, uint64_t p, uint64_t off,
                            const char *data, size_t n)
 {
     pthread_mutex_lock(&cow_mu);
+    if (short_of_room())
+        wait_for_room();
     struct cow_overlay *ov = cow_overlay_of(m);
     uint64_t q;
     if (ov && ov_get(ov, b, &q)) {                 /* another thread broke b meanwhile */
@@ -321,8 +351,9 @@ static long long cow_break(struct map *m, uint64_t b, uint64_t p, uint64_t off,
         pthread_mutex_unlock(&cow_mu);
         return 0;
     }
-    int short_of = pool_head == pool_n || next_seq - applied_seq >= slots ||
-                   atomic_load(&npending) >= slots;
+    int short_of = short_of_room();
+    if (short_of)
+        atomic_fetch_add(&st_short, 1);
     if (short_of || (ov && ov->count >= OV_FILL) || (!ov && !(ov = new_overlay(m))))
         return give_up();
     q = pool[pool_head++];
@@ -485,6 +516,7 @@ PyObject *cow_py_pool_add(PyObject *self, PyObject *arg)
     if (configured && n) {
         r = pool_append(v.buf, n, &bad);
         blk = r == 1 ? pool[pool_n + bad] : 0;
+        pthread_cond_broadcast(&cow_room);
     }
     int ok = configured;
     pthread_mutex_unlock(&cow_mu);
@@ -527,6 +559,7 @@ PyObject *cow_py_take(PyObject *self, PyObject *unused)
     PyObject *out = PyBytes_FromStringAndSize((const char *)pending,
                                               (Py_ssize_t)(n * sizeof(*pending)));
     if (out) {
+        pthread_cond_broadcast(&cow_room);         /* the pending array has room again */
         atomic_store(&npending, 0);
         atomic_store(&kicked, 0);
         uint64_t v;
@@ -546,8 +579,10 @@ PyObject *cow_py_applied(PyObject *self, PyObject *arg)
         return NULL;
     lock_py();
     unsigned long long written = next_seq;
-    if (seq <= written && seq > applied_seq)
+    if (seq <= written && seq > applied_seq) {
         applied_seq = seq;
+        pthread_cond_broadcast(&cow_room);
+    }
     pthread_mutex_unlock(&cow_mu);
     if (seq > written) {
         PyErr_Format(PyExc_ValueError, "cow_applied(%llu): only records below %llu exist",
@@ -563,6 +598,7 @@ PyObject *cow_py_disable(PyObject *self, PyObject *unused)
 {
     lock_py();
     atomic_store(&cow_on, 0);
+    pthread_cond_broadcast(&cow_room);             /* no one waits for room any more */
     pthread_mutex_unlock(&cow_mu);
     Py_RETURN_NONE;
 }
@@ -574,8 +610,9 @@ PyObject *cow_py_status(PyObject *self, PyObject *unused)
     unsigned long long in_pool = pool_n - pool_head, np = atomic_load(&npending),
                        next = next_seq, applied = applied_seq;
     pthread_mutex_unlock(&cow_mu);
-    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:K,s:K,s:K}", "enabled", PyBool_FromLong(on),
+    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "enabled", PyBool_FromLong(on),
                          "pool", in_pool, "pending", np, "next_seq", next, "applied_seq",
                          applied, "breaks", (unsigned long long)atomic_load(&st_breaks),
-                         "forwarded", (unsigned long long)atomic_load(&st_forwarded));
+                         "forwarded", (unsigned long long)atomic_load(&st_forwarded),
+                         "short", (unsigned long long)atomic_load(&st_short));
 }

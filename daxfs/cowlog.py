@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -84,11 +85,13 @@ class CowLog:
                  "(%d dropped)", recs.size, self.mismatches)
         return int(recs.size)
 
-    def apply(self, recs: np.ndarray, pooled: bool) -> None:
+    def apply(self, recs: np.ndarray, pooled: bool,
+              committed: Callable[[int], None] | None = None) -> None:
         """Apply `recs` (COW_RECORD_DTYPE, in seq order), BATCH per transaction. `pooled`:
         their blocks come from the pool of this mount (else: free blocks on the image, named
-        by records of an earlier one). FsError ENOSPC, before any change to a batch, when the
-        extent table cannot take its records."""
+        by records of an earlier one). `committed(applied)` after each transaction (the data
+        plane reuses those ring slots at once). FsError ENOSPC, before any change to a batch,
+        when the extent table cannot take its records."""
         for i in range(0, recs.size, BATCH):
             batch = recs[i:i + BATCH]
             self.fs.bufcache.extent_room(2 * batch.size)
@@ -98,6 +101,8 @@ class CowLog:
                     self._apply_one(t, r, pooled)
                 self.applied = max(self.applied, int(batch["seq"][-1]) + 1)
                 t.cow_applied(self.applied)
+            if committed is not None:
+                committed(self.applied)
 
     def _apply_one(self, t, r: tuple, pooled: bool) -> None:
         _magic, seq, ino, lblk, q, p, mtime, _check = r

@@ -50,7 +50,8 @@ MAX_RUNS = 1 << 20          # a file mapped in more runs is served by Python (pu
 # in between) would pay that after every change; so a file is handed over again only after
 # Python served it 1 + cost / PUBLISH_AMORTIZE times since it was taken back.
 PUBLISH_AMORTIZE = 4096
-POOL_BLOCKS = 1024          # the COW pool C breaks from (4 MiB), refilled below a quarter
+POOL_BLOCKS = 4096          # the COW pool C breaks from (16 MiB), refilled below half: C must
+                            # not run dry while Python applies a batch (~20 us a record)
 POOL_FLOOR = 4096           # blocks and extent records left to Python before the pool fills
 DRAIN_AT = 512              # C asks for `settle` once this many breaks wait (or the ring's 1/4)
 
@@ -99,7 +100,7 @@ class DataPlane:
         """Before mounting: let the threads break COW (a writable image they may write)."""
         cow = self.fs.cow
         self.cow_fd = self.hook.cow_configure(cow.ring_off, cow.slots, cow.applied, cow.applied,
-                                              POOL_BLOCKS // 4, min(DRAIN_AT, cow.slots // 4))
+                                              POOL_BLOCKS // 2, min(DRAIN_AT, cow.slots // 4))
         self.fs.alloc.reclaim_pool = self.reclaim
         self.fs.bufcache.reclaim_pool = self.reclaim
         self.refill()
@@ -113,9 +114,15 @@ class DataPlane:
             return
         recs = np.frombuffer(raw, fmt.COW_RECORD_DTYPE)
         self._give_slots(2 * recs.size)
+        self.refill()                       # first: C keeps breaking while this applies
         if self.fs.tx.writable:             # else they wait in the ring for the next mount
-            self.fs.cow.apply(recs, pooled=True)
-            self.hook.cow_applied(self.fs.cow.applied)
+            self.fs.cow.apply(recs, pooled=True, committed=self._applied)
+        self.refill()
+
+    def _applied(self, seq: int) -> None:
+        """After each transaction of `settle`: C may reuse those ring slots, and gets blocks
+        again before it runs dry (it waits for them rather than hand writes to Python)."""
+        self.hook.cow_applied(seq)
         self.refill()
 
     def refill(self) -> None:

@@ -260,45 +260,33 @@ def unpack_journal_header(raw: bytes) -> tuple[bool, int]:
 
 
 # ------------------------------------------------------------------------------ COW intent ring
-# The last blocks of the journal region hold a ring of COW_RECORD_DTYPE records, written by the
-# C data plane when it breaks the sharing of a block itself (daxfs/_cowplane.c explains the
-# protocol, cowlog.py applies them): "inode `ino` now maps file block `lblk` to `new_pblk`
-# instead of the shared `old_pblk`". Record `seq` lives in slot seq % slots; a record counts
-# when its magic and check match and its seq is at least the applied seq, a u64 at
-# COW_APPLIED_OFF of the journal header block, which only journal transactions change (the
-# one that applies records also advances it). Images made before the ring existed hold old log
-# bytes there: they never match magic and check.
+# The journal region's last blocks hold a ring of COW_RECORD_DTYPE records that the C data
+# plane writes when it breaks a block's sharing itself (_cowplane.c; cowlog.py applies them):
+# "inode `ino` now maps file block `lblk` to `new_pblk`, not the shared `old_pblk`". Record
+# `seq` lives in slot seq % slots and counts if magic and check match and seq >= the applied
+# number (u64 at COW_APPLIED_OFF of the journal header block, changed only by journal
+# transactions). Old log bytes there (images from before the ring) never match.
 COW_MAGIC = int.from_bytes(b"DAXCOW01", "little")
-COW_RECORD_DTYPE = np.dtype([
-    ("magic", "<u8"),       # == COW_MAGIC
-    ("seq", "<u8"),         # record number, never reused
-    ("ino", "<u8"),
-    ("lblk", "<u8"),        # file block
-    ("new_pblk", "<u8"),    # the block written (free on the image until the record is applied)
-    ("old_pblk", "<u8"),    # the shared block the file mapped at lblk
-    ("mtime", "<u8"),       # ns of the write
-    ("check", "<u8"),       # cow_check(the seven words before)
-])
+COW_RECORD_DTYPE = np.dtype([(name, "<u8") for name in (
+    "magic", "seq", "ino", "lblk", "new_pblk", "old_pblk", "mtime", "check")])
 assert COW_RECORD_DTYPE.itemsize == 64
-COW_APPLIED_OFF = 64        # in the journal header block, after JOURNAL_HEADER_DTYPE
+COW_APPLIED_OFF = 64            # in the journal header block, after JOURNAL_HEADER_DTYPE
 assert JOURNAL_HEADER_DTYPE.itemsize <= COW_APPLIED_OFF
-COW_RING_MAX_BLOCKS = 64    # 4096 records; at most an eighth of the journal region
-_M64 = 0xFFFFFFFFFFFFFFFF
+COW_RING_MAX_BLOCKS = 256       # 16384 records (1 MiB); at most an eighth of the journal
 
 
 def cow_check(words) -> int:
-    """The check word of a COW record over its first seven words (the same in C)."""
+    """A COW record's check word over its first seven words (the same in C)."""
     h = 0x9E3779B97F4A7C15
     for w in words:
-        h ^= int(w)
-        h = (h * 0xFF51AFD7ED558CCD) & _M64
+        h = ((h ^ int(w)) * 0xFF51AFD7ED558CCD) & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 33
     return h
 
 
 def pack_cow_record(seq: int, ino: int, lblk: int, new_pblk: int, old_pblk: int,
                     mtime: int) -> bytes:
-    """One ring record, as the C data plane stores it (tests write them the same way)."""
+    """One ring record as the C data plane stores it (tests write them the same way)."""
     words = [COW_MAGIC, seq, ino, lblk, new_pblk, old_pblk, mtime]
     return struct.pack("<8Q", *words, cow_check(words))
 

@@ -359,6 +359,11 @@ class FileSystem:
         self.xattrs.remove(ino, name)
 
     # ---------------------------------------------------------------- whole filesystem
+    @property
+    def cow_breaks(self) -> int:
+        """COW breaks since mount (cheap: the adapter looks before and after a write)."""
+        return self.bufcache.stats.cow_breaks
+
     def stats(self) -> dict[str, int]:
         """Space and sharing counters (`daxfs stat`), O(1): running totals kept by the
         allocator and the inode table (scan_stats() computes the same from the tables)."""

@@ -352,6 +352,7 @@ class Operations(pyfuse3.Operations):
                 _sync(self.plane.changed, (ino,))
             self._settle()
         changes = self.plane.changes if self.plane is not None else 0
+        breaks = self.fs.cow_breaks
         if not write_flags & FUSE_WRITE_CACHE:      # write(2), not page-cache writeback
             if (_sync(self.fs.kill_privileges, ino, bool(write_flags & FUSE_WRITE_KILL_SUIDGID))
                     and self.invalidator is not None):
@@ -360,8 +361,10 @@ class Operations(pyfuse3.Operations):
         else:
             # writeback: the kernel ignores a short count, so all of it is stored or ENOSPC
             n = _sync(self.fs.write, ino, off, data, True)
-        if self.plane is not None and self.plane.changes == changes:
-            _sync(self.plane.offer, ino)        # bytes and timestamps only: hand it over
+        if self.plane is not None and (self.plane.changes == changes or (
+                self.plane.cow_fd is not None and self.fs.cow_breaks != breaks)):
+            # bytes and timestamps only, or a COW break C could have done: hand it over
+            _sync(self.plane.offer, ino)
         return n
 
     def hook_handlers(self) -> dict[str, Callable | None]:

@@ -9,7 +9,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "daxfs"
 
 # the chain as README.md draws it, top to bottom; modules on one line share a layer
-CHAIN = [["fuse_ops", "dataplane"], ["fs"], ["namespace", "filedata", "xattrs", "orphans"], ["sharing", "dedupe"], ["bufcache"], ["frames"],
+CHAIN = [["fuse_ops", "dataplane"], ["fs"], ["namespace", "filedata", "xattrs", "orphans", "cowlog"], ["sharing", "dedupe"], ["bufcache"], ["frames"],
          ["inodes", "dirs"], ["extents"], ["alloc"], ["txn"], ["journal"], ["pmem"], ["format"]]
 ANYWHERE_BELOW = {"errors", "usage", "format"}      # leaf helpers any layer may use
 

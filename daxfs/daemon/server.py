@@ -133,7 +133,9 @@ class Server:
                                               fusehook.data_plane_stats().items()},
                                            "prefaulting": int(self.fs.pm.prefaulting),
                                            "uring": int(fusehook.uring_status()["active"]),
-                                           "killpriv_v2": int(fusehook.killpriv_v2_sent())}
+                                           "killpriv_v2": int(fusehook.killpriv_v2_sent()),
+                                           **{f"cow_plane_{k}": int(v) for k, v in
+                                              fusehook.cow_status().items()}}
             self._start_data_plane(fusehook, ops)
             # we clear setuid/setgid/capability (FUSE_HANDLE_KILLPRIV_V2, see fuse_ops), not
             # FUSE_HANDLE_KILLPRIV's v1 rules; O_TRUNC arrives as SETATTR(size); and the page

@@ -107,7 +107,7 @@ class CowLog:
     def _apply_one(self, t, r: tuple, pooled: bool) -> None:
         _magic, seq, ino, lblk, q, p, mtime, _check = r
         fs = self.fs
-        why = self._mismatch(ino, lblk, q, p, pooled)
+        node, at, why = self._target(ino, lblk, q, p, pooled)
         if why:
             self.mismatches += 1
             log.error("COW ring record %d (inode %d, block %d -> %d) dropped: %s",
@@ -115,8 +115,6 @@ class CowLog:
             if pooled:
                 fs.alloc.pool_return(np.array([q], np.uint64))
             return
-        node = fs.inodes.get(ino)
-        at = node.extents.find(lblk)
         if pooled:
             fs.alloc.pool_used(q)
         else:
@@ -127,22 +125,25 @@ class CowLog:
         t.inode(node)
         self.applied_records += 1
 
-    def _mismatch(self, ino: int, lblk: int, q: int, p: int, pooled: bool) -> str:
-        """Why record (ino, lblk: p -> q) cannot be applied, or ''."""
+    def _target(self, ino: int, lblk: int, q: int, p: int, pooled: bool):
+        """(inode, its extent position of lblk, '') for record (ino, lblk: p -> q), or
+        (None, None, why it cannot be applied)."""
         fs, g = self.fs, self.fs.g
         if not (g.data_start <= q < g.nblocks and g.data_start <= p < g.nblocks):
-            return "block outside the data area"
+            return None, None, "block outside the data area"
         if not pooled and fs.alloc.count(q):
-            return "its new block is in use"
-        try:
-            node = fs.inodes.get(ino)
-        except FsError as e:
-            if e.errno == errno.ENOENT:
-                return "no such inode"
-            raise
+            return None, None, "its new block is in use"
+        node = fs.inodes.cached(ino)
+        if node is None:
+            try:
+                node = fs.inodes.get(ino)
+            except FsError as e:
+                if e.errno == errno.ENOENT:
+                    return None, None, "no such inode"
+                raise
         if not node.is_reg:
-            return "not a regular file"
+            return None, None, "not a regular file"
         at = node.extents.find(lblk)
         if at is None or at[2] != p:
-            return "the file no longer maps the old block there"
-        return ""
+            return None, None, "the file no longer maps the old block there"
+        return node, at, ""

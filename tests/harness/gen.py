@@ -131,6 +131,10 @@ class Generator:
             o = self.off(size)
             if self.mode == "full" and k.random() < 0.4:
                 o = min(size, self.maxsize)                 # mostly fill: extend the file
+            elif size >= BS and k.random() < 0.3:
+                # inside one block of the file: what the data plane breaks COW of itself
+                o = k.randrange(size // BS) * BS + k.choice((0, 0, k.randrange(BS)))
+                return ("write", f, o, k.randint(1, BS - o % BS), self.seed(), False)
             return ("write", f, o, self.wlen(o), self.seed(), False)
         if name == "append":
             if size > self.maxsize:
@@ -173,6 +177,13 @@ class Generator:
                 if not self.zero_ok(o, end):
                     return None
             return ("falloc", f, kind, o, n)
+        if name == "copy" and k.random() < 0.25 and size:
+            # a whole-file reflink into another file (cp): all its blocks shared
+            g = (f + k.randrange(1, NFILES)) % NFILES
+            if self.mode == "full" and "copyenospc" in self.avoid \
+                    and free_blocks() < size // BS + 64:
+                return None
+            return ("copy", f, 0, g, 0, size)
         if name == "copy":
             g = k.randrange(NFILES)
             src = sizes[f]

@@ -44,7 +44,7 @@ class Mount:
         self.log_pos = 0
         # requests the C data plane answered, summed over this image's mounts (so a run shows
         # that its reads and writes did go through C, not only through Python)
-        self.served = {"c_reads": 0, "c_writes": 0}
+        self.served = {"c_reads": 0, "c_writes": 0, "c_cow_breaks": 0}
         tpl = self._templates.get(size)
         if tpl is None or not os.path.exists(tpl):
             _run("mkfs", self.image, "--size", size)
@@ -65,6 +65,7 @@ class Mount:
             st = json.loads(os.getxattr(self.mnt, "user.daxfs.stats"))
             self.served["c_reads"] += st.get("dp_reads_served", 0)
             self.served["c_writes"] += st.get("dp_writes_served", 0)
+            self.served["c_cow_breaks"] += st.get("dp_cow_breaks", 0)
         except (OSError, ValueError):
             pass
         self.mounted = False

@@ -62,11 +62,6 @@ def implied_refcounts(pblk: np.ndarray, length: np.ndarray, inodes: np.ndarray,
     return cov + np.bincount(xb, minlength=nb)[:nb]
 
 
-# below this many free blocks the C COW pool is taken back (dataplane.POOL_FLOOR is where it
-# stops being filled: above this)
-POOL_RECLAIM_BELOW = 2048
-
-
 class BlockAllocator:
     def __init__(self, table: np.ndarray, g: fmt.Geometry):
         self.g = g
@@ -131,7 +126,7 @@ class BlockAllocator:
         extent records they need before its transaction starts)."""
         if n <= 0:
             return []
-        if n > self.available():
+        if not self.room(n):
             raise FsError(errno.ENOSPC)
         if self._fits(goal, n):
             return [(goal, n)]
@@ -233,13 +228,15 @@ class BlockAllocator:
         return runs_of(np.sort(np.concatenate(found)))
 
     def available(self) -> int:
-        """Blocks this transaction can still allocate. When few are left and the C COW pool
-        holds some, they come back first (dataplane.DataPlane.reclaim)."""
-        n = self.free - self._quarantined()
-        if self.pooled and n < POOL_RECLAIM_BELOW and self.reclaim_pool is not None:
+        """Blocks this transaction can still allocate (the C COW pool's are not: see room)."""
+        return self.free - self._quarantined()
+
+    def room(self, n: int) -> bool:
+        """Can n blocks be allocated? If only with the C COW pool's unused blocks, they come
+        back first (dataplane.DataPlane.reclaim): the pool never causes an ENOSPC."""
+        if n > self.available() and self.pooled and self.reclaim_pool is not None:
             self.reclaim_pool()
-            n = self.free - self._quarantined()
-        return n
+        return n <= self.available()
 
     def _quarantined(self) -> int:
         q = self.quarantine

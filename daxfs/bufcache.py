@@ -345,7 +345,7 @@ class BufCache:
     def reserve(self, blocks: int, records: int) -> None:
         """ENOSPC, with nothing changed, unless `blocks` blocks and `records` extent records
         can be taken by the transaction about to start."""
-        if blocks > self.alloc.available():
+        if not self.alloc.room(blocks):
             raise FsError(errno.ENOSPC)
         self.extent_room(records)
 

@@ -51,8 +51,10 @@ MAX_RUNS = 1 << 20          # a file mapped in more runs is served by Python (pu
 # Python served it 1 + cost / PUBLISH_AMORTIZE times since it was taken back.
 PUBLISH_AMORTIZE = 4096
 POOL_BLOCKS = 4096          # the COW pool C breaks from (16 MiB), refilled below half: C must
-                            # not run dry while Python applies a batch (~20 us a record)
+                            # not run dry while Python applies a batch (~20 us a record);
+                            # at most 1/64 of the data area
 POOL_FLOOR = 4096           # blocks and extent records left to Python before the pool fills
+                            # (at most 1/32 of the data area); below, Python breaks COW
 DRAIN_AT = 512              # C asks for `settle` once this many breaks wait (or the ring's 1/4)
 
 
@@ -69,6 +71,9 @@ class DataPlane:
                                            # changed none only overwrote (fuse_ops)
         self.cow_fd: int | None = None     # C's eventfd while it breaks COW (enable_cow)
         self.slots_kept: list[int] = []    # extent records kept for the pool's breaks
+        blocks = fs.g.data_blocks
+        self.pool_blocks = max(16, min(POOL_BLOCKS, blocks // 64))
+        self.pool_floor = min(POOL_FLOOR, blocks // 32)
         fs.tx.watcher = self
 
     # -- txn.MapWatcher -------------------------------------------------------------------------
@@ -100,7 +105,8 @@ class DataPlane:
         """Before mounting: let the threads break COW (a writable image they may write)."""
         cow = self.fs.cow
         self.cow_fd = self.hook.cow_configure(cow.ring_off, cow.slots, cow.applied, cow.applied,
-                                              POOL_BLOCKS // 2, min(DRAIN_AT, cow.slots // 4))
+                                              self.pool_blocks // 2,
+                                              min(DRAIN_AT, cow.slots // 4))
         self.fs.alloc.reclaim_pool = self.reclaim
         self.fs.bufcache.reclaim_pool = self.reclaim
         self.refill()
@@ -128,10 +134,10 @@ class DataPlane:
     def refill(self) -> None:
         fs = self.fs
         have = self.hook.cow_status()["pool"]
-        if have >= POOL_BLOCKS // 2 or not fs.tx.writable:
+        if have >= self.pool_blocks // 2 or not fs.tx.writable:
             return
-        room = min(fs.alloc.available(), len(fs.inodes.extent_pool) // 2) - POOL_FLOOR
-        n = min(POOL_BLOCKS - have, room)
+        room = min(fs.alloc.available(), len(fs.inodes.extent_pool) // 2) - self.pool_floor
+        n = min(self.pool_blocks - have, room)
         if n <= 0:
             return
         blocks = fs.alloc.pool_take(n)

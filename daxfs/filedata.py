@@ -364,7 +364,7 @@ class FileData:
         ENOSPC before the first changes nothing; a later chunk that cannot get its extent
         records stops there (what is preallocated stays, like ext4's)."""
         holes = [(l, n) for l, n, p in node.extents.segments(l0, l1) if p == HOLE]
-        if sum(n for _l, n in holes) > self.alloc.available():
+        if not self.alloc.room(sum(n for _l, n in holes)):
             raise FsError(errno.ENOSPC)
         for l, n in holes:
             for c in range(l, l + n, self.txn_blocks):

@@ -134,7 +134,7 @@ class XattrStore:
 
     def _store(self, node: Inode, attrs: dict[bytes, bytes]) -> None:
         block = encode(attrs) if attrs else None      # ENOSPC before anything changes
-        if block is not None and not node.xattr_blk and self.alloc.available() < 1:
+        if block is not None and not node.xattr_blk and not self.alloc.room(1):
             raise FsError(errno.ENOSPC)
         with self.tx.open() as t:
             if block is None:

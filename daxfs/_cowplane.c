@@ -320,7 +320,7 @@ static int short_of_room(void)                     /* cow_mu held */
  * C breaks faster than Python applies, and a write Python serves itself takes the file back
  * from the data plane, which then serves nothing of it until Python publishes it again (a
  * pass over every block of the file); waiting here lets the breaks run at Python's pace. */
-#define ROOM_WAIT_NS 20000000LL
+#define ROOM_WAIT_NS 50000000LL
 static void wait_for_room(void)
 {
     kick();

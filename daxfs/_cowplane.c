@@ -23,17 +23,20 @@
  *   4. reply: the write is done.
  * Python applies pending records to its structures in batches (one transaction for many) and
  * then calls cow_applied(seq), which frees their ring slots.  The eventfd cow_configure
- * returns tells it when: records piling up (drain_at), the pool running low (pool_low), or a
- * break given up for want of a pool block, a ring slot or overlay room -- that write goes to
- * Python, as every other write C does not serve.
+ * returns tells it when: records piling up (drain_at) or the pool running low (pool_low).  C
+ * breaks faster than Python applies: a break that finds no pool block or ring slot waits for
+ * Python to make room (wait_for_room, up to ROOM_WAIT_NS), so breaks run at Python's pace;
+ * only then, or without overlay room, does it give up and the write go to Python, as every
+ * other write C does not serve.
  *
  * The overlay.  Per map, b -> q for the blocks broken here since the map was published: an
  * open addressing table of fixed size, allocated at the map's first break.  The one breaker
  * (COW mutex) inserts while readers (serve_read, serve_write: read lock only) probe: the value
  * is stored before the key, the key with release, readers load keys with acquire.  Entries are
  * never removed; the table is freed with its map (revoke, revoke_all, publish replacing it).
- * It is 1 MiB of address space (resident: the pages touched); once 3/4 full, the map's
- * breaks go to Python, whose commit takes the map back, and the next one starts empty.
+ * It is 8 MiB of address space (resident: the pages touched; the breaks of a 1 GiB file fit);
+ * once 3/4 full, the map's breaks go to Python, whose commit takes the map back, and the next
+ * one starts empty.
  * Python must have the pending records for a file before it uses its own view of that file's
  * blocks, and this is how it can: a break runs under the read lock, so once revoke(ino)
  * returns no break of ino is running and none can start, and every record for ino is in the

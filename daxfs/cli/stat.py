@@ -23,6 +23,7 @@ ROWS = [("logical_bytes", "logical bytes (file sizes)"), ("physical_bytes", "phy
         ("shared_blocks", "shared blocks (refcount > 1)"), ("aliases", "alias descriptors"),
         ("bytes_saved", "bytes saved by sharing"), ("clones", "clones (since mount)"),
         ("cloned_blocks", "blocks cloned (since mount)"), ("cow_breaks", "COW breaks (since mount)"),
+        ("dp_cow_breaks", "  of them done by the C threads"),
         ("fast_requests", "reads/writes answered in C"), ("drained_requests", "requests served by polling")]
 
 

@@ -135,7 +135,8 @@ class Server:
                                            "uring": int(fusehook.uring_status()["active"]),
                                            "killpriv_v2": int(fusehook.killpriv_v2_sent()),
                                            **{f"cow_plane_{k}": int(v) for k, v in
-                                              fusehook.cow_status().items()}}
+                                              fusehook.cow_status().items()
+                                              if k not in ("breaks", "forwarded")}}
             self._start_data_plane(fusehook, ops)
             # we clear setuid/setgid/capability (FUSE_HANDLE_KILLPRIV_V2, see fuse_ops), not
             # FUSE_HANDLE_KILLPRIV's v1 rules; O_TRUNC arrives as SETATTR(size); and the page

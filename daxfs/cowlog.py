@@ -51,6 +51,15 @@ log = logging.getLogger(__name__)
 BATCH = 256
 
 
+def pending_records(pm, g: fmt.Geometry) -> np.ndarray:
+    """The ring records of the image `pm` maps that are not applied yet, in sequence order
+    (the mount's recovery, and fsck's note)."""
+    ring_off, slots = g.cow_ring()
+    applied = int.from_bytes(pm.read(g.cow_applied_offset, 8), "little")
+    raw = bytes(pm.read(ring_off, slots * fmt.COW_RECORD_DTYPE.itemsize))
+    return fmt.valid_cow_records(np.frombuffer(raw, fmt.COW_RECORD_DTYPE), applied)
+
+
 class CowLog:
     def __init__(self, fs: FileSystem) -> None:
         self.fs = fs
@@ -60,14 +69,9 @@ class CowLog:
         self.mismatches = 0
         self.applied_records = 0
 
-    def ring(self) -> np.ndarray:
-        """A copy of the ring's slots."""
-        raw = bytes(self.fs.pm.read(self.ring_off, self.slots * fmt.COW_RECORD_DTYPE.itemsize))
-        return np.frombuffer(raw, fmt.COW_RECORD_DTYPE).copy()
-
     def pending(self) -> np.ndarray:
         """The ring records not applied yet, in sequence order."""
-        return fmt.valid_cow_records(self.ring(), self.applied)
+        return pending_records(self.fs.pm, self.fs.g)
 
     def recover(self) -> int:
         """At mount, after the journal's replay: apply the records a crash left. A read-only

@@ -25,7 +25,7 @@ each break in the image's COW ring; `settle` applies what they did to the engine
 every request Python serves (fuse_ops), before a file is published again, after a file is
 taken back for a change (txn.Transactions.changing), and when C asks (its eventfd: records
 piling up or the pool running low; `cow_task`). The pool is handed back when space runs short
-(BlockAllocator.available asks) and at unmount.
+(BlockAllocator.room, BufCache.extent_room and fit_write ask) and at unmount.
 """
 from __future__ import annotations
 
@@ -122,8 +122,7 @@ class DataPlane:
         self._give_slots(2 * recs.size)
         self.refill()                       # first: C keeps breaking while this applies
         if self.fs.tx.writable:             # else they wait in the ring for the next mount
-            self.fs.cow.apply(recs, pooled=True, committed=self._applied)
-        self.refill()
+            self.fs.cow.apply(recs, pooled=True, committed=self._applied)   # refills per batch
 
     def _applied(self, seq: int) -> None:
         """After each transaction of `settle`: C may reuse those ring slots, and gets blocks

@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import format as fmt
 from ..alloc import coverage as _coverage, implied_refcounts
+from ..cowlog import pending_records
 from ..journal import Journal
 from ..pmem import PMem
 from .report import ERROR, INFO, TYPE_NAMES, Problem
@@ -48,11 +49,7 @@ def journal_phase(mem: PMem, sb, g: fmt.Geometry, replay: bool) -> JournalState:
     repairing, a private copy-on-write mapping for a plain check)."""
     magic_ok, epoch = read_journal_header(mem, g)
     js = JournalState(magic_ok, epoch)
-    ring_off, slots = g.cow_ring()
-    applied = int.from_bytes(mem.read(g.cow_applied_offset, 8), "little")
-    ring = np.frombuffer(bytes(mem.read(ring_off, slots * fmt.COW_RECORD_DTYPE.itemsize)),
-                         fmt.COW_RECORD_DTYPE)
-    js.cow_pending = int(fmt.valid_cow_records(ring, applied).size)
+    js.cow_pending = int(pending_records(mem, g).size)
     if not replay or not magic_ok or epoch == 0:
         return js
     try:

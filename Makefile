@@ -9,7 +9,7 @@ APT_PKGS := fuse3 libfuse3-dev pkg-config gcc fio attr python3-venv
 STAMP   := $(VENV)/.installed
 
 .PHONY: setup system-packages run umount test bench bench-short clean crash-test fuzz-images \
-        kill-test exercise
+        kill-test exercise race
 
 setup: system-packages $(STAMP)
 
@@ -87,3 +87,11 @@ MOUNT_OPTS ?=
 exercise: setup
 	$(PY) -m tests.harness.exerciser --ops $(OPS) --seed $(SEED) --mode $(MODE) \
 	    $(if $(AVOID),--avoid $(AVOID),) $(if $(MOUNT_OPTS),--mount-opts $(MOUNT_OPTS),)
+
+# the racer: writers, a mutator (punch, zero, copy_file_range), a cloner and a reader at once on one
+# mount, so the C data plane's writes and COW breaks race Python's reflinks; every byte checked
+# (tests/harness/racer.py). Ends "... 0 mismatches" or FAILED with what raced with what.
+PHASES  ?= 25
+race: setup
+	$(PY) -m tests.harness.racer --seed $(SEED) --phases $(PHASES) \
+	    $(if $(MOUNT_OPTS),--mount-opts $(MOUNT_OPTS),)

@@ -91,7 +91,10 @@ exercise: setup
 # the racer: writers, a mutator (punch, zero, copy_file_range), a cloner and a reader at once on one
 # mount, so the C data plane's writes and COW breaks race Python's reflinks; every byte checked
 # (tests/harness/racer.py). Ends "... 0 mismatches" or FAILED with what raced with what.
+# KILL_RATE=0.3: kill -9 the daemon in that share of the phases, then fsck, remount and check that
+# every acknowledged write is there (not with MOUNT_OPTS=writeback).
 PHASES  ?= 25
+KILL_RATE ?= 0
 race: setup
-	$(PY) -m tests.harness.racer --seed $(SEED) --phases $(PHASES) \
+	$(PY) -m tests.harness.racer --seed $(SEED) --phases $(PHASES) --kill-rate $(KILL_RATE) \
 	    $(if $(MOUNT_OPTS),--mount-opts $(MOUNT_OPTS),)

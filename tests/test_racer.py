@@ -1,6 +1,7 @@
-"""The racer (tests/harness/racer.py) as a CI sample: writers, a cloner and a reader at once on
-a real mount, so the C data plane's in-place writes and COW breaks race Python's reflinks; and
-proof that its checks can fail (the time-window rule on synthetic histories; a run whose model
+"""The racer (tests/harness/racer.py) as a CI sample: writers, a mutator, a cloner and a reader
+at once on a real mount, so the C data plane's in-place writes and COW breaks race Python's
+reflinks, punches and copies, also across kill -9 of the daemon; and proof that its checks can
+fail (the time-window rule on synthetic histories; a run whose model
 loses one write must be reported)."""
 from __future__ import annotations
 
@@ -35,6 +36,17 @@ def test_racer_sample(seed, opts):
     assert int(m[1]) > 0, "no clone overlapped a write: the sample raced nothing"
     if opts == "":
         assert int(m[3]) > 0, "the C data plane broke no COW: the sample missed its target"
+
+
+@needs_mount
+def test_racer_kill9_mid_phase():
+    """kill -9 of the daemon while every process is in the middle of its work: fsck finds no
+    error, and after the remount every acknowledged write is there and every chunk in flight
+    holds its old or its new bytes."""
+    p = race("--seed", "6", "--phases", "6", "--ops", "400", "--kill-rate", "0.7")
+    assert p.returncode == 0, p.stdout + p.stderr
+    m = re.search(r"(\d+) kill -9 \((\d+) chunks in flight", p.stdout)
+    assert m and int(m[1]) > 0 and "0 mismatches" in p.stdout, p.stdout
 
 
 @needs_mount

@@ -46,6 +46,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .kill_mount import fsck_crashed, kill9, lazy_umount
 from .mountctl import Mount
 
 SECTOR = 512
@@ -54,6 +55,11 @@ CHUNKS = (512, 1024, 2048, 4096, 8192)
 
 class Mismatch(Exception):
     pass
+
+
+def _short(what: str, killed) -> Exception:
+    """A short count: the daemon's death (after a kill) cuts a request short; else a failure."""
+    return OSError(what) if killed is not None and killed.is_set() else Mismatch(what)
 
 
 @dataclass
@@ -71,7 +77,7 @@ class Write:
     name: str
     chunk: int                      # chunk index
     t0: int
-    t1: int
+    t1: int                         # -1: in flight when the daemon was killed
     after: bytes                    # the whole chunk once this write is done
 
 
@@ -90,7 +96,26 @@ class Log:
     writes: list = field(default_factory=list)
     clones: list = field(default_factory=list)
     reads: list = field(default_factory=list)
+    inflight: list = field(default_factory=list)    # Writes, or names a clone was going into
     error: str = ""
+
+
+def _stopped(e: Exception, killed, log: Log, pending) -> bool:
+    """An error after the coordinator killed the daemon ends a process quietly, with what it
+    had in flight; any other error is the process's failure."""
+    if not (killed is not None and killed.is_set() and isinstance(e, OSError)):
+        return False
+    if pending is not None:
+        log.inflight.append(pending)
+    return True
+
+
+def _close_all(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:                 # after a kill, close's FLUSH fails; the fd is closed
+            pass
 
 
 def _aligned(n: int) -> memoryview:
@@ -99,7 +124,8 @@ def _aligned(n: int) -> memoryview:
 
 # -- the processes of a phase ---------------------------------------------------------------------
 
-def writer(mnt: str, files: dict, hot: str, i: int, k: int, ops: int, seed: int, q) -> None:
+def writer(mnt: str, files: dict, hot: str, i: int, k: int, ops: int, seed: int, killed,
+           q) -> None:
     """Writes into the chunks it owns (c % k == i): whole chunks through O_DIRECT, parts of
     them through write(2), half of them into the phase's `hot` file (the one the cloner
     prefers); reads its own chunks back (nobody else changes them)."""
@@ -107,10 +133,13 @@ def writer(mnt: str, files: dict, hot: str, i: int, k: int, ops: int, seed: int,
     log = Log()
     names = sorted(files)
     buf = _aligned(max(CHUNKS))
+    fds: dict = {}
+    pending = None
     try:
         fds = {n: (os.open(f"{mnt}/{n}", os.O_RDWR),
                    os.open(f"{mnt}/{n}", os.O_RDWR | os.O_DIRECT)) for n in names}
         for _ in range(ops):
+            pending = None
             n = hot if rng.random() < 0.5 else rng.choice(names)
             fm = files[n]
             owned = range(i, fm.nchunks, k)
@@ -127,37 +156,41 @@ def writer(mnt: str, files: dict, hot: str, i: int, k: int, ops: int, seed: int,
                 else:
                     got = os.pread(fds[n][0], fm.chunk, base)
                 if got != cur:
-                    raise Mismatch(f"writer {i}: {n} chunk {c} (offset {base}, {fm.chunk} B) "
-                                   f"reads back wrong: {_diff(got, bytes(cur))}")
+                    raise _short(f"writer {i}: {n} chunk {c} (offset {base}, {fm.chunk} B) "
+                                 f"reads back wrong: {_diff(got, bytes(cur))}", killed)
                 continue
-            if r < 0.55:                                         # O_DIRECT, whole chunk
+            direct = r < 0.55                                    # O_DIRECT, whole chunk
+            if direct:
                 off, new = 0, rng.randbytes(fm.chunk)
                 buf[:fm.chunk] = new
-                t0 = time.monotonic_ns()
-                done = os.pwritev(fds[n][1], [buf[:fm.chunk]], base)
             else:                                                # buffered, part of it
                 off = rng.randrange(fm.chunk)
                 new = rng.randbytes(rng.randint(1, fm.chunk - off))
-                t0 = time.monotonic_ns()
+            cur[off:off + len(new)] = new
+            t0 = time.monotonic_ns()
+            pending = Write(n, c, t0, -1, bytes(cur))
+            if direct:
+                done = os.pwritev(fds[n][1], [buf[:fm.chunk]], base)
+            else:
                 done = os.pwrite(fds[n][0], new, base + off)
             t1 = time.monotonic_ns()
             if done != len(new):
-                raise Mismatch(f"writer {i}: short write {done} of {len(new)} to {n} at "
-                               f"{base + off}")
-            cur[off:off + len(new)] = new
+                raise _short(f"writer {i}: short write {done} of {len(new)} to {n} at "
+                             f"{base + off}", killed)
+            pending = None
             fm.data[base:base + fm.chunk] = cur
             log.writes.append(Write(n, c, t0, t1, bytes(cur)))
             if rng.random() < 0.02:
                 os.fsync(fds[n][0])
-        for a, b in fds.values():
-            os.close(a)
-            os.close(b)
     except Exception as e:                  # noqa: BLE001 - reported to the coordinator
-        log.error = f"{type(e).__name__}: {e}"
+        if not _stopped(e, killed, log, pending):
+            log.error = f"{type(e).__name__}: {e}"
+    _close_all(fd for pair in fds.values() for fd in pair)
     q.put((i, log))
 
 
-def mutator(mnt: str, files: dict, hot: str, i: int, k: int, ops: int, seed: int, q) -> None:
+def mutator(mnt: str, files: dict, hot: str, i: int, k: int, ops: int, seed: int, killed,
+            q) -> None:
     """Owns the chunks c % k == i and changes them the ways that are not write(2), while the
     writers write the chunks around them (in the same blocks when chunks are small): punch a
     hole, zero a range, copy_file_range from another of its chunks (a reflink for whole
@@ -165,9 +198,12 @@ def mutator(mnt: str, files: dict, hot: str, i: int, k: int, ops: int, seed: int
     rng = random.Random(seed)
     log = Log()
     names = sorted(files)
+    fds: dict = {}
+    pending = None
     try:
         fds = {n: os.open(f"{mnt}/{n}", os.O_RDWR) for n in names}
         for _ in range(ops):
+            pending = None
             n = hot if rng.random() < 0.5 else rng.choice(names)
             fm = files[n]
             owned = range(i, fm.nchunks, k)
@@ -180,36 +216,42 @@ def mutator(mnt: str, files: dict, hot: str, i: int, k: int, ops: int, seed: int
             if r < 0.15:
                 got = os.pread(fds[n], fm.chunk, base)
                 if got != fm.data[base:base + fm.chunk]:
-                    raise Mismatch(f"mutator: {n} chunk {c} (offset {base}, {fm.chunk} B) reads "
-                                   f"back wrong: {_diff(got, bytes(fm.data[base:base + fm.chunk]))}")
+                    raise _short(f"mutator: {n} chunk {c} (offset {base}, {fm.chunk} B) reads "
+                                 f"back wrong: {_diff(got, bytes(fm.data[base:base + fm.chunk]))}",
+                                 killed)
                 continue
             if r < 0.4:
+                new = bytes(fm.chunk)
+                pending = Write(n, c, t0, -1, new)
                 _fallocate(fds[n], FALLOC_PUNCH, base, fm.chunk)
-                new = bytes(fm.chunk)
             elif r < 0.6:
-                _fallocate(fds[n], FALLOC_ZERO, base, fm.chunk)
                 new = bytes(fm.chunk)
+                pending = Write(n, c, t0, -1, new)
+                _fallocate(fds[n], FALLOC_ZERO, base, fm.chunk)
             else:
                 same = [g for g in names if files[g].chunk == fm.chunk and
                         len(range(i, files[g].nchunks, k)) > 1]
                 g = rng.choice(same)
                 c2 = rng.choice([x for x in range(i, files[g].nchunks, k) if g != n or x != c])
+                new = bytes(files[g].data[c2 * fm.chunk:(c2 + 1) * fm.chunk])
+                pending = Write(n, c, t0, -1, new)
                 done = os.copy_file_range(fds[g], fds[n], fm.chunk, c2 * fm.chunk, base)
                 if done != fm.chunk:
-                    raise Mismatch(f"mutator: copy_file_range {g}@{c2 * fm.chunk} -> {n}@{base}"
-                                   f" copied {done} of {fm.chunk}")
-                new = bytes(files[g].data[c2 * fm.chunk:(c2 + 1) * fm.chunk])
+                    raise _short(f"mutator: copy_file_range {g}@{c2 * fm.chunk} -> {n}@{base}"
+                                 f" copied {done} of {fm.chunk}", killed)
             t1 = time.monotonic_ns()
+            pending = None
             fm.data[base:base + fm.chunk] = new
             log.writes.append(Write(n, c, t0, t1, new))
-        for fd in fds.values():
-            os.close(fd)
     except Exception as e:                  # noqa: BLE001
-        log.error = f"{type(e).__name__}: {e}"
+        if not _stopped(e, killed, log, pending):
+            log.error = f"{type(e).__name__}: {e}"
+    _close_all(fds.values())
     q.put(("mutator", log))
 
 
-def cloner(mnt: str, names: list, hot: str, new: list, seed: int, done_ev, q) -> None:
+def cloner(mnt: str, names: list, hot: str, new: list, seed: int, done_ev, killed,
+           q) -> None:
     """Clones whole files (copy_file_range, what cp does: the reflink path) into the files
     `new`, again and again while the writers write their sources, and reads each clone back
     at once (nobody else writes it) for the coordinator to check."""
@@ -217,6 +259,7 @@ def cloner(mnt: str, names: list, hot: str, new: list, seed: int, done_ev, q) ->
     log = Log()
     try:
         k = 0
+        into = None
         while k < len(new) or (not done_ev.is_set() and k < 200):
             into = new[k % len(new)]
             k += 1
@@ -233,21 +276,30 @@ def cloner(mnt: str, names: list, hot: str, new: list, seed: int, done_ev, q) ->
                     done += m
                 t1 = time.monotonic_ns()
                 if done != size:
-                    raise Mismatch(f"cloner: copy_file_range {src} -> {into} stopped at "
-                                   f"{done} of {size}")
+                    raise _short(f"cloner: copy_file_range {src} -> {into} stopped at "
+                                 f"{done} of {size}", killed)
                 data = os.pread(d.fileno(), size + 1, 0)
+                if len(data) != size and killed.is_set():
+                    raise OSError(f"cloner: reading {into} back after the kill")
             log.clones.append(Timed(src, t0, t1, data=data, into=into))
+            into = None
+        while k < len(new):                             # the new files it never got to
+            log.inflight.append(new[k])
+            k += 1
     except Exception as e:                  # noqa: BLE001
-        log.error = f"{type(e).__name__}: {e}"
+        if not _stopped(e, killed, log, into):
+            log.error = f"{type(e).__name__}: {e}"
+        log.inflight.extend(new[k:])
     q.put(("cloner", log))
 
 
-def reader(mnt: str, files: dict, ops: int, seed: int, q) -> None:
+def reader(mnt: str, files: dict, ops: int, seed: int, killed, q) -> None:
     """Reads random ranges of files being written (buffered and O_DIRECT)."""
     rng = random.Random(seed)
     log = Log()
     buf = _aligned(64 * 1024)
     names = sorted(files)
+    fds: dict = {}
     try:
         fds = {n: (os.open(f"{mnt}/{n}", os.O_RDONLY),
                    os.open(f"{mnt}/{n}", os.O_RDONLY | os.O_DIRECT)) for n in names}
@@ -267,13 +319,12 @@ def reader(mnt: str, files: dict, ops: int, seed: int, q) -> None:
                 data = os.pread(fds[n][0], ln, off)
             t1 = time.monotonic_ns()
             if len(data) != ln:
-                raise Mismatch(f"reader: short read of {n}: {len(data)} of {ln} at {off}")
+                raise _short(f"reader: short read of {n}: {len(data)} of {ln} at {off}", killed)
             log.reads.append(Timed(n, t0, t1, off=off, data=data))
-        for a, b in fds.values():
-            os.close(a)
-            os.close(b)
     except Exception as e:                  # noqa: BLE001
-        log.error = f"{type(e).__name__}: {e}"
+        if not _stopped(e, killed, log, None):
+            log.error = f"{type(e).__name__}: {e}"
+    _close_all(fd for pair in fds.values() for fd in pair)
     q.put(("reader", log))
 
 
@@ -348,7 +399,7 @@ class Racer:
         self.files: dict[str, FileModel] = {}
         self.serial = 0
         self.stats = {"writes": 0, "clones": 0, "reads": 0, "torn": 0, "remounts": 0,
-                      "overlaps": 0}
+                      "overlaps": 0, "kills": 0, "inflight": 0, "landed": 0}
 
     def new_name(self) -> str:
         self.serial += 1
@@ -376,19 +427,26 @@ class Racer:
         new = [self.new_name() for _ in range(self.rng.randint(1, 3))]
         hot = self.rng.choice(names)
         k = a.writers + 1                               # chunk classes: the writers', the mutator's
+        killed = ctx.Event()
+        kill = self.rng.random() < a.kill_rate
         procs = [ctx.Process(target=writer, args=(str(self.m.mnt), self.files, hot, i, k,
-                                                  a.ops, self.rng.getrandbits(32), q))
+                                                  a.ops, self.rng.getrandbits(32), killed, q))
                  for i in range(a.writers)]
         procs.append(ctx.Process(target=mutator, args=(str(self.m.mnt), self.files, hot,
                                                        a.writers, k, a.ops // 4,
-                                                       self.rng.getrandbits(32), q)))
+                                                       self.rng.getrandbits(32), killed, q)))
         done_ev = ctx.Event()
         procs.append(ctx.Process(target=cloner, args=(str(self.m.mnt), names, hot, new,
-                                                      self.rng.getrandbits(32), done_ev, q)))
+                                                      self.rng.getrandbits(32), done_ev, killed,
+                                                      q)))
         procs.append(ctx.Process(target=reader, args=(str(self.m.mnt), self.files, a.ops // 2,
-                                                      self.rng.getrandbits(32), q)))
+                                                      self.rng.getrandbits(32), killed, q)))
         for pr in procs:
             pr.start()
+        if kill:                                        # kill -9 the daemon in the middle
+            time.sleep(self.rng.uniform(0.02, 0.3))
+            killed.set()
+            kill9(self.m.image, self.m.mnt)
         logs = {}
         deadline = time.monotonic() + 600
         while len(logs) < len(procs):
@@ -427,8 +485,42 @@ class Racer:
             fm.data[w.chunk * fm.chunk] ^= 0xFF
         for c in logs["cloner"].clones:                 # each new file: its last clone
             self.files[c.into] = FileModel(self.files[c.name].chunk, bytearray(c.data))
+        if kill:
+            self.recover(p, logs)
         self.verify_all(f"after phase {p}")
         self.reshape(p)
+
+    def recover(self, p: int, logs: dict) -> None:
+        """After a kill -9: fsck (no error), mount again; then every acknowledged write must be
+        there (write-through: the durability contract), and each chunk something was writing
+        when the daemon died must hold, byte by byte, its old or its new contents; the model
+        takes what it found there. A new file whose clone was in flight is dropped."""
+        lazy_umount(self.m.mnt)
+        self.m.mounted = False
+        fsck_crashed(self.m.image)
+        self.m.mount()
+        self.stats["kills"] += 1
+        for into in logs["cloner"].inflight:
+            self.files.pop(into, None)
+            try:
+                os.unlink(f"{self.m.mnt}/{into}")
+            except FileNotFoundError:
+                pass
+        for who, log in logs.items():
+            for w in log.inflight if who != "cloner" else ():
+                fm = self.files[w.name]
+                lo, hi = w.chunk * fm.chunk, (w.chunk + 1) * fm.chunk
+                old = bytes(fm.data[lo:hi])
+                with open(f"{self.m.mnt}/{w.name}", "rb") as f:
+                    got = os.pread(f.fileno(), fm.chunk, lo)
+                if any(g != o and g != n for g, o, n in zip(got, old, w.after)) or \
+                        len(got) != len(old):
+                    raise Mismatch(f"phase {p}, after kill -9: {w.name} chunk {w.chunk} "
+                                   f"({fm.chunk} B), in flight from {who}, holds bytes that are "
+                                   f"neither its old nor its new contents: {_diff(got, old)}")
+                fm.data[lo:hi] = got
+                self.stats["inflight"] += 1
+                self.stats["landed"] += got == w.after and got != old
 
     def reshape(self, p: int) -> None:
         """Between phases: drop files, punch, truncate, remount; the model follows."""
@@ -505,7 +597,8 @@ class Racer:
         s = self.stats
         print(f"racer: seed {a.seed}, {a.phases} phases, {a.writers} writers: {s['writes']} writes, "
               f"{s['clones']} clones racing {s['overlaps']} writes, {s['reads']} racing reads ({s['torn']} sectors "
-              f"torn), {s['remounts']} remounts; C data plane: {self.m.served['c_writes']} "
+              f"torn), {s['remounts']} remounts, {s['kills']} kill -9 ({s['inflight']} chunks in "
+              f"flight, {s['landed']} of them found new); C data plane: {self.m.served['c_writes']} "
               f"writes, {self.m.served['c_cow_breaks']} COW breaks, {self.m.served['c_reads']} "
               f"reads; 0 mismatches")
         return 0
@@ -533,6 +626,9 @@ def parse(argv=None):
     p.add_argument("--max-files", type=int, default=8)
     p.add_argument("--remount-rate", type=float, default=0.25)
     p.add_argument("--mount-opts", default="", help="extra -o options, e.g. uring")
+    p.add_argument("--kill-rate", type=float, default=0.0,
+                   help="share of phases in which the daemon is killed (kill -9) mid-way; not "
+                        "with writeback, whose contract keeps only flushed data")
     p.add_argument("--keep", action="store_true", help="keep the image and mount on exit")
     p.add_argument("--inject", action="store_true",
                    help="self-test: the model loses one byte of the last write of phase 0, "
@@ -541,7 +637,11 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
-    return Racer(parse(argv)).run()
+    a = parse(argv)
+    if a.kill_rate and "writeback" in a.mount_opts:
+        print("racer: --kill-rate needs a write-through mode (not -o writeback)", file=sys.stderr)
+        return 2
+    return Racer(a).run()
 
 
 if __name__ == "__main__":

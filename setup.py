@@ -40,7 +40,8 @@ pmemflush = Extension("daxfs._pmemflush", sources=["daxfs/_pmemflush.c"],
 
 # a COW break's leaf splices and journal encoding (extents.py, frames.py, journal.py keep
 # Python fallbacks)
-fastmaps = Extension("daxfs._fastmaps", sources=["daxfs/_fastmaps.c"],
+fastmaps = Extension("daxfs._fastmaps", sources=["daxfs/_fastmaps.c", "daxfs/_cowadopt.c"],
+                     depends=["daxfs/_fastmaps.h"],
                      extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra",
                                          "-Wno-unused-parameter"])
 

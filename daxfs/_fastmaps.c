@@ -29,13 +29,13 @@
  *       shrinks in place and a piece after a goes where pblk a+1 sorts; a changed leaf of
  *       1..leaf_max runs replaces its list items (and its first). Returns [(leaf, arrays)]
  *       of changed leaves that became empty or over-full, highest leaf first, for Python.
+ *   cow_adopt(...) -> (done, extents added, refs, shared, free deltas)
+ *       the mapping half of the COW breaks of one file, in a loop (daxfs/_cowadopt.c).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <stdint.h>
-#include <string.h>
+#include "_fastmaps.h"
 
-static PyObject *np_empty, *dt_i64, *dt_u32;
+static PyObject *np_empty;
+PyObject *dt_i64, *dt_u32;
 
 static PyObject *setup(PyObject *self, PyObject *args)
 {
@@ -48,22 +48,15 @@ static PyObject *setup(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* Up to 4 buffers of one leaf, acquired together and released together. */
-typedef struct {
-    Py_buffer b[4];
-    int n;
-} Bufs;
-
-static void release(Bufs *bs)
+void release(Bufs *bs)
 {
     for (int k = 0; k < bs->n; k++)
         PyBuffer_Release(&bs->b[k]);
     bs->n = 0;
 }
 
-/* Acquire objs[k] with item size sizes[k] (writable where asked); all of length *len. */
-static int acquire(Bufs *bs, PyObject **objs, const int *sizes, const int *writable,
-                   Py_ssize_t *len)
+int acquire(Bufs *bs, PyObject **objs, const int *sizes, const int *writable,
+            Py_ssize_t *len)
 {
     bs->n = 0;
     for (int k = 0; k < 4; k++) {
@@ -96,9 +89,7 @@ static PyObject *empty(Py_ssize_t n, PyObject *dtype)
     return PyObject_CallFunction(np_empty, "nO", n, dtype);
 }
 
-/* Four new arrays of length n (int64 where sizes[k] is 8, else uint32), in a tuple, their
-   buffers acquired writable in `out`. */
-static PyObject *new_leaf(Py_ssize_t n, const int *sizes, Bufs *out)
+PyObject *new_leaf(Py_ssize_t n, const int *sizes, Bufs *out)
 {
     PyObject *t = PyTuple_New(4);
     if (!t)
@@ -183,8 +174,7 @@ done:
     return t;
 }
 
-/* First index whose value is > x (upper) or >= x (!upper), in a sorted i64 array. */
-static Py_ssize_t bound(const int64_t *v, Py_ssize_t m, int64_t x, int upper)
+Py_ssize_t bound(const int64_t *v, Py_ssize_t m, int64_t x, int upper)
 {
     Py_ssize_t lo = 0, hi = m;
     while (lo < hi) {
@@ -450,6 +440,7 @@ static PyMethodDef methods[] = {
     {"setup", setup, METH_VARARGS, "setup(numpy.empty, int64 dtype, uint32 dtype)"},
     {"extent_replace", extent_replace, METH_VARARGS, "replace entries [a, b) of a leaf"},
     {"frame_cut", frame_cut, METH_VARARGS, "cut one block out of a frame-index leaf"},
+    {"cow_adopt", cow_adopt, METH_VARARGS, "apply the C data plane's COW breaks of one file"},
     {NULL, NULL, 0, NULL},
 };
 

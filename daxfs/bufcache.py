@@ -24,7 +24,7 @@ import numpy as np
 from . import format as fmt
 from .alloc import BlockAllocator, runs_of
 from .errors import FsError
-from .extents import HOLE
+from .extents import HOLE, LEAF, Leaf, _fastmaps
 from .frames import FrameIndex
 from .inodes import Inode, InodeTable
 from .pmem import PMem
@@ -219,6 +219,27 @@ class BufCache:
         breaks the C data plane did. Needs two extent records."""
         self._remapped(txn, node, node.extents.remap(l, 1, q, self.inodes.extent_pool.take, at))
         self.stats.cow_breaks += 1
+
+    def adopt_breaks(self, txn: Transaction, node: Inode, ls: np.ndarray, qs: np.ndarray,
+                     ps: np.ndarray) -> int:
+        """adopt_break, with pool_used, for records (ls[i]: ps[i] -> qs[i], int64 arrays) of
+        one file, in order, in C (_cowadopt.c) for as long as each is the common case (the
+        block inside one extent of a leaf that has room); returns how many it applied: the
+        caller applies the next through adopt_break and calls again. 0 without _fastmaps."""
+        if _fastmaps is None or not ls.size:
+            return 0
+        alloc, em = self.alloc, node.extents
+        done, added, refs, shared, freed = _fastmaps.cow_adopt(
+            em.leaves, em.firsts, ls, qs, ps, self.inodes.extent_pool, txn.writes,
+            txn._g.record_offset("extents", 0), node.ino, alloc.rc, self.frames.cut_block,
+            Leaf, LEAF, alloc.dirty, alloc.quarantine)
+        em.count += added
+        alloc.pooled -= done
+        alloc.refs += refs
+        alloc.shared += shared
+        alloc.free += freed
+        self.stats.cow_breaks += done
+        return done
 
     # -- mapping changes ---------------------------------------------------------------------------
     def remap(self, txn: Transaction, node: Inode, l: int, n: int, p: int) -> None:

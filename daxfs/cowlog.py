@@ -18,7 +18,10 @@ The protocol (XFS's CoW fork has the same shape: stage the data, log the intent,
   - Python applies the records it takes from C (`apply`): per record the mapping half of a
     COW break (BufCache.adopt_break), and in the same transaction the applied sequence
     number, so the ring slots can be reused and no record is applied twice. The transaction
-    is *quiet*: C's maps already say what it commits, so it takes none back.
+    is *quiet*: C's maps already say what it commits, so it takes none back. The records of
+    this mount's pool go file by file through BufCache.adopt_breaks, which applies the
+    common case in C (_cowadopt.c: ~9 us a record in all, against ~20 in Python, which
+    held the COW storm at its pace) and hands every other record back to adopt_break.
   - After a crash, `recover` applies every checked record at or past the applied number: an
     acknowledged write is never lost. A record whose write was not acknowledged may or may
     not be there; a pool block no record names is free on the image anyway.
@@ -101,12 +104,43 @@ class CowLog:
             self.fs.bufcache.extent_room(2 * batch.size)
             with self.fs.tx.open() as t:
                 t.quiet = True
-                for r in batch.tolist():
-                    self._apply_one(t, r, pooled)
+                if pooled:
+                    self._apply_by_file(t, batch)
+                else:
+                    for r in batch.tolist():
+                        self._apply_one(t, r, pooled)
                 self.applied = max(self.applied, int(batch["seq"][-1]) + 1)
                 t.cow_applied(self.applied)
             if committed is not None:
                 committed(self.applied)
+
+    def _apply_by_file(self, t, batch: np.ndarray) -> None:
+        """The records of a batch of this mount's pool, file by file (records of different
+        files are independent; one file's stay in order): C applies the common case
+        (BufCache.adopt_breaks), _apply_one the others and every record it stops at."""
+        g, fs = self.fs.g, self.fs
+        ok = ((batch["new_pblk"] >= g.data_start) & (batch["new_pblk"] < g.nblocks) &
+              (batch["old_pblk"] >= g.data_start) & (batch["old_pblk"] < g.nblocks))
+        for ino in np.unique(batch["ino"]).tolist():
+            mine = batch[batch["ino"] == ino]
+            node = fs.inodes.cached(ino)
+            if node is None or not node.is_reg or not ok[batch["ino"] == ino].all():
+                for r in mine.tolist():                 # the checks and messages of _target
+                    self._apply_one(t, r, True)
+                continue
+            ls, qs, ps = (mine[f].astype(np.int64) for f in ("lblk", "new_pblk", "old_pblk"))
+            i = 0
+            while i < mine.size:
+                done = fs.bufcache.adopt_breaks(t, node, ls[i:], qs[i:], ps[i:])
+                self.applied_records += done
+                i += done
+                if i < mine.size:
+                    self._apply_one(t, mine[i].tolist(), True)
+                    i += 1
+            mtime = int(mine["mtime"].max())
+            if mtime > node.mtime:
+                node.mtime = node.ctime = mtime
+            t.inode(node)
 
     def _apply_one(self, t, r: tuple, pooled: bool) -> None:
         _magic, seq, ino, lblk, q, p, mtime, _check = r

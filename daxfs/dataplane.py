@@ -51,7 +51,7 @@ MAX_RUNS = 1 << 20          # a file mapped in more runs is served by Python (pu
 # Python served it 1 + cost / PUBLISH_AMORTIZE times since it was taken back.
 PUBLISH_AMORTIZE = 4096
 POOL_BLOCKS = 4096          # the COW pool C breaks from (16 MiB), refilled below half: C must
-                            # not run dry while Python applies a batch (~20 us a record);
+                            # not run dry while Python applies a batch (~9 us a record);
                             # at most 1/64 of the data area
 POOL_FLOOR = 4096           # blocks and extent records left to Python before the pool fills
                             # (at most 1/32 of the data area); below, Python breaks COW

@@ -36,7 +36,7 @@ class RemapResult:
     freed_slots: list[int]                 # records to clear
 
 
-class _Leaf:
+class Leaf:
     """Up to LEAF extents in four parallel sorted arrays."""
     __slots__ = ("lblk", "pblk", "length", "slot")
 
@@ -55,7 +55,7 @@ class ExtentMap:
     __slots__ = ("leaves", "firsts", "mapped", "count")
 
     def __init__(self, lblk=None, pblk=None, length=None, slot=None):
-        self.leaves: list[_Leaf] = []
+        self.leaves: list[Leaf] = []
         self.firsts: list[int] = []          # first file block of each leaf
         self.mapped = 0
         self.count = 0
@@ -79,9 +79,11 @@ class ExtentMap:
         return i if i > 0 else 0
 
     def _replace(self, i: int, j: int, lb, pb, ln, sl) -> None:
-        """Replace leaves [i, j) by the given sorted extents, cut into leaves."""
-        new = [_Leaf(lb[k:k + LEAF], pb[k:k + LEAF], ln[k:k + LEAF], sl[k:k + LEAF])
-               for k in range(0, lb.size, LEAF)]
+        """Replace leaves [i, j) by the given sorted extents, cut into leaves of equal size
+        (an over-full leaf splits in halves, each with room to grow: frames.py does the same)."""
+        step = -(-lb.size // -(-lb.size // LEAF)) if lb.size else 1
+        new = [Leaf(lb[k:k + step], pb[k:k + step], ln[k:k + step], sl[k:k + step])
+               for k in range(0, lb.size, step)]
         self.count += lb.size - sum(leaf.lblk.size for leaf in self.leaves[i:j])
         self.leaves[i:j] = new
         self.firsts[i:j] = [int(leaf.lblk[0]) for leaf in new]
@@ -224,7 +226,7 @@ class ExtentMap:
         if nlb.size > LEAF:
             self._replace(li, li + 1, nlb, npb, nln, nsl)
         else:
-            self.leaves[li] = _Leaf(nlb, npb, nln, nsl)
+            self.leaves[li] = Leaf(nlb, npb, nln, nsl)
             self.firsts[li] = int(nlb[0])
             self.count += len(written) - 1
         return RemapResult([(p + l0 - s, n, l0)], written, [])
@@ -243,7 +245,7 @@ class ExtentMap:
                               for k in range(a, b)], l0, n, p0, take_slot)
         nlb, npb, nln, nsl = _splice(lb, pb, ln, sl, a, b, res.written)
         if 0 < nlb.size <= LEAF:
-            self.leaves[li] = _Leaf(nlb, npb, nln, nsl)
+            self.leaves[li] = Leaf(nlb, npb, nln, nsl)
             self.firsts[li] = int(nlb[0])
             self.count += nlb.size - lb.size
         else:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from daxfs import alloc as alloc_mod
-from daxfs import extents, frames, journal
+from daxfs import bufcache, extents, frames, journal
 from daxfs.errors import FsError
 from daxfs.fs import FileSystem
 
@@ -34,7 +34,7 @@ def impl(request, monkeypatch):
         if extents._fastmaps is None:
             pytest.skip("daxfs._fastmaps not built")
     else:
-        for mod in (extents, frames, journal):
+        for mod in (extents, frames, journal, bufcache):
             monkeypatch.setattr(mod, "_fastmaps", None)
     return request.param
 
@@ -122,7 +122,7 @@ def test_c_helpers_and_fallbacks_build_the_same_image(tmp_image, monkeypatch):
             fs.close()
             return out
         _workload(tmp_image, 7)
-        for mod in (extents, frames, journal):
+        for mod in (extents, frames, journal, bufcache):
             monkeypatch.setattr(mod, "_fastmaps", None)
         _workload(other, 7)
         assert state(tmp_image) == state(other)

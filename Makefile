@@ -21,7 +21,8 @@ system-packages:
 	fi
 
 $(STAMP): pyproject.toml setup.py daxfs/_fusehook.c daxfs/_dataplane.c daxfs/_dataplane.h \
-         daxfs/_fusehook.map daxfs/_pmemflush.c daxfs/_fastmaps.c
+         daxfs/_cowplane.c daxfs/_uring.c daxfs/_fusehook.map daxfs/_pmemflush.c \
+         daxfs/_fastmaps.c daxfs/_fastmaps.h daxfs/_cowadopt.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -122,9 +122,10 @@ class CowLog:
         ok = ((batch["new_pblk"] >= g.data_start) & (batch["new_pblk"] < g.nblocks) &
               (batch["old_pblk"] >= g.data_start) & (batch["old_pblk"] < g.nblocks))
         for ino in np.unique(batch["ino"]).tolist():
-            mine = batch[batch["ino"] == ino]
+            sel = batch["ino"] == ino
+            mine = batch[sel]
             node = fs.inodes.cached(ino)
-            if node is None or not node.is_reg or not ok[batch["ino"] == ino].all():
+            if node is None or not node.is_reg or not ok[sel].all():
                 for r in mine.tolist():                 # the checks and messages of _target
                     self._apply_one(t, r, True)
                 continue

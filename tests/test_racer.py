@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import have_fuse, have_root
-from harness.racer import FileModel, Mismatch, Versions, Write, check_range
+from harness.racer_model import FileModel, Mismatch, Versions, Write, check_range
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_mount = pytest.mark.skipif(not (have_root() and have_fuse()),

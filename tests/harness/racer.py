@@ -37,357 +37,16 @@ report says what raced with what instead of a shrunk program.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import mmap
 import multiprocessing as mp
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
 
 from .kill_mount import fsck_crashed, kill9, lazy_umount
 from .mountctl import Mount
-
-SECTOR = 512
-CHUNKS = (512, 1024, 2048, 4096, 8192)
-
-
-class Mismatch(Exception):
-    pass
-
-
-def _short(what: str, killed) -> Exception:
-    """A short count: the daemon's death (after a kill) cuts a request short; else a failure."""
-    return OSError(what) if killed is not None and killed.is_set() else Mismatch(what)
-
-
-@dataclass
-class FileModel:
-    chunk: int                      # chunk size in bytes: ownership unit
-    data: bytearray
-
-    @property
-    def nchunks(self) -> int:
-        return len(self.data) // self.chunk
-
-
-@dataclass
-class Write:
-    name: str
-    chunk: int                      # chunk index
-    t0: int
-    t1: int                         # -1: in flight when the daemon was killed
-    after: bytes                    # the whole chunk once this write is done
-
-
-@dataclass
-class Timed:                        # a clone (name: its source; into: the new file) or a read
-    name: str
-    t0: int
-    t1: int
-    off: int = 0
-    data: bytes = b""
-    into: str = ""
-
-
-@dataclass
-class Log:
-    writes: list = field(default_factory=list)
-    clones: list = field(default_factory=list)
-    reads: list = field(default_factory=list)
-    inflight: list = field(default_factory=list)    # Writes, or names a clone was going into
-    error: str = ""
-
-
-def _stopped(e: Exception, killed, log: Log, pending) -> bool:
-    """An error after the coordinator killed the daemon ends a process quietly, with what it
-    had in flight; any other error is the process's failure."""
-    if not (killed is not None and killed.is_set() and isinstance(e, OSError)):
-        return False
-    if pending is not None:
-        log.inflight.append(pending)
-    return True
-
-
-def _close_all(fds) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:                 # after a kill, close's FLUSH fails; the fd is closed
-            pass
-
-
-def _aligned(n: int) -> memoryview:
-    return memoryview(mmap.mmap(-1, max(n, mmap.PAGESIZE)))[:n]
-
-
-# -- the processes of a phase ---------------------------------------------------------------------
-
-def writer(mnt: str, files: dict, hot: str, i: int, k: int, ops: int, seed: int, killed,
-           q) -> None:
-    """Writes into the chunks it owns (c % k == i): whole chunks through O_DIRECT, parts of
-    them through write(2), half of them into the phase's `hot` file (the one the cloner
-    prefers); reads its own chunks back (nobody else changes them)."""
-    rng = random.Random(seed)
-    log = Log()
-    names = sorted(files)
-    buf = _aligned(max(CHUNKS))
-    fds: dict = {}
-    pending = None
-    try:
-        fds = {n: (os.open(f"{mnt}/{n}", os.O_RDWR),
-                   os.open(f"{mnt}/{n}", os.O_RDWR | os.O_DIRECT)) for n in names}
-        for _ in range(ops):
-            pending = None
-            n = hot if rng.random() < 0.5 else rng.choice(names)
-            fm = files[n]
-            owned = range(i, fm.nchunks, k)
-            if not owned:
-                continue
-            c = rng.choice(owned)
-            base = c * fm.chunk
-            cur = fm.data[base:base + fm.chunk]
-            r = rng.random()
-            if r < 0.15:                                         # read back its own chunk
-                if rng.random() < 0.5:
-                    got = bytes(buf[:fm.chunk]) if os.preadv(fds[n][1], [buf[:fm.chunk]], base) \
-                        == fm.chunk else b""
-                else:
-                    got = os.pread(fds[n][0], fm.chunk, base)
-                if got != cur:
-                    raise _short(f"writer {i}: {n} chunk {c} (offset {base}, {fm.chunk} B) "
-                                 f"reads back wrong: {_diff(got, bytes(cur))}", killed)
-                continue
-            direct = r < 0.55                                    # O_DIRECT, whole chunk
-            if direct:
-                off, new = 0, rng.randbytes(fm.chunk)
-                buf[:fm.chunk] = new
-            else:                                                # buffered, part of it
-                off = rng.randrange(fm.chunk)
-                new = rng.randbytes(rng.randint(1, fm.chunk - off))
-            cur[off:off + len(new)] = new
-            t0 = time.monotonic_ns()
-            pending = Write(n, c, t0, -1, bytes(cur))
-            if direct:
-                done = os.pwritev(fds[n][1], [buf[:fm.chunk]], base)
-            else:
-                done = os.pwrite(fds[n][0], new, base + off)
-            t1 = time.monotonic_ns()
-            if done != len(new):
-                raise _short(f"writer {i}: short write {done} of {len(new)} to {n} at "
-                             f"{base + off}", killed)
-            pending = None
-            fm.data[base:base + fm.chunk] = cur
-            log.writes.append(Write(n, c, t0, t1, bytes(cur)))
-            if rng.random() < 0.02:
-                os.fsync(fds[n][0])
-    except Exception as e:                  # noqa: BLE001 - reported to the coordinator
-        if not _stopped(e, killed, log, pending):
-            log.error = f"{type(e).__name__}: {e}"
-    _close_all(fd for pair in fds.values() for fd in pair)
-    q.put((i, log))
-
-
-def mutator(mnt: str, files: dict, hot: str, i: int, k: int, ops: int, seed: int, killed,
-            q) -> None:
-    """Owns the chunks c % k == i and changes them the ways that are not write(2), while the
-    writers write the chunks around them (in the same blocks when chunks are small): punch a
-    hole, zero a range, copy_file_range from another of its chunks (a reflink for whole
-    blocks, a byte copy otherwise), in this file or another of the same chunk size."""
-    rng = random.Random(seed)
-    log = Log()
-    names = sorted(files)
-    fds: dict = {}
-    pending = None
-    try:
-        fds = {n: os.open(f"{mnt}/{n}", os.O_RDWR) for n in names}
-        for _ in range(ops):
-            pending = None
-            n = hot if rng.random() < 0.5 else rng.choice(names)
-            fm = files[n]
-            owned = range(i, fm.nchunks, k)
-            if len(owned) < 2:
-                continue
-            c = rng.choice(owned)
-            base = c * fm.chunk
-            r = rng.random()
-            t0 = time.monotonic_ns()
-            if r < 0.15:
-                got = os.pread(fds[n], fm.chunk, base)
-                if got != fm.data[base:base + fm.chunk]:
-                    raise _short(f"mutator: {n} chunk {c} (offset {base}, {fm.chunk} B) reads "
-                                 f"back wrong: {_diff(got, bytes(fm.data[base:base + fm.chunk]))}",
-                                 killed)
-                continue
-            if r < 0.4:
-                new = bytes(fm.chunk)
-                pending = Write(n, c, t0, -1, new)
-                _fallocate(fds[n], FALLOC_PUNCH, base, fm.chunk)
-            elif r < 0.6:
-                new = bytes(fm.chunk)
-                pending = Write(n, c, t0, -1, new)
-                _fallocate(fds[n], FALLOC_ZERO, base, fm.chunk)
-            else:
-                same = [g for g in names if files[g].chunk == fm.chunk and
-                        len(range(i, files[g].nchunks, k)) > 1]
-                g = rng.choice(same)
-                c2 = rng.choice([x for x in range(i, files[g].nchunks, k) if g != n or x != c])
-                new = bytes(files[g].data[c2 * fm.chunk:(c2 + 1) * fm.chunk])
-                pending = Write(n, c, t0, -1, new)
-                done = os.copy_file_range(fds[g], fds[n], fm.chunk, c2 * fm.chunk, base)
-                if done != fm.chunk:
-                    raise _short(f"mutator: copy_file_range {g}@{c2 * fm.chunk} -> {n}@{base}"
-                                 f" copied {done} of {fm.chunk}", killed)
-            t1 = time.monotonic_ns()
-            pending = None
-            fm.data[base:base + fm.chunk] = new
-            log.writes.append(Write(n, c, t0, t1, new))
-    except Exception as e:                  # noqa: BLE001
-        if not _stopped(e, killed, log, pending):
-            log.error = f"{type(e).__name__}: {e}"
-    _close_all(fds.values())
-    q.put(("mutator", log))
-
-
-def cloner(mnt: str, names: list, hot: str, new: list, seed: int, done_ev, killed,
-           q) -> None:
-    """Clones whole files (copy_file_range, what cp does: the reflink path) into the files
-    `new`, again and again while the writers write their sources, and reads each clone back
-    at once (nobody else writes it) for the coordinator to check."""
-    rng = random.Random(seed)
-    log = Log()
-    try:
-        k = 0
-        into = None
-        while k < len(new) or (not done_ev.is_set() and k < 200):
-            into = new[k % len(new)]
-            k += 1
-            src = hot if rng.random() < 0.5 else rng.choice(names)
-            time.sleep(rng.random() * 0.01)
-            with open(f"{mnt}/{src}", "rb") as s, open(f"{mnt}/{into}", "w+b") as d:
-                size = os.fstat(s.fileno()).st_size
-                t0 = time.monotonic_ns()
-                done = 0
-                while done < size:
-                    m = os.copy_file_range(s.fileno(), d.fileno(), size - done, done, done)
-                    if m <= 0:
-                        break
-                    done += m
-                t1 = time.monotonic_ns()
-                if done != size:
-                    raise _short(f"cloner: copy_file_range {src} -> {into} stopped at "
-                                 f"{done} of {size}", killed)
-                data = os.pread(d.fileno(), size + 1, 0)
-                if len(data) != size and killed.is_set():
-                    raise OSError(f"cloner: reading {into} back after the kill")
-            log.clones.append(Timed(src, t0, t1, data=data, into=into))
-            into = None
-        while k < len(new):                             # the new files it never got to
-            log.inflight.append(new[k])
-            k += 1
-    except Exception as e:                  # noqa: BLE001
-        if not _stopped(e, killed, log, into):
-            log.error = f"{type(e).__name__}: {e}"
-        log.inflight.extend(new[k:])
-    q.put(("cloner", log))
-
-
-def reader(mnt: str, files: dict, ops: int, seed: int, killed, q) -> None:
-    """Reads random ranges of files being written (buffered and O_DIRECT)."""
-    rng = random.Random(seed)
-    log = Log()
-    buf = _aligned(64 * 1024)
-    names = sorted(files)
-    fds: dict = {}
-    try:
-        fds = {n: (os.open(f"{mnt}/{n}", os.O_RDONLY),
-                   os.open(f"{mnt}/{n}", os.O_RDONLY | os.O_DIRECT)) for n in names}
-        for _ in range(ops):
-            n = rng.choice(names)
-            size = len(files[n].data)
-            if rng.random() < 0.5:
-                off = rng.randrange(size // SECTOR) * SECTOR
-                ln = min(rng.randint(1, 128) * SECTOR, size - off)
-                t0 = time.monotonic_ns()
-                got = os.preadv(fds[n][1], [buf[:ln]], off)
-                data = bytes(buf[:got])
-            else:
-                off = rng.randrange(size)
-                ln = rng.randint(1, min(64 * 1024, size - off))
-                t0 = time.monotonic_ns()
-                data = os.pread(fds[n][0], ln, off)
-            t1 = time.monotonic_ns()
-            if len(data) != ln:
-                raise _short(f"reader: short read of {n}: {len(data)} of {ln} at {off}", killed)
-            log.reads.append(Timed(n, t0, t1, off=off, data=data))
-    except Exception as e:                  # noqa: BLE001
-        if not _stopped(e, killed, log, None):
-            log.error = f"{type(e).__name__}: {e}"
-    _close_all(fd for pair in fds.values() for fd in pair)
-    q.put(("reader", log))
-
-
-# -- checking -------------------------------------------------------------------------------------
-
-def _diff(got: bytes, want: bytes) -> str:
-    if len(got) != len(want):
-        return f"{len(got)} bytes instead of {len(want)}"
-    i = next(j for j in range(len(got)) if got[j] != want[j])
-    return f"first difference at byte {i}: {got[i:i + 8].hex()} instead of {want[i:i + 8].hex()}"
-
-
-class Versions:
-    """The versions each chunk went through in a phase: (valid from, valid until, bytes), where
-    `from` is when the write that made it began and `until` when the next write ended."""
-
-    def __init__(self, start: dict, writes: list):
-        self.start = start                              # name -> FileModel at phase start
-        self.hist: dict = {}
-        for w in writes:                                # each chunk's writes: one writer, in order
-            self.hist.setdefault((w.name, w.chunk), []).append(w)
-
-    def possible(self, name: str, c: int, t0: int, t1: int) -> list[bytes]:
-        fm = self.start[name]
-        ws = self.hist.get((name, c), [])
-        out = []
-        prev = bytes(fm.data[c * fm.chunk:(c + 1) * fm.chunk])
-        began = -1
-        for w in ws + [None]:
-            until = w.t1 if w else None
-            if began < t1 and (until is None or until > t0):
-                out.append(prev)
-            if w:
-                prev, began = w.after, w.t0
-        return out
-
-
-def check_range(v: Versions, name: str, off: int, data: bytes, t0: int, t1: int,
-                what: str, tolerate_tear: bool) -> int:
-    """Every sector of `data` (file `name` at `off`) as some version held it in [t0, t1];
-    returns how many sectors were torn (mixed versions byte by byte; readers only)."""
-    fm = v.start[name]
-    torn = 0
-    pos = off
-    end = off + len(data)
-    while pos < end:
-        c = pos // fm.chunk
-        s_end = min(end, (pos // SECTOR + 1) * SECTOR, (c + 1) * fm.chunk)
-        got = data[pos - off:s_end - off]
-        lo, hi = pos - c * fm.chunk, s_end - c * fm.chunk
-        cands = [x[lo:hi] for x in v.possible(name, c, t0, t1)]
-        if got not in cands:
-            if tolerate_tear and all(any(x[j] == got[j] for x in cands) for j in range(len(got))):
-                torn += 1
-            else:
-                raise Mismatch(
-                    f"{what}: {name} bytes [{pos}, {s_end}) (chunk {c} of {fm.chunk} B) hold "
-                    f"{got[:8].hex()}.. which no version of that chunk held during "
-                    f"[{t0}, {t1}] ns; {len(cands)} possible: "
-                    f"{', '.join(x[:8].hex() for x in cands)}")
-        pos = s_end
-    return torn
-
+from .racer_model import CHUNKS, FileModel, Mismatch, Versions, check_range, diff
+from .racer_procs import FALLOC_PUNCH, cloner, fallocate, mutator, reader, writer
 
 # -- the coordinator ------------------------------------------------------------------------------
 
@@ -417,7 +76,7 @@ class Racer:
                 got = f.read()
             if got != bytes(fm.data):
                 raise Mismatch(f"{when}: {n} ({fm.chunk} B chunks) differs from the model: "
-                               f"{_diff(got, bytes(fm.data))}")
+                               f"{diff(got, bytes(fm.data))}")
 
     def phase(self, p: int) -> None:
         a = self.a
@@ -517,7 +176,7 @@ class Racer:
                         len(got) != len(old):
                     raise Mismatch(f"phase {p}, after kill -9: {w.name} chunk {w.chunk} "
                                    f"({fm.chunk} B), in flight from {who}, holds bytes that are "
-                                   f"neither its old nor its new contents: {_diff(got, old)}")
+                                   f"neither its old nor its new contents: {diff(got, old)}")
                 fm.data[lo:hi] = got
                 self.stats["inflight"] += 1
                 self.stats["landed"] += got == w.after and got != old
@@ -537,7 +196,7 @@ class Racer:
             c1 = min(fm.nchunks, c0 + rng.randint(1, 16))
             fd = os.open(f"{self.m.mnt}/{n}", os.O_RDWR)
             try:
-                _fallocate(fd, FALLOC_PUNCH, c0 * fm.chunk, (c1 - c0) * fm.chunk)
+                fallocate(fd, FALLOC_PUNCH, c0 * fm.chunk, (c1 - c0) * fm.chunk)
             finally:
                 os.close(fd)
             fm.data[c0 * fm.chunk:c1 * fm.chunk] = bytes((c1 - c0) * fm.chunk)
@@ -602,17 +261,6 @@ class Racer:
               f"writes, {self.m.served['c_cow_breaks']} COW breaks, {self.m.served['c_reads']} "
               f"reads; 0 mismatches")
         return 0
-
-
-FALLOC_PUNCH = 0x01 | 0x02               # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
-FALLOC_ZERO = 0x01 | 0x10                # FALLOC_FL_KEEP_SIZE | FALLOC_FL_ZERO_RANGE
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _fallocate(fd: int, mode: int, off: int, ln: int) -> None:
-    if _libc.fallocate(fd, mode, ctypes.c_long(off), ctypes.c_long(ln)) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def parse(argv=None):

@@ -46,7 +46,8 @@ import time
 from .kill_mount import fsck_crashed, kill9, lazy_umount
 from .mountctl import Mount
 from .racer_model import CHUNKS, FileModel, Mismatch, Versions, check_range, diff
-from .racer_procs import FALLOC_PUNCH, cloner, fallocate, mutator, reader, writer
+from .racer_procs import cloner, mutator, reader, writer
+from .runner import FALLOC_MODE, fallocate
 
 # -- the coordinator ------------------------------------------------------------------------------
 
@@ -196,7 +197,7 @@ class Racer:
             c1 = min(fm.nchunks, c0 + rng.randint(1, 16))
             fd = os.open(f"{self.m.mnt}/{n}", os.O_RDWR)
             try:
-                fallocate(fd, FALLOC_PUNCH, c0 * fm.chunk, (c1 - c0) * fm.chunk)
+                fallocate(fd, FALLOC_MODE["punch"], c0 * fm.chunk, (c1 - c0) * fm.chunk)
             finally:
                 os.close(fd)
             fm.data[c0 * fm.chunk:c1 * fm.chunk] = bytes((c1 - c0) * fm.chunk)

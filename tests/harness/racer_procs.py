@@ -2,13 +2,14 @@
 phase, each logging what it did, with times, for the coordinator to check."""
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import random
 import time
 
 from .racer_model import CHUNKS, SECTOR, Log, Mismatch, Timed, Write, diff
+from .runner import FALLOC_MODE, fallocate
+
 
 def _short(what: str, killed) -> Exception:
     """A short count: the daemon's death (after a kill) cuts a request short; else a failure."""
@@ -35,17 +36,6 @@ def _close_all(fds) -> None:
 
 def _aligned(n: int) -> memoryview:
     return memoryview(mmap.mmap(-1, max(n, mmap.PAGESIZE)))[:n]
-
-
-FALLOC_PUNCH = 0x01 | 0x02               # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
-FALLOC_ZERO = 0x01 | 0x10                # FALLOC_FL_KEEP_SIZE | FALLOC_FL_ZERO_RANGE
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def fallocate(fd: int, mode: int, off: int, ln: int) -> None:
-    if _libc.fallocate(fd, mode, ctypes.c_long(off), ctypes.c_long(ln)) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def writer(mnt: str, files: dict, hot: str, i: int, k: int, ops: int, seed: int, killed,
@@ -147,11 +137,11 @@ def mutator(mnt: str, files: dict, hot: str, i: int, k: int, ops: int, seed: int
             if r < 0.4:
                 new = bytes(fm.chunk)
                 pending = Write(n, c, t0, -1, new)
-                fallocate(fds[n], FALLOC_PUNCH, base, fm.chunk)
+                fallocate(fds[n], FALLOC_MODE["punch"], base, fm.chunk)
             elif r < 0.6:
                 new = bytes(fm.chunk)
                 pending = Write(n, c, t0, -1, new)
-                fallocate(fds[n], FALLOC_ZERO, base, fm.chunk)
+                fallocate(fds[n], FALLOC_MODE["zerokeep"], base, fm.chunk)
             else:
                 same = [g for g in names if files[g].chunk == fm.chunk and
                         len(range(i, files[g].nchunks, k)) > 1]

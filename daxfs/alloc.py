@@ -276,6 +276,15 @@ class BlockAllocator:
         self.dirty.append((pblk, pblk + 1))
         self.pooled -= 1
 
+    def pool_breaks(self, used: int, refs: int, shared: int, freed: int) -> None:
+        """The counters after _cowadopt.c applied `used` COW breaks from the pool: it did
+        pool_used and decref on `rc`, `dirty` and `quarantine` itself, and reports the
+        changes to the totals (refs, shared and free, as decref counts them)."""
+        self.pooled -= used
+        self.refs += refs
+        self.shared += shared
+        self.free += freed
+
     def claim(self, pblk: int) -> None:
         """A block free on the image that a ring record from before a crash maps (recovery):
         count 1 from now on, in the transaction."""

@@ -234,10 +234,7 @@ class BufCache:
             txn._g.record_offset("extents", 0), node.ino, alloc.rc, self.frames.cut_block,
             Leaf, LEAF, alloc.dirty, alloc.quarantine)
         em.count += added
-        alloc.pooled -= done
-        alloc.refs += refs
-        alloc.shared += shared
-        alloc.free += freed
+        alloc.pool_breaks(done, refs, shared, freed)
         self.stats.cow_breaks += done
         return done
 

@@ -20,9 +20,8 @@ system-packages:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS); \
 	fi
 
-$(STAMP): pyproject.toml setup.py daxfs/_fusehook.c daxfs/_dataplane.c daxfs/_dataplane.h \
-         daxfs/_cowplane.c daxfs/_uring.c daxfs/_fusehook.map daxfs/_pmemflush.c \
-         daxfs/_fastmaps.c daxfs/_fastmaps.h daxfs/_cowadopt.c
+# every C source, header and the linker map: a new file cannot be forgotten here
+$(STAMP): pyproject.toml setup.py $(wildcard daxfs/*.c daxfs/*.h daxfs/*.map)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

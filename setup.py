@@ -26,7 +26,7 @@ def pkg_config(*args):
 
 fusehook = Extension(
     "daxfs._fusehook",
-    sources=["daxfs/_fusehook.c", "daxfs/_fuseops.c", "daxfs/_dataplane.c", "daxfs/_uring.c", "daxfs/_cowplane.c"],
+    sources=["daxfs/_fusehook.c", "daxfs/_fuseops.c", "daxfs/_dataplane.c", "daxfs/_dpmaps.c", "daxfs/_uring.c", "daxfs/_cowplane.c"],
     depends=["daxfs/_fusehook.map", "daxfs/_dataplane.h", "daxfs/_fusehook.h"],
     extra_compile_args=pkg_config("--cflags") + ["-std=gnu11", "-Wall", "-Wextra",
                                                  "-Wno-unused-parameter"],

@@ -20,8 +20,8 @@
  *    on the shared descriptor as before.  fuse_session_destroy() stops and joins
  *    the workers first.
  *
- *  - What a worker may serve comes from Python: per inode, a *published map*:
- *    the file size, whether in-place writes are allowed (regular file, no
+ *  - What a worker may serve comes from Python (_dpmaps.c): per inode, a
+ *    *published map*: the file size, whether in-place writes are allowed (regular file, no
  *    setuid/setgid bits, image writable, persistence we can do: none on a RAM
  *    filesystem, msync on a disk file), and its mapped block runs, each marked
  *    *owned* when every block in it has reference count 1.  A READ of a
@@ -75,11 +75,7 @@
 
 #define BLOCK_SHIFT DP_BLOCK_SHIFT
 #define BUF_SIZE DP_BUF_SIZE
-#define MAX_IOV 1024                  /* UIO_MAXIOV */
 #define MAX_THREADS 64
-#define BUCKETS (1 << 14)
-#define MAX_RUNS (1 << 22)
-#define ZEROS (1 << 20)
 
 /* ------------------------------------------------------------------ */
 /* configuration (set by Python before mounting) and the real libfuse  */
@@ -101,10 +97,8 @@ static int fuse_fd = -1, queue_fd = -1;
 static pthread_t workers[MAX_THREADS];
 static int nworkers;
 static atomic_int started, ended, stopping;
-static char zeros[ZEROS];             /* never written: .bss, the kernel's zero page */
 
-static atomic_ullong st_reads, st_writes, st_read_bytes, st_write_bytes, st_forwarded,
-    st_getxattrs;
+static atomic_ullong st_forwarded;
 
 int dp_resolve(void *h)
 {
@@ -124,76 +118,7 @@ void dp_note_session(struct fuse_session *se)
 }
 
 /* ------------------------------------------------------------------ */
-/* published maps                                                      */
-
-static struct map *buckets[BUCKETS];
-static pthread_rwlock_t maps_lock;
-static pthread_once_t lock_once = PTHREAD_ONCE_INIT;
-
-static void init_lock(void)
-{
-    /* Python's revoke must not wait behind a stream of new readers */
-    pthread_rwlockattr_t a;
-    pthread_rwlockattr_init(&a);
-    pthread_rwlockattr_setkind_np(&a, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
-    pthread_rwlock_init(&maps_lock, &a);
-    pthread_rwlockattr_destroy(&a);
-}
-
-static unsigned bucket_of(uint64_t ino)
-{
-    return (unsigned)((ino * 0x9E3779B97F4A7C15ull) >> (64 - 14));
-}
-
-static struct map *find(uint64_t ino)          /* lock held */
-{
-    struct map *m = buckets[bucket_of(ino)];
-    while (m && m->ino != ino)
-        m = m->next;
-    return m;
-}
-
-static struct map *unlink_map(uint64_t ino)    /* write lock held */
-{
-    struct map **pp = &buckets[bucket_of(ino)];
-    while (*pp && (*pp)->ino != ino)
-        pp = &(*pp)->next;
-    struct map *m = *pp;
-    if (m)
-        *pp = m->next;
-    return m;
-}
-
-/* Index of the first run that ends after file block b (nruns if none). */
-uint32_t dp_first_run(const struct map *m, uint64_t b)
-{
-    uint32_t lo = 0, hi = m->nruns;
-    while (lo < hi) {
-        uint32_t mid = (lo + hi) / 2;
-        if (m->runs[mid].lblk + m->runs[mid].n <= b)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
-}
-
-long long realtime_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-/* A store into the image made durable: msync of its pages on a disk file; -1: that failed. */
-int dp_persist(void *p, size_t n)
-{
-    uintptr_t a = (uintptr_t)p & ~(uintptr_t)4095;
-    return dp_persist_mode == PERSIST_MSYNC ? msync((void *)a, (uintptr_t)p + n - a, MS_SYNC) : 0;
-}
-
-/* ------------------------------------------------------------------ */
-/* serving READ and WRITE                                              */
+/* replies on /dev/fuse, and requests read from it                   */
 
 static void dev_send(struct dp_sink *sink, const struct iovec *iov, int cnt)
 {
@@ -202,151 +127,6 @@ static void dev_send(struct dp_sink *sink, const struct iovec *iov, int cnt)
 
 struct dp_sink dp_dev_sink = {.send = dev_send};
 
-static void reply_err(struct dp_sink *sink, uint64_t unique, int err)
-{
-    struct wire_out out = {.len = sizeof(out), .error = -err, .unique = unique};
-    struct iovec iov = {&out, sizeof(out)};
-    sink->send(sink, &iov, 1);
-}
-
-/* 1: answered; 0: Python must serve it. */
-static int serve_read(const struct wire_in *in, const struct wire_read_in *rd,
-                      struct dp_sink *sink)
-{
-    struct iovec iov[MAX_IOV];
-    struct wire_out out = {.error = 0, .unique = in->unique};
-    int cnt = 1;
-    size_t total = 0;
-
-    pthread_rwlock_rdlock(&maps_lock);
-    const struct map *m = find(in->nodeid);
-    if (!m)
-        goto forward;
-    const struct cow_overlay *ov = cow_overlay_of(m);
-    uint64_t pos = rd->offset, end = pos + rd->size;
-    if (end > m->size || end < pos)
-        end = m->size;
-    uint32_t i = pos < end ? dp_first_run(m, pos >> BLOCK_SHIFT) : 0;
-    while (pos < end) {
-        const struct run *r = i < m->nruns ? &m->runs[i] : NULL;
-        uint64_t e;
-        if (r && r->lblk << BLOCK_SHIFT <= pos) {
-            uint64_t re = (r->lblk + r->n) << BLOCK_SHIFT;
-            e = re < end ? re : end;
-            iov[cnt].iov_base = dp_image + (r->pblk << BLOCK_SHIFT) +
-                                (pos - (r->lblk << BLOCK_SHIFT));
-            if (ov)                                /* blocks moved by COW breaks: own pieces */
-                e = cow_read_piece(ov, pos, e, &iov[cnt].iov_base);
-            i += e == re;
-        } else {                                   /* a hole: up to the next run */
-            e = r ? r->lblk << BLOCK_SHIFT : end;
-            e = e < end ? e : end;
-            if (e - pos > ZEROS)
-                e = pos + ZEROS;
-            iov[cnt].iov_base = (void *)zeros;
-        }
-        iov[cnt].iov_len = e - pos;
-        total += e - pos;
-        pos = e;
-        if (++cnt == MAX_IOV && pos < end)
-            goto forward;                          /* too fragmented for one writev */
-    }
-    out.len = (uint32_t)(sizeof(out) + total);
-    iov[0].iov_base = &out;
-    iov[0].iov_len = sizeof(out);
-    sink->send(sink, iov, cnt);
-    pthread_rwlock_unlock(&maps_lock);
-    atomic_fetch_add(&st_reads, 1);
-    atomic_fetch_add(&st_read_bytes, total);
-    return 1;
-forward:
-    pthread_rwlock_unlock(&maps_lock);
-    return 0;
-}
-
-/* In place, when owned runs map all of [off, end): the time (ns); else 0.  Read lock held. */
-static long long store_owned(const struct map *m, uint64_t off, uint64_t end, const char *data)
-{
-    uint64_t b0 = off >> BLOCK_SHIFT, b1 = (end - 1) >> BLOCK_SHIFT;
-    uint32_t i0 = dp_first_run(m, b0), i = i0;
-    for (uint64_t b = b0; b <= b1; i++) {          /* covered by owned runs, no gap */
-        if (i >= m->nruns || m->runs[i].lblk > b || !m->runs[i].owned)
-            return 0;
-        b = m->runs[i].lblk + m->runs[i].n;
-    }
-    for (uint64_t pos = off; pos < end; i0++) {
-        const struct run *r = &m->runs[i0];
-        uint64_t e = (r->lblk + r->n) << BLOCK_SHIFT;
-        e = e < end ? e : end;
-        char *dst = dp_image + (r->pblk << BLOCK_SHIFT) + (pos - (r->lblk << BLOCK_SHIFT));
-        memcpy(dst, data + (pos - off), e - pos);
-        dp_persist(dst, e - pos);
-        pos = e;
-    }
-    return realtime_ns();
-}
-
-/* Store when the range lies inside the size and owned blocks map all of it, or when _cowplane.c
- * can (blocks it moved, a COW break); else 0.  All or nothing: writeback ignores short counts. */
-static int serve_write(const struct wire_in *in, const struct wire_write_in *wr,
-                       const char *data, struct dp_sink *sink)
-{
-    if (!atomic_load(&dp_writes_on) || wr->size == 0)
-        return 0;
-    if (!(wr->write_flags & WIRE_WRITE_CACHE) && capability_xattrs)
-        return 0;                                  /* Python drops security.capability */
-    pthread_rwlock_rdlock(&maps_lock);
-    struct map *m = find(in->nodeid);
-    uint64_t off = wr->offset, end = off + wr->size;
-    if (!m || !m->writable || end > m->size || end < off)
-        goto forward;
-    long long now = cow_overlay_of(m) ? 0 : store_owned(m, off, end, data);
-    if (!now && !(now = cow_write(m, off, end, data)))
-        goto forward;
-    atomic_store(&m->mtime, now);
-    pthread_rwlock_unlock(&maps_lock);
-
-    struct {
-        struct wire_out h;
-        uint32_t size, padding;
-    } out = {{sizeof(out), 0, in->unique}, wr->size, 0};
-    struct iovec iov = {&out, sizeof(out)};
-    sink->send(sink, &iov, 1);
-    atomic_fetch_add(&st_writes, 1);
-    atomic_fetch_add(&st_write_bytes, wr->size);
-    return 1;
-forward:
-    pthread_rwlock_unlock(&maps_lock);
-    return 0;
-}
-
-/* The kernel asks for security.capability before every write through its page cache (FUSE
- * mounts never get SB_NOSEC); while no inode has one, answer as _fusehook.c's hook_getxattr
- * does, here, instead of a round trip through Python's event loop. */
-static int serve_getxattr(const struct wire_in *in, const char *name, size_t len,
-                          struct dp_sink *sink)
-{
-    static const char cap[] = "security.capability";
-    if (capability_xattrs || len < sizeof(cap) || memcmp(name, cap, sizeof(cap)) != 0)
-        return 0;
-    reply_err(sink, in->unique, ENODATA);
-    atomic_fetch_add(&st_getxattrs, 1);
-    return 1;
-}
-
-int dp_serve(const struct wire_in *in, const char *op, size_t oplen, const char *data,
-             size_t datalen, struct dp_sink *sink)
-{
-    if (in->opcode == WIRE_GETXATTR && oplen == 8 && datalen > 0)
-        return serve_getxattr(in, data, datalen, sink);
-    if (in->opcode == WIRE_READ && oplen >= sizeof(struct wire_read_in))
-        return serve_read(in, (const struct wire_read_in *)op, sink);
-    if (in->opcode == WIRE_WRITE && oplen == sizeof(struct wire_write_in)) {
-        const struct wire_write_in *wr = (const struct wire_write_in *)op;
-        return datalen == wr->size && serve_write(in, wr, data, sink);
-    }
-    return 0;
-}
 
 /* A request as read from /dev/fuse: one buffer, the op's struct right after the header. */
 static int serve(const char *buf, size_t n)
@@ -518,7 +298,7 @@ static void *worker(void *arg)
             continue;
         }
         if (dp_enqueue(buf, (size_t)n) != 0) {
-            reply_err(&dp_dev_sink, ((struct wire_in *)buf)->unique, ENOMEM);
+            dp_reply_err(&dp_dev_sink, ((struct wire_in *)buf)->unique, ENOMEM);
             continue;
         }
         buf = NULL;
@@ -531,7 +311,7 @@ static void *worker(void *arg)
 
 static int start(int fd)
 {
-    pthread_once(&lock_once, init_lock);
+    dp_maps_init();
     struct sigaction sa, old_sa;
     if (sigaction(STOP_SIGNAL, NULL, &old_sa) != 0 || old_sa.sa_handler != SIG_DFL)
         return -1;                                 /* someone else uses it */
@@ -667,7 +447,7 @@ PyObject *dp_py_configure(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "bad data plane configuration");
         return NULL;
     }
-    pthread_once(&lock_once, init_lock);
+    dp_maps_init();
     want_threads = threads;
     spin_ns = spin_us * 1000LL;
     dp_image = (char *)(uintptr_t)base;
@@ -675,129 +455,6 @@ PyObject *dp_py_configure(PyObject *self, PyObject *args)
     dp_persist_mode = persist;
     atomic_store(&dp_writes_on, writes && persist != PERSIST_READS_ONLY);
     Py_RETURN_NONE;
-}
-
-PyObject *dp_py_publish(PyObject *self, PyObject *args)
-{
-    unsigned long long ino, size;
-    int writable;
-    Py_buffer v;
-    if (!PyArg_ParseTuple(args, "KKpy*", &ino, &size, &writable, &v))
-        return NULL;
-    size_t n = (size_t)v.len / sizeof(struct run);
-    struct map *m = NULL;
-    if ((size_t)v.len % sizeof(struct run) || n > MAX_RUNS) {
-        PyErr_SetString(PyExc_ValueError, "runs must be packed 24-byte records, at most 4M");
-        goto out;
-    }
-    m = malloc(sizeof(*m) + n * sizeof(struct run));
-    if (!m) {
-        PyErr_NoMemory();
-        goto out;
-    }
-    memcpy(m->runs, v.buf, n * sizeof(struct run));
-    uint64_t blocks = dp_image_size >> BLOCK_SHIFT, prev_end = 0;
-    for (size_t i = 0; i < n; i++) {               /* sorted, disjoint, inside the image */
-        const struct run *r = &m->runs[i];
-        if (r->n == 0 || r->lblk < prev_end || r->pblk >= blocks || r->n > blocks - r->pblk ||
-            r->lblk > (UINT64_MAX >> BLOCK_SHIFT) - r->n) {
-            PyErr_Format(PyExc_ValueError, "run %zu of inode %llu is out of order or "
-                         "outside the image", i, ino);
-            free(m);
-            m = NULL;
-            goto out;
-        }
-        prev_end = r->lblk + r->n;
-    }
-    m->ino = ino;
-    m->size = size;
-    m->writable = writable;
-    m->nruns = (uint32_t)n;
-    atomic_init(&m->overlay, NULL);
-    pthread_rwlock_wrlock(&maps_lock);
-    struct map *old = unlink_map(ino);
-    atomic_init(&m->mtime, old ? atomic_load(&old->mtime) : 0);  /* keep an untaken time */
-    unsigned b = bucket_of(ino);
-    m->next = buckets[b];
-    buckets[b] = m;
-    pthread_rwlock_unlock(&maps_lock);
-    cow_free_map(old);
-out:
-    PyBuffer_Release(&v);
-    if (!m)
-        return NULL;
-    Py_RETURN_NONE;
-}
-
-PyObject *dp_py_revoke(PyObject *self, PyObject *arg)
-{
-    unsigned long long ino = PyLong_AsUnsignedLongLong(arg);
-    if (PyErr_Occurred())
-        return NULL;
-    pthread_once(&lock_once, init_lock);
-    pthread_rwlock_wrlock(&maps_lock);
-    struct map *m = unlink_map(ino);
-    pthread_rwlock_unlock(&maps_lock);
-    long long t = m ? atomic_load(&m->mtime) : 0;
-    cow_free_map(m);
-    return PyLong_FromLongLong(t);
-}
-
-PyObject *dp_py_take_times(PyObject *self, PyObject *arg)
-{
-    unsigned long long ino = PyLong_AsUnsignedLongLong(arg);
-    if (PyErr_Occurred())
-        return NULL;
-    pthread_once(&lock_once, init_lock);
-    pthread_rwlock_rdlock(&maps_lock);
-    struct map *m = find(ino);
-    long long t = m ? atomic_exchange(&m->mtime, 0) : 0;
-    pthread_rwlock_unlock(&maps_lock);
-    return PyLong_FromLongLong(t);
-}
-
-/* [(ino, mtime_ns)] of the maps written since their time was last taken; with `drop`,
- * every map is revoked as well. */
-static PyObject *collect(int drop)
-{
-    PyObject *out = PyList_New(0);
-    if (!out)
-        return NULL;
-    pthread_once(&lock_once, init_lock);
-    if (drop)
-        pthread_rwlock_wrlock(&maps_lock);
-    else
-        pthread_rwlock_rdlock(&maps_lock);
-    for (unsigned b = 0; b < BUCKETS; b++) {
-        struct map *m = buckets[b];
-        if (drop)
-            buckets[b] = NULL;
-        while (m) {
-            struct map *next = m->next;
-            long long t = atomic_exchange(&m->mtime, 0);
-            if (t && out) {
-                PyObject *pair = Py_BuildValue("(KL)", (unsigned long long)m->ino, t);
-                if (!pair || PyList_Append(out, pair) < 0)
-                    Py_CLEAR(out);
-                Py_XDECREF(pair);
-            }
-            if (drop)
-                cow_free_map(m);
-            m = next;
-        }
-    }
-    pthread_rwlock_unlock(&maps_lock);
-    return out;
-}
-
-PyObject *dp_py_take_all_times(PyObject *self, PyObject *unused)
-{
-    return collect(0);
-}
-
-PyObject *dp_py_revoke_all(PyObject *self, PyObject *unused)
-{
-    return collect(1);
 }
 
 PyObject *dp_py_stats(PyObject *self, PyObject *unused)
@@ -808,12 +465,12 @@ PyObject *dp_py_stats(PyObject *self, PyObject *unused)
     cow_stats(&cow_breaks, &cow_forwarded);
     return Py_BuildValue("{s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:i,s:K,s:K,s:K}", "threads",
                          atomic_load(&started) ? nworkers : 0, "writes",
-                         atomic_load(&dp_writes_on), "reads_served", atomic_load(&st_reads),
-                         "writes_served", atomic_load(&st_writes), "bytes_read",
-                         atomic_load(&st_read_bytes), "bytes_written",
-                         atomic_load(&st_write_bytes), "forwarded",
+                         atomic_load(&dp_writes_on), "reads_served", atomic_load(&dp_counts.reads),
+                         "writes_served", atomic_load(&dp_counts.writes), "bytes_read",
+                         atomic_load(&dp_counts.read_bytes), "bytes_written",
+                         atomic_load(&dp_counts.write_bytes), "forwarded",
                          atomic_load(&st_forwarded), "capability_getxattrs",
-                         atomic_load(&st_getxattrs), "uring", uring, "uring_queues", queues,
+                         atomic_load(&dp_counts.getxattrs), "uring", uring, "uring_queues", queues,
                          "uring_requests", uring_requests, "cow_breaks", cow_breaks,
                          "cow_forwarded", cow_forwarded);
 }

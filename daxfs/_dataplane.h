@@ -1,5 +1,5 @@
-/* daxfs data plane (see _dataplane.c): what _fusehook.c, _dataplane.c, _uring.c and _cowplane.c
- * share. */
+/* daxfs data plane (see _dataplane.c): what _fusehook.c, _fuseops.c, _dataplane.c, _dpmaps.c,
+ * _uring.c and _cowplane.c share. */
 #ifndef DAXFS_DATAPLANE_H
 #define DAXFS_DATAPLANE_H
 
@@ -73,11 +73,13 @@ struct dp_sink {
 };
 extern struct dp_sink dp_dev_sink;
 
-/* _dataplane.c: serving, shared with _uring.c.  A request in parts: its header, the op's own
+/* _dpmaps.c: serving, shared with _uring.c.  A request in parts: its header, the op's own
  * struct (`op`, e.g. fuse_read_in) and what follows it (`data`: a write's bytes, a name).
  * 1: answered through `sink`; 0: Python must serve it. */
 int dp_serve(const struct wire_in *in, const char *op, size_t oplen, const char *data,
              size_t datalen, struct dp_sink *sink);
+
+/* _dataplane.c: request buffers and the queue of requests left to Python */
 char *dp_buf_take(void);                     /* a DP_BUF_SIZE request buffer (NULL: no memory) */
 void dp_buf_give(char *buf);
 int dp_enqueue(char *buf, size_t len);       /* hand a request to Python; -1: no memory */
@@ -101,7 +103,7 @@ extern uint64_t dp_image_size;
 extern int dp_persist_mode;
 extern atomic_int dp_writes_on;
 
-/* _dataplane.c: published maps.  Used under its rwlock: held for reading while serving (and
+/* _dpmaps.c: published maps.  Used under its rwlock: held for reading while serving (and
  * breaking), for writing while a map is added or removed. */
 struct run {                  /* as Python packs it (dataplane.py RUN_DTYPE) */
     uint64_t lblk;
@@ -124,6 +126,12 @@ struct map {
     struct run runs[];
 };
 
+void dp_maps_init(void);                     /* the maps' lock; idempotent */
+void dp_reply_err(struct dp_sink *sink, uint64_t unique, int err);
+struct dp_counts {                           /* what dp_serve() answered */
+    atomic_ullong reads, writes, read_bytes, write_bytes, getxattrs;
+};
+extern struct dp_counts dp_counts;
 uint32_t dp_first_run(const struct map *m, uint64_t b);  /* first run ending after block b */
 long long realtime_ns(void);                 /* CLOCK_REALTIME, ns */
 int dp_persist(void *p, size_t n);           /* msync's pages if the mode says so; -1: failed */
@@ -154,7 +162,8 @@ void dp_note_session(struct fuse_session *se);
 long long mono_ns(void);                     /* CLOCK_MONOTONIC, ns */
 int dp_resolve(void *libfuse_handle);        /* fetch the real libfuse functions; 0 ok */
 
-/* _dataplane.c: Python methods, added to _fusehook's method table */
+/* _dataplane.c (configure, stats, stop) and _dpmaps.c (the maps): Python methods, added to
+ * _fusehook's method table */
 PyObject *dp_py_configure(PyObject *self, PyObject *args);
 PyObject *dp_py_publish(PyObject *self, PyObject *args);
 PyObject *dp_py_revoke(PyObject *self, PyObject *arg);

@@ -26,8 +26,8 @@ def pkg_config(*args):
 
 fusehook = Extension(
     "daxfs._fusehook",
-    sources=["daxfs/_fusehook.c", "daxfs/_fuseops.c", "daxfs/_dataplane.c", "daxfs/_dpmaps.c", "daxfs/_uring.c", "daxfs/_cowplane.c"],
-    depends=["daxfs/_fusehook.map", "daxfs/_dataplane.h", "daxfs/_fusehook.h"],
+    sources=["daxfs/_fusehook.c", "daxfs/_fuseops.c", "daxfs/_dataplane.c", "daxfs/_dpmaps.c", "daxfs/_uring.c", "daxfs/_uringio.c", "daxfs/_cowplane.c"],
+    depends=["daxfs/_fusehook.map", "daxfs/_dataplane.h", "daxfs/_fusehook.h", "daxfs/_uring.h"],
     extra_compile_args=pkg_config("--cflags") + ["-std=gnu11", "-Wall", "-Wextra",
                                                  "-Wno-unused-parameter"],
     extra_link_args=pkg_config("--libs") + ["-ldl", "-lpthread", f"-Wl,--version-script={MAP}"],

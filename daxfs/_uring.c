@@ -58,11 +58,9 @@
  * still reference them until the rings' cancellation has run; the daemon is exiting).
  */
 #define _GNU_SOURCE
-#include "_dataplane.h"
+#include "_uring.h"
 
 #include <errno.h>
-#include <linux/io_uring.h>
-#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -70,74 +68,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
-#include <sys/mman.h>
-#include <sys/syscall.h>
 #include <sys/sysinfo.h>
 #include <unistd.h>
-
-/* include/uapi/linux/fuse.h (7.42), spelled out: the installed header may predate it */
-#define FUSE_IO_URING_CMD_REGISTER 1
-#define FUSE_IO_URING_CMD_COMMIT_AND_FETCH 2
-#define INIT_EXT (1u << 30)
-#define OVER_IO_URING_FLAGS2 (1u << 9)      /* FUSE_OVER_IO_URING = 1ULL << 41 */
-
-struct uring_ent_in_out {           /* struct fuse_uring_ent_in_out */
-    uint64_t flags;
-    uint64_t commit_id;             /* the request's unique, to name it at commit */
-    uint32_t payload_sz;
-    uint32_t padding;
-    uint64_t reserved;
-};
-struct uring_req_header {           /* struct fuse_uring_req_header */
-    char in_out[128];               /* fuse_in_header in, fuse_out_header out */
-    char op_in[128];                /* in_args[0] */
-    struct uring_ent_in_out ent;
-};
-struct uring_cmd_req {              /* struct fuse_uring_cmd_req, in the SQE's cmd area */
-    uint64_t flags;
-    uint64_t commit_id;
-    uint16_t qid;
-    uint8_t padding[6];
-};
-_Static_assert(sizeof(struct uring_ent_in_out) == 32, "fuse_uring_ent_in_out is 32 bytes");
-_Static_assert(sizeof(struct uring_req_header) == 288, "fuse_uring_req_header is 288 bytes");
-_Static_assert(sizeof(struct uring_cmd_req) == 24, "fuse_uring_cmd_req is 24 bytes");
-
-#define DEPTH 8                     /* entries per queue */
-#define SQ_ENTRIES 16               /* >= DEPTH + 1 (the eventfd poll): never full */
-#define SQE_SIZE 128
-#define POLL_TAG 1ull               /* user_data of the eventfd poll (entries are pointers) */
-#define TABLE 256
-#define HDR_STRIDE 4096
-
-enum { E_KERNEL, E_OURS, E_PYTHON, E_COMMIT, E_DEAD };
-
-struct ring;
-struct ent {
-    struct dp_sink sink;            /* first: the sink is the entry */
-    struct ring *ring;
-    struct uring_req_header *hdr;
-    char *payload;
-    struct iovec iov[2];            /* header and payload, for REGISTER */
-    uint64_t commit_id, unique;
-    struct ent *next;               /* in the unique table or on the commit list */
-    int state, last_cmd;
-};
-
-struct ring {
-    int qid, fd, efd, started;
-    atomic_int exited;
-    pthread_t thread;
-    unsigned *sq_head, *sq_tail, *sq_mask, *sq_array, *cq_head, *cq_tail, *cq_mask;
-    char *sqes;
-    struct io_uring_cqe *cqes;
-    unsigned to_submit;
-    pthread_mutex_t mu;             /* the commit list */
-    struct ent *commits;
-    uint64_t efd_val;
-    struct ent ents[DEPTH];
-};
 
 static int want;                    /* -o uring */
 static int sched_other;             /* DAXFS_URING_SCHED=other: ring threads not SCHED_IDLE */
@@ -172,7 +104,7 @@ void uring_note_init(const char *buf, size_t n)
 }
 
 /* ------------------------------------------------------------------ */
-/* the ring: raw syscalls                                              */
+/* commands on the ring (the raw ring is _uringio.c)                   */
 
 static void fail(int err)
 {
@@ -180,35 +112,12 @@ static void fail(int err)
     atomic_compare_exchange_strong(&last_error, &zero, err);
 }
 
-static struct io_uring_sqe *get_sqe(struct ring *r)
-{
-    unsigned tail = *r->sq_tail;
-    if (tail - __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE) >= SQ_ENTRIES)
-        return NULL;
-    unsigned i = tail & *r->sq_mask;
-    struct io_uring_sqe *sqe = (struct io_uring_sqe *)(r->sqes + (size_t)i * SQE_SIZE);
-    memset(sqe, 0, SQE_SIZE);
-    r->sq_array[i] = i;
-    __atomic_store_n(r->sq_tail, tail + 1, __ATOMIC_RELEASE);
-    r->to_submit++;
-    return sqe;
-}
-
-static int enter(struct ring *r, unsigned wait)
-{
-    int n = (int)syscall(SYS_io_uring_enter, r->fd, r->to_submit, wait,
-                         wait ? IORING_ENTER_GETEVENTS : 0, NULL, 0);
-    if (n > 0)
-        r->to_submit -= (unsigned)n < r->to_submit ? (unsigned)n : r->to_submit;
-    return n < 0 ? -errno : n;
-}
-
 static void submit_cmd(struct ring *r, struct ent *e, int cmd)
 {
-    struct io_uring_sqe *sqe = get_sqe(r);
+    struct io_uring_sqe *sqe = ring_get_sqe(r);
     if (!sqe) {                        /* cannot happen (SQ_ENTRIES): flush and retry */
-        enter(r, 0);
-        if (!(sqe = get_sqe(r))) {
+        ring_enter(r, 0);
+        if (!(sqe = ring_get_sqe(r))) {
             e->state = E_DEAD;
             fail(-EBUSY);
             return;
@@ -227,75 +136,6 @@ static void submit_cmd(struct ring *r, struct ent *e, int cmd)
     memcpy(sqe->cmd, &req, sizeof(req));
     e->last_cmd = cmd;
     e->state = E_KERNEL;
-}
-
-static void arm_poll(struct ring *r)
-{
-    struct io_uring_sqe *sqe = get_sqe(r);
-    if (!sqe)
-        return;
-    sqe->opcode = IORING_OP_POLL_ADD;
-    sqe->fd = r->efd;
-    sqe->poll32_events = POLLIN;
-    sqe->user_data = POLL_TAG;
-}
-
-static int ring_create(struct ring *r)
-{
-    struct io_uring_params p;
-    memset(&p, 0, sizeof(p));
-    p.flags = IORING_SETUP_SQE128 | IORING_SETUP_CQSIZE;
-    p.cq_entries = 2 * SQ_ENTRIES;
-    r->fd = (int)syscall(SYS_io_uring_setup, SQ_ENTRIES, &p);
-    if (r->fd < 0)
-        return -errno;
-    if (p.sq_entries != SQ_ENTRIES)
-        return -EINVAL;
-    size_t sq_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);
-    size_t cq_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
-    if (p.features & IORING_FEAT_SINGLE_MMAP)
-        sq_len = cq_len = sq_len > cq_len ? sq_len : cq_len;
-    char *sq = mmap(NULL, sq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd,
-                    IORING_OFF_SQ_RING);
-    if (sq == MAP_FAILED)
-        return -errno;
-    char *cq = sq;
-    if (!(p.features & IORING_FEAT_SINGLE_MMAP)) {
-        cq = mmap(NULL, cq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd,
-                  IORING_OFF_CQ_RING);
-        if (cq == MAP_FAILED)
-            return -errno;
-    }
-    r->sqes = mmap(NULL, (size_t)p.sq_entries * SQE_SIZE, PROT_READ | PROT_WRITE,
-                   MAP_SHARED | MAP_POPULATE, r->fd, IORING_OFF_SQES);
-    if (r->sqes == MAP_FAILED)
-        return -errno;
-    r->sq_head = (unsigned *)(sq + p.sq_off.head);
-    r->sq_tail = (unsigned *)(sq + p.sq_off.tail);
-    r->sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
-    r->sq_array = (unsigned *)(sq + p.sq_off.array);
-    r->cq_head = (unsigned *)(cq + p.cq_off.head);
-    r->cq_tail = (unsigned *)(cq + p.cq_off.tail);
-    r->cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
-    r->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
-    r->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (r->efd < 0)
-        return -errno;
-    char *hdrs = mmap(NULL, DEPTH * HDR_STRIDE, PROT_READ | PROT_WRITE,
-                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    char *pay = mmap(NULL, DEPTH * payload_size, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (hdrs == MAP_FAILED || pay == MAP_FAILED)
-        return -ENOMEM;
-    for (int i = 0; i < DEPTH; i++) {
-        struct ent *e = &r->ents[i];
-        e->ring = r;
-        e->hdr = (struct uring_req_header *)(hdrs + (size_t)i * HDR_STRIDE);
-        e->payload = pay + (size_t)i * payload_size;
-        e->iov[0] = (struct iovec){e->hdr, sizeof(*e->hdr)};
-        e->iov[1] = (struct iovec){e->payload, payload_size};
-    }
-    return 0;
 }
 
 /* ------------------------------------------------------------------ */
@@ -431,7 +271,7 @@ static void completion(struct ring *r, uint64_t data, int res)
         for (; e; e = e->next)
             submit_cmd(r, e, FUSE_IO_URING_CMD_COMMIT_AND_FETCH);
         if (!atomic_load(&stop_flag))
-            arm_poll(r);
+            ring_arm_poll(r);
         return;
     }
     struct ent *e = (struct ent *)(uintptr_t)data;
@@ -478,10 +318,10 @@ static void *ring_main(void *arg)
     if (g > 0) {
         for (int i = 0; i < DEPTH; i++)
             submit_cmd(r, &r->ents[i], FUSE_IO_URING_CMD_REGISTER);
-        arm_poll(r);
+        ring_arm_poll(r);
     }
     while (g > 0 && !atomic_load(&stop_flag)) {
-        int n = enter(r, 1);
+        int n = ring_enter(r, 1);
         if (n < 0 && n != -EINTR && n != -EAGAIN && n != -EBUSY) {
             fail(n);
             break;
@@ -594,7 +434,7 @@ int uring_init_reply(char *init_out, size_t len, int fd)
         pthread_mutex_init(&r->mu, NULL);
         for (int i = 0; i < DEPTH; i++)
             r->ents[i].sink.send = ent_send;
-        if ((err = ring_create(r)) != 0)
+        if ((err = ring_create(r, payload_size)) != 0)
             break;
         pthread_attr_t a;
         cpu_set_t cpu;

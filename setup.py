@@ -26,7 +26,11 @@ def pkg_config(*args):
 
 fusehook = Extension(
     "daxfs._fusehook",
-    sources=["daxfs/_fusehook.c", "daxfs/_fuseops.c", "daxfs/_dataplane.c", "daxfs/_dpmaps.c", "daxfs/_uring.c", "daxfs/_uringio.c", "daxfs/_cowplane.c"],
+    # the interposer and the operations it answers; the data plane's threads, maps, io_uring
+    # transport and COW breaks
+    sources=["daxfs/_fusehook.c", "daxfs/_fuseops.c",
+             "daxfs/_dataplane.c", "daxfs/_dpmaps.c", "daxfs/_uring.c", "daxfs/_uringio.c",
+             "daxfs/_cowplane.c", "daxfs/_cowoverlay.c"],
     depends=["daxfs/_fusehook.map", "daxfs/_dataplane.h", "daxfs/_fusehook.h", "daxfs/_uring.h"],
     extra_compile_args=pkg_config("--cflags") + ["-std=gnu11", "-Wall", "-Wextra",
                                                  "-Wno-unused-parameter"],

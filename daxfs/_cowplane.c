@@ -29,11 +29,12 @@
  * only then, or without overlay room, does it give up and the write go to Python, as every
  * other write C does not serve.
  *
- * The overlay.  Per map, b -> q for the blocks broken here since the map was published: an
- * open addressing table of fixed size, allocated at the map's first break.  The one breaker
- * (COW mutex) inserts while readers (serve_read, serve_write: read lock only) probe: the value
- * is stored before the key, the key with release, readers load keys with acquire.  Entries are
- * never removed; the table is freed with its map (revoke, revoke_all, publish replacing it).
+ * The overlay (_cowoverlay.c).  Per map, b -> q for the blocks broken here since the map was
+ * published: an open addressing table of fixed size, allocated at the map's first break.  The
+ * one breaker (COW mutex) inserts while readers (serve_read, serve_write: read lock only)
+ * probe: the value is stored before the key, the key with release, readers load keys with
+ * acquire.  Entries are never removed; the table is freed with its map (revoke, revoke_all,
+ * publish replacing it).
  * It is 8 MiB of address space (resident: the pages touched; the breaks of a 1 GiB file fit);
  * once 3/4 full, the map's breaks go to Python, whose commit takes the map back, and the next
  * one starts empty.
@@ -78,102 +79,6 @@
 #define BLOCK_MASK ((uint64_t)BLOCK_SIZE - 1)
 
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "ring records are little-endian");
-
-/* ------------------------------------------------------------------ */
-/* the overlay                                                         */
-
-#define OV_BITS 19                   /* 8 MiB of address space: the breaks of a 1 GiB clone fit */
-#define OV_SLOTS (1u << OV_BITS)
-#define OV_FILL (OV_SLOTS / 4 * 3)   /* open addressing: probes stay short below 3/4 full */
-
-struct cow_overlay {
-    _Atomic uint64_t lo, hi;         /* least and greatest block in it: others need no probe */
-    uint32_t count;                  /* entries (the breaker's, under the COW mutex) */
-    struct {
-        _Atomic uint64_t key;        /* file block + 1; 0: free */
-        uint64_t val;                /* the block it moved to */
-    } slot[OV_SLOTS];
-};
-
-static uint32_t ov_hash(uint64_t b)
-{
-    return (uint32_t)((b * 0x9E3779B97F4A7C15ull) >> (64 - OV_BITS));
-}
-
-/* 1 and *q = the block file block b moved to; 0: b did not move.  Read lock held. */
-static int ov_get(const struct cow_overlay *ov, uint64_t b, uint64_t *q)
-{
-    if (b < atomic_load_explicit(&ov->lo, memory_order_acquire) ||
-        b > atomic_load_explicit(&ov->hi, memory_order_acquire))
-        return 0;
-    for (uint32_t h = ov_hash(b);; h = (h + 1) & (OV_SLOTS - 1)) {
-        uint64_t k = atomic_load_explicit(&ov->slot[h].key, memory_order_acquire);
-        if (k == b + 1) {
-            *q = ov->slot[h].val;
-            return 1;
-        }
-        if (!k)
-            return 0;                /* never full (OV_FILL): a free slot ends every probe */
-    }
-}
-
-/* Add b -> q (b not in it, count below OV_FILL).  COW mutex held: the only writer.  The
- * bounds first, so that a reader who sees the key also sees them. */
-static void ov_put(struct cow_overlay *ov, uint64_t b, uint64_t q)
-{
-    if (b < atomic_load_explicit(&ov->lo, memory_order_relaxed))
-        atomic_store_explicit(&ov->lo, b, memory_order_release);
-    if (b > atomic_load_explicit(&ov->hi, memory_order_relaxed))
-        atomic_store_explicit(&ov->hi, b, memory_order_release);
-    uint32_t h = ov_hash(b);
-    while (atomic_load_explicit(&ov->slot[h].key, memory_order_relaxed))
-        h = (h + 1) & (OV_SLOTS - 1);
-    ov->slot[h].val = q;
-    atomic_store_explicit(&ov->slot[h].key, b + 1, memory_order_release);
-    ov->count++;
-}
-
-/* The overlay of a map that has none yet, published to its readers (empty: they find
- * nothing in it); NULL: no memory.  COW mutex held. */
-static struct cow_overlay *new_overlay(struct map *m)
-{
-    struct cow_overlay *ov = calloc(1, sizeof(*ov));   /* untouched zero pages until used */
-    if (!ov)
-        return NULL;
-    atomic_init(&ov->lo, UINT64_MAX);
-    atomic_store_explicit(&m->overlay, ov, memory_order_release);
-    return ov;
-}
-
-/* A map unlinked under the write lock (no reader, no breaker left in it), with its overlay. */
-void cow_free_map(struct map *m)
-{
-    if (!m)
-        return;
-    free(atomic_load_explicit(&m->overlay, memory_order_relaxed));
-    free(m);
-}
-
-/* For serve_read: [pos, e) lies inside one run and *base is where the run has pos.  Returns
- * the end of its first piece: pos's block alone if a break moved it (*base then points into
- * the block it moved to), else the run's blocks up to the first moved one.  Read lock held. */
-uint64_t cow_read_piece(const struct cow_overlay *ov, uint64_t pos, uint64_t e, void **base)
-{
-    uint64_t b = pos >> BLOCK_SHIFT, q;
-    if (ov_get(ov, b, &q)) {
-        *base = dp_image + (q << BLOCK_SHIFT) + (pos & BLOCK_MASK);
-        return (b + 1) << BLOCK_SHIFT < e ? (b + 1) << BLOCK_SHIFT : e;
-    }
-    uint64_t c = b + 1, last = (e - 1) >> BLOCK_SHIFT;   /* only blocks within the bounds */
-    uint64_t lo = atomic_load_explicit(&ov->lo, memory_order_acquire);
-    uint64_t hi = atomic_load_explicit(&ov->hi, memory_order_acquire);
-    c = c < lo ? lo : c;
-    last = last > hi ? hi : last;
-    for (; c <= last; c++)
-        if (ov_get(ov, c, &q))
-            return c << BLOCK_SHIFT;
-    return e;
-}
 
 /* ------------------------------------------------------------------ */
 /* the pool, the ring and the pending records (all under cow_mu)      */
@@ -267,7 +172,7 @@ static char *owned_block(const struct map *m, const struct cow_overlay *ov, uint
                          uint32_t *i)
 {
     uint64_t q;
-    if (ov_get(ov, b, &q))
+    if (cow_ov_get(ov, b, &q))
         return dp_image + (q << BLOCK_SHIFT);
     while (*i < m->nruns && m->runs[*i].lblk + m->runs[*i].n <= b)
         ++*i;
@@ -345,7 +250,7 @@ static long long cow_break(struct map *m, uint64_t b, uint64_t p, uint64_t off,
         wait_for_room();
     struct cow_overlay *ov = cow_overlay_of(m);
     uint64_t q;
-    if (ov && ov_get(ov, b, &q)) {                 /* another thread broke b meanwhile */
+    if (ov && cow_ov_get(ov, b, &q)) {                 /* another thread broke b meanwhile */
         pthread_mutex_unlock(&cow_mu);
         store(dp_image + (q << BLOCK_SHIFT) + (off & BLOCK_MASK), data, n);
         return realtime_ns();
@@ -357,7 +262,7 @@ static long long cow_break(struct map *m, uint64_t b, uint64_t p, uint64_t off,
     int short_of = short_of_room();
     if (short_of)
         atomic_fetch_add(&st_short, 1);
-    if (short_of || (ov && ov->count >= OV_FILL) || (!ov && !(ov = new_overlay(m))))
+    if (short_of || (ov && cow_overlay_full(ov)) || (!ov && !(ov = cow_new_overlay(m))))
         return give_up();
     q = pool[pool_head++];
     char *dst = dp_image + (q << BLOCK_SHIFT);
@@ -371,7 +276,7 @@ static long long cow_break(struct map *m, uint64_t b, uint64_t p, uint64_t off,
         pool_head--;                               /* q unused: first out again */
         return give_up();
     }
-    ov_put(ov, b, q);
+    cow_ov_put(ov, b, q);
     size_t np = atomic_load(&npending);
     pending[np++] = rec;
     atomic_store(&npending, np);

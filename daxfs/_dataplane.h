@@ -1,5 +1,5 @@
 /* daxfs data plane (see _dataplane.c): what _fusehook.c, _fuseops.c, _dataplane.c, _dpmaps.c,
- * _uring.c and _cowplane.c share. */
+ * _uring.c, _uringio.c, _cowplane.c and _cowoverlay.c share. */
 #ifndef DAXFS_DATAPLANE_H
 #define DAXFS_DATAPLANE_H
 
@@ -148,6 +148,12 @@ uint64_t cow_read_piece(const struct cow_overlay *ov, uint64_t pos, uint64_t e, 
 /* a write the owned runs alone do not cover: its time (ns) once stored; 0: Python serves it */
 long long cow_write(struct map *m, uint64_t off, uint64_t end, const char *data);
 void cow_free_map(struct map *m);            /* free(m) and its overlay; no reader left */
+/* _cowoverlay.c: the overlay's table (lookups under the maps' read lock; the rest under the
+ * COW mutex, whose holder is its only writer) */
+int cow_ov_get(const struct cow_overlay *ov, uint64_t b, uint64_t *q);  /* 1: b moved to *q */
+void cow_ov_put(struct cow_overlay *ov, uint64_t b, uint64_t q);  /* b not in it, not full */
+int cow_overlay_full(const struct cow_overlay *ov);
+struct cow_overlay *cow_new_overlay(struct map *m);   /* the map's first; NULL: no memory */
 void cow_stats(unsigned long long *breaks, unsigned long long *forwarded);
 PyObject *cow_py_configure(PyObject *self, PyObject *args);
 PyObject *cow_py_pool_add(PyObject *self, PyObject *arg);

@@ -31,6 +31,9 @@ first applies what C did (dataplane.DataPlane.settle at each entry), and an oper
 changes a file takes it back from C and applies again (txn.Transactions.changing) before it
 reads the map. A record whose block no longer maps the old block when it is applied cannot
 happen under those rules; it is counted (`mismatches`), logged and dropped, its block freed.
+
+The failsafe. A read-only engine applies nothing: the records wait in the ring for the next
+mount, as after a crash, and `strand` makes the reads Python serves see them meanwhile.
 """
 from __future__ import annotations
 
@@ -71,6 +74,8 @@ class CowLog:
             fs.pm.read(fs.g.cow_applied_offset, 8), "little")   # records below are applied
         self.mismatches = 0
         self.applied_records = 0
+        self.stranded: dict[int, dict[int, int]] = {}  # failsafe: ino -> {file block: block}
+        self._stranding = False
 
     def pending(self) -> np.ndarray:
         """The ring records not applied yet, in sequence order."""
@@ -91,6 +96,57 @@ class CowLog:
         log.info("COW ring: applied %d break(s) done by the data plane before the crash "
                  "(%d dropped)", recs.size, self.mismatches)
         return int(recs.size)
+
+    def strand(self) -> None:
+        """The failsafe (Transactions.fail, after it revoked every map, so C breaks no more):
+        no transaction will apply the ring's records before the next mount, yet a read Python
+        serves of a block C broke must show what C wrote there, not the shared block Python's
+        own map still names. Remember, per file block, where each pending record moved it;
+        `patch` applies that to reads. Records Python's map already holds (a batch the failing
+        transaction had applied in memory) or no longer matches are left out."""
+        if self._stranding:                 # a corrupt map met below fails again: once is enough
+            return
+        self._stranding = True
+        try:
+            moved: dict[int, dict[int, int]] = {}
+            g = self.fs.g
+            for _magic, _seq, ino, lblk, q, p, _mtime, _check in self.pending().tolist():
+                node = self.fs.inodes.cached(ino)       # C breaks only files Python loaded
+                if node is None or not node.is_reg or not g.data_start <= q < g.nblocks:
+                    continue
+                blocks = moved.setdefault(ino, {})
+                try:
+                    now = blocks.get(lblk, None)
+                    now = node.extents.lookup(lblk) if now is None else now
+                except FsError:
+                    continue
+                if now == p:
+                    blocks[lblk] = q
+            self.stranded = {ino: b for ino, b in moved.items() if b}
+        finally:
+            self._stranding = False
+        if self.stranded:
+            log.warning("failsafe: %d COW break(s) of the data plane stay in the ring until the "
+                        "next mount applies them; reads see them meanwhile",
+                        sum(map(len, self.stranded.values())))
+
+    def patch(self, ino: int, off: int, data: bytes | memoryview) -> bytes | memoryview:
+        """`data`, read by Python's maps from offset `off` of `ino`, with the blocks of
+        stranded breaks (see `strand`) read from where C moved them."""
+        blocks = self.stranded.get(ino)
+        end = off + len(data)
+        if not blocks or end == off:
+            return data
+        out = None
+        for lblk in range(off // fmt.BLOCK_SIZE, (end - 1) // fmt.BLOCK_SIZE + 1):
+            q = blocks.get(lblk)
+            if q is None:
+                continue
+            s, e = max(off, lblk * fmt.BLOCK_SIZE), min(end, (lblk + 1) * fmt.BLOCK_SIZE)
+            out = bytearray(data) if out is None else out
+            out[s - off:e - off] = self.fs.pm.read(q * fmt.BLOCK_SIZE + s - lblk * fmt.BLOCK_SIZE,
+                                                   e - s)
+        return data if out is None else bytes(out)
 
     def apply(self, recs: np.ndarray, pooled: bool,
               committed: Callable[[int], None] | None = None) -> None:

@@ -109,6 +109,7 @@ class FileSystem:
         self.orphans = Orphans(self)
         self.cow = CowLog(self)
         self.cow.recover()
+        self.tx.on_fail = self.cow.strand
         if not readonly:
             self._set_clean(False)
             self.orphans.recover()
@@ -306,7 +307,10 @@ class FileSystem:
         return self.data.kill_privileges(ino, suidgid)
 
     def read(self, ino: int, off: int, size: int, view: bool = False) -> bytes | memoryview:
-        return self.data.read(ino, off, size, view)
+        data = self.data.read(ino, off, size, view)
+        if self.cow.stranded:               # the failsafe left C's last breaks in the ring
+            data = self.cow.patch(ino, off, data)
+        return data
 
     def write(self, ino: int, off: int, data: Buffer, whole: bool = False) -> int:
         return self.data.write(ino, off, data, whole)
@@ -337,9 +341,9 @@ class FileSystem:
     def plane_map(self, ino: int) -> tuple[int, bool, np.ndarray] | None:
         """What the data plane needs to serve `ino`: (size, in-place writes allowed, mapped
         runs with their owned flag, see BufCache.owned_runs); None for anything but a
-        regular file."""
+        regular file, and for one whose reads `cow.patch` must mend (failsafe)."""
         node = self.inodes.cached(ino)
-        if node is None or not node.is_reg:
+        if node is None or not node.is_reg or ino in self.cow.stranded:
             return None
         writable = self.tx.writable and not node.mode & (stat.S_ISUID | stat.S_ISGID)
         return node.size, writable, self.bufcache.owned_runs(node)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Iterable, Protocol
 
 from . import format as fmt
@@ -128,6 +128,7 @@ class Transactions:
         self.dirty_times: dict[int, Inode] = {}  # overwritten files: timestamps not yet stored
         self._rc_base = g.region("refcounts")[0]
         self.watcher: MapWatcher | None = None
+        self.on_fail: Callable[[], None] | None = None   # after the failsafe's revoke_all
 
     def changing(self, *inos: int) -> None:
         """Before an operation that reads and then changes these inodes' data or mapping
@@ -180,6 +181,8 @@ class Transactions:
         self.failed = repr(e)
         if self.watcher is not None:
             self.watcher.revoke_all()
+        if self.on_fail is not None:
+            self.on_fail()
 
     def _commit(self, t: Transaction) -> None:
         if self.watcher is not None and not t.quiet:

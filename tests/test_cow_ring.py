@@ -8,12 +8,15 @@ and none that does not (torn, stale, or naming a block the file no longer maps),
 image fsck passes, with refcounts and the frame index equal to what the tables imply."""
 from __future__ import annotations
 
+import errno
 import os
 
 import numpy as np
+import pytest
 
 from daxfs import format as fmt
 from daxfs import fsck
+from daxfs.errors import FsError
 from daxfs.fs import FileSystem
 
 from enginetools import fsck_clean
@@ -155,3 +158,47 @@ def test_ring_is_outside_the_log_and_inside_the_journal_region(tmp_image):
     assert ring_off + slots * 64 == (g.journal_start + g.journal_blocks) * BS
     assert fmt.JOURNAL_HEADER_DTYPE.itemsize <= fmt.COW_APPLIED_OFF < BS
     fs.close()
+
+
+def test_failsafe_reads_show_the_breaks_left_in_the_ring(tmp_image):
+    """The engine turns read-only (failsafe) while breaks C did after Python last applied wait
+    in the ring: no transaction applies them before the next mount, yet reads until then
+    must show the bytes C wrote, not the shared block Python's own map still names (they
+    showed the old bytes). The next mount applies them as after a crash."""
+    a, b, data = _setup(tmp_image)
+    fs = FileSystem.open(tmp_image)
+    victim = fs.create(1, b"victim", 0o644, 0, 0).ino
+    fs.close()
+    fs = FileSystem.open(tmp_image)                     # victim not loaded: its record is read
+    assert fs.read(b, 0, NBLK * BS) == data             # at its lookup, corrupt by then
+    node = fs.inodes.get(b)
+    g = fs.g
+    ring_off, slots = g.cow_ring()
+    blocks = [9, 0, 14]
+    qs = fs.alloc.pool_take(len(blocks)).tolist()       # as C takes them: from its pool
+    new = {}
+    mode_at = g.region("inodes")[0] + victim * fmt.INODE_DTYPE.itemsize + \
+        fmt.INODE_DTYPE.fields["mode"][1]
+    with open(tmp_image, "r+b") as f:                   # what C stores, behind Python's back
+        for i, (lblk, q) in enumerate(zip(blocks, qs)):
+            new[lblk] = os.urandom(BS)
+            os.pwrite(f.fileno(), new[lblk], q * BS)
+            rec = fmt.pack_cow_record(fs.cow.applied + i, b, lblk, q,
+                                      node.extents.lookup(lblk), 10**18 + i)
+            os.pwrite(f.fileno(), rec, ring_off + ((fs.cow.applied + i) % slots) * 64)
+        mode = os.pread(f.fileno(), 4, mode_at)
+        os.pwrite(f.fileno(), (0o030644).to_bytes(4, "little"), mode_at)  # no such type
+    with pytest.raises(FsError) as ei:
+        fs.lookup(1, b"victim")
+    assert ei.value.errno == errno.EIO and fs.failed
+    want = _expect(data, new)
+    assert fs.read(b, 0, NBLK * BS) == want
+    assert fs.read(b, 9 * BS + 100, 2 * BS) == want[9 * BS + 100:11 * BS + 100]
+    assert fs.read(a, 0, NBLK * BS) == data
+    fs.close()
+    with open(tmp_image, "r+b") as f:
+        os.pwrite(f.fileno(), mode, mode_at)
+    fs = _check(tmp_image, a, b, data, want)            # the next mount applies them
+    assert fs.stats()["cow_ring_applied"] == len(blocks)
+    fs.close()
+    fsck_clean(tmp_image)

@@ -4,6 +4,7 @@ survive a remount and a kill -9 of the daemon, and keep `daxfs stat` and fsck tr
 test checks through the daemon's counters that C really did the breaks it tests."""
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import random
@@ -11,11 +12,14 @@ import signal
 import subprocess
 import threading
 
+import numpy as np
 import pytest
 
 from conftest import (check_daemon_log, check_fsck, daemon_log, daxfs_cli, force_cleanup,
                       have_fuse, mount, remount, umount, wait_unlocked)
+from daxfs import format as fmt
 from daxfs.daemon import lock_holder
+from daxfs.fs import FileSystem
 from test_dataplane import pread_direct, pwrite_direct, stats
 
 pytestmark = pytest.mark.skipif(not have_fuse(), reason="needs /dev/fuse and fusermount3")
@@ -198,3 +202,68 @@ def test_cow_breaks_on_a_disk_image_are_msynced_and_survive_kill9(tmp_path):
         check_fsck(image)
     finally:
         force_cleanup(image, mnt)
+
+
+def test_failsafe_reads_show_breaks_still_in_the_ring(image, mnt, tmp_path):
+    """The engine turns read-only (failsafe) while COW breaks C did wait in the image's ring
+    (done after Python last applied them): until the next mount applies them, every read --
+    served by Python, or by C from a map Python hands it again -- must show C's bytes, not
+    the shared block Python's map still names (Python's reads showed the old bytes). The
+    ring state is written by hand behind the daemon's back, byte for byte as _cowplane.c
+    stores it: the real window, a break between a request's settle and the corrupt metadata
+    it meets, is microseconds wide."""
+    nblk, broken = 16, [9, 0, 14]
+    data = os.urandom(nblk * BS)
+    mount(image, mnt)
+    try:
+        (mnt / "orig").write_bytes(data)
+        subprocess.run(["cp", mnt / "orig", mnt / "clone"], check=True)
+        (mnt / "victim").write_bytes(b"v")
+        umount(mnt)
+        mount(image, mnt)                           # nothing loaded but what the test touches
+        assert pread_direct(mnt / "clone", 0, BS) == data[:BS]    # the clone loaded, O_DIRECT:
+        ro = FileSystem.open(str(image), readonly=True)           # no page cache to go stale
+        clone, victim = (ro.lookup(1, name).ino for name in (b"clone", b"victim"))
+        node, g = ro.inodes.get(clone), ro.g
+        old = [node.extents.lookup(lblk) for lblk in broken]
+        free = np.flatnonzero(ro.alloc.rc[g.data_start:] == 0) + g.data_start
+        ring_off, slots = g.cow_ring()
+        applied = ro.cow.applied
+        mode_at = g.region("inodes")[0] + victim * fmt.INODE_DTYPE.itemsize + \
+            fmt.INODE_DTYPE.fields["mode"][1]
+        ro.close()
+        want = bytearray(data)
+        with open(image, "r+b") as f:
+            for i, (lblk, p) in enumerate(zip(broken, old)):
+                q = int(free[-1 - i])               # far from the allocator's (and the pool's)
+                new = os.urandom(BS)
+                os.pwrite(f.fileno(), new, q * BS)
+                want[lblk * BS:(lblk + 1) * BS] = new
+                rec = fmt.pack_cow_record(applied + i, clone, lblk, q, p, 10**18 + i)
+                os.pwrite(f.fileno(), rec, ring_off + (applied + i) % slots * 64)
+            mode = os.pread(f.fileno(), 4, mode_at)
+            os.pwrite(f.fileno(), (0o030644).to_bytes(4, "little"), mode_at)   # no such type
+        with pytest.raises(OSError) as ei:
+            os.stat(mnt / "victim")                 # corrupt metadata met: the failsafe
+        assert ei.value.errno == errno.EIO
+        for _ in range(4):                          # Python first; then C, if it got a map
+            assert pread_direct(mnt / "clone", 0, nblk * BS) == want
+        (tmp_path / "want").write_bytes(want)
+        subprocess.run(["cmp", mnt / "clone", tmp_path / "want"], check=True)
+        with pytest.raises(OSError) as ei:
+            (mnt / "new").write_bytes(b"x")
+        assert ei.value.errno == errno.EROFS
+        assert "COW break(s) of the data plane stay in the ring" in daemon_log(mnt).read_text()
+        daxfs_cli("umount", mnt, check=False)       # the failsafe leaves it not marked clean
+        assert wait_unlocked(image, 15)
+        with open(image, "r+b") as f:
+            os.pwrite(f.fileno(), mode, mode_at)
+        mount(image, mnt)                           # which applies them
+        assert pread_direct(mnt / "clone", 0, nblk * BS) == want
+        assert (mnt / "orig").read_bytes() == data
+        assert stats(mnt)["cow_ring_applied"] == len(broken)
+        umount(mnt)
+        check_fsck(image)
+    finally:
+        force_cleanup(image, mnt)
+    check_daemon_log(mnt)

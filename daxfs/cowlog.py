@@ -109,20 +109,14 @@ class CowLog:
         self._stranding = True
         try:
             moved: dict[int, dict[int, int]] = {}
-            g = self.fs.g
             for _magic, _seq, ino, lblk, q, p, _mtime, _check in self.pending().tolist():
-                node = self.fs.inodes.cached(ino)       # C breaks only files Python loaded
-                if node is None or not node.is_reg or not g.data_start <= q < g.nblocks:
-                    continue
-                blocks = moved.setdefault(ino, {})
-                try:
-                    now = blocks.get(lblk, None)
-                    now = node.extents.lookup(lblk) if now is None else now
+                try:                                # the checks `apply` makes, in seq order
+                    why = self._target(ino, lblk, q, p, True)[2]
                 except FsError:
                     continue
-                if now == p:
-                    blocks[lblk] = q
-            self.stranded = {ino: b for ino, b in moved.items() if b}
+                if not why:
+                    moved.setdefault(ino, {})[lblk] = q
+            self.stranded = moved
         finally:
             self._stranding = False
         if self.stranded:

@@ -62,7 +62,7 @@ _Static_assert(sizeof(struct wire_out) == 16, "fuse_out_header is 16 bytes");
 #define DP_STOP_SIGNAL (SIGRTMAX - 3)
 #define DP_BUF_SIZE ((1 << 20) + 8192)   /* max_write (1 MiB) + headers, as libfuse sizes it */
 
-/* _fusehook.c: nonzero while some inode may carry a security.capability xattr (then a
+/* _fuseops.c: nonzero while some inode may carry a security.capability xattr (then a
  * write(2) must go to Python, which drops it) */
 extern volatile int capability_xattrs;
 

@@ -9,7 +9,7 @@
  * (holes read as zeros, EOF clips); a WRITE in place when owned runs map all of
  * it inside the size, or through _cowplane.c (a COW break of the one block it
  * touches, or blocks an earlier break moved); the capability getxattr while no
- * inode has one.  Anything else is answered 0: Python serves it.
+ * inode has one.  For anything else it returns 0: Python serves it.
  *
  * Consistency: the maps live in one hash table under one reader-writer lock
  * (writer-preferring, so Python's revoke does not wait behind a stream of
@@ -233,7 +233,7 @@ forward:
 }
 
 /* The kernel asks for security.capability before every write through its page cache (FUSE
- * mounts never get SB_NOSEC); while no inode has one, answer as _fusehook.c's hook_getxattr
+ * mounts never get SB_NOSEC); while no inode has one, answer as _fuseops.c's hook_getxattr
  * does, here, instead of a round trip through Python's event loop. */
 static int serve_getxattr(const struct wire_in *in, const char *name, size_t len,
                           struct dp_sink *sink)

@@ -81,7 +81,8 @@ static long long opt_max_readahead = -1, opt_max_write = -1,
 static unsigned opt_want_on, opt_want_off;
 
 /* Bits libfuse 3.14 cannot ask for, added to the INIT reply (see io_writev):
- * FUSE_DIRECT_IO_ALLOW_MMAP for dax mode, FUSE_HANDLE_KILLPRIV_V2 (see hook_setattr). */
+ * FUSE_DIRECT_IO_ALLOW_MMAP for dax mode, FUSE_HANDLE_KILLPRIV_V2 (see hook_setattr in
+ * _fuseops.c). */
 static int want_dio_mmap, want_killpriv_v2;
 static int init_reply_pending;
 static int dio_mmap_sent;

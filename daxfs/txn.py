@@ -182,7 +182,10 @@ class Transactions:
         if self.watcher is not None:
             self.watcher.revoke_all()
         if self.on_fail is not None:
-            self.on_fail()
+            try:                            # never hide the failure that brought us here
+                self.on_fail()
+            except Exception:
+                log.exception("the failsafe's own step failed")
 
     def _commit(self, t: Transaction) -> None:
         if self.watcher is not None and not t.quiet:

@@ -156,7 +156,8 @@ static int adopt_one(PyObject *leaves, PyObject *firsts, int64_t l, int64_t q, i
         ws[w] = sl[a], wl[w] = s, wp[w] = pb[a], wn[w++] = (uint32_t)(l - s);
     ws[w] = head ? (uint32_t)stack[--*top] : sl[a], wl[w] = l, wp[w] = q, wn[w++] = 1;
     if (tail)
-        ws[w] = (uint32_t)stack[--*top], wl[w] = l + 1, wp[w] = p + 1, wn[w++] = (uint32_t)(e - l - 1);
+        ws[w] = (uint32_t)stack[--*top], wl[w] = l + 1, wp[w] = p + 1,
+        wn[w++] = (uint32_t)(e - l - 1);
     res = -1;
     if (!(arrays = new_leaf(m - 1 + pieces, sizes, &out)))
         goto done;

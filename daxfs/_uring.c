@@ -516,9 +516,9 @@ PyObject *uring_py_status(PyObject *self, PyObject *unused)
     unsigned long long requests;
     uring_stats(&on, &requests, &queues);
     int err = atomic_load(&last_error);
-    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:K,s:i,s:s}", "wanted", want, "sched_idle", !sched_other,
-                         "init_seen",
-                         atomic_load(&init_seen), "offered", offered, "active", on, "queues",
-                         queues, "requests", requests, "errno", -err,
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:K,s:i,s:s}", "wanted", want,
+                         "sched_idle", !sched_other, "init_seen", atomic_load(&init_seen),
+                         "offered", offered, "active", on, "queues", queues,
+                         "requests", requests, "errno", -err,
                          "error", err ? strerror(-err) : "");
 }

@@ -160,6 +160,22 @@ def test_ring_is_outside_the_log_and_inside_the_journal_region(tmp_image):
     fs.close()
 
 
+NO_SUCH_TYPE = (0o030644).to_bytes(4, "little")      # a mode with a file type that does not exist
+
+
+def swap_mode(path: str, ino: int, mode: bytes) -> bytes:
+    """Put `mode` (4 bytes) into inode `ino`'s record on the image, behind whoever has it
+    open; returns the bytes that were there."""
+    fs = FileSystem.open(path, readonly=True)
+    at = fs.g.region("inodes")[0] + ino * fmt.INODE_DTYPE.itemsize + \
+        fmt.INODE_DTYPE.fields["mode"][1]
+    fs.close()
+    with open(path, "r+b") as f:
+        old = os.pread(f.fileno(), 4, at)
+        os.pwrite(f.fileno(), mode, at)
+    return old
+
+
 def test_failsafe_reads_show_the_breaks_left_in_the_ring(tmp_image):
     """The engine turns read-only (failsafe) while breaks C did after Python last applied wait
     in the ring: no transaction applies them before the next mount, yet reads until then
@@ -171,23 +187,9 @@ def test_failsafe_reads_show_the_breaks_left_in_the_ring(tmp_image):
     fs.close()
     fs = FileSystem.open(tmp_image)                     # victim not loaded: its record is read
     assert fs.read(b, 0, NBLK * BS) == data             # at its lookup, corrupt by then
-    node = fs.inodes.get(b)
-    g = fs.g
-    ring_off, slots = g.cow_ring()
-    blocks = [9, 0, 14]
-    qs = fs.alloc.pool_take(len(blocks)).tolist()       # as C takes them: from its pool
-    new = {}
-    mode_at = g.region("inodes")[0] + victim * fmt.INODE_DTYPE.itemsize + \
-        fmt.INODE_DTYPE.fields["mode"][1]
-    with open(tmp_image, "r+b") as f:                   # what C stores, behind Python's back
-        for i, (lblk, q) in enumerate(zip(blocks, qs)):
-            new[lblk] = os.urandom(BS)
-            os.pwrite(f.fileno(), new[lblk], q * BS)
-            rec = fmt.pack_cow_record(fs.cow.applied + i, b, lblk, q,
-                                      node.extents.lookup(lblk), 10**18 + i)
-            os.pwrite(f.fileno(), rec, ring_off + ((fs.cow.applied + i) % slots) * 64)
-        mode = os.pread(f.fileno(), 4, mode_at)
-        os.pwrite(f.fileno(), (0o030644).to_bytes(4, "little"), mode_at)  # no such type
+    blocks = [9, 0, 14]                                 # what C stores, behind Python's back:
+    new, _ = _crash_breaks(tmp_image, b, blocks, first_seq=fs.cow.applied)
+    mode = swap_mode(tmp_image, victim, NO_SUCH_TYPE)   # then corrupt metadata is met
     with pytest.raises(FsError) as ei:
         fs.lookup(1, b"victim")
     assert ei.value.errno == errno.EIO and fs.failed
@@ -196,8 +198,7 @@ def test_failsafe_reads_show_the_breaks_left_in_the_ring(tmp_image):
     assert fs.read(b, 9 * BS + 100, 2 * BS) == want[9 * BS + 100:11 * BS + 100]
     assert fs.read(a, 0, NBLK * BS) == data
     fs.close()
-    with open(tmp_image, "r+b") as f:
-        os.pwrite(f.fileno(), mode, mode_at)
+    swap_mode(tmp_image, victim, mode)
     fs = _check(tmp_image, a, b, data, want)            # the next mount applies them
     assert fs.stats()["cow_ring_applied"] == len(blocks)
     fs.close()

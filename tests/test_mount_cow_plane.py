@@ -12,14 +12,13 @@ import signal
 import subprocess
 import threading
 
-import numpy as np
 import pytest
 
 from conftest import (check_daemon_log, check_fsck, daemon_log, daxfs_cli, force_cleanup,
                       have_fuse, mount, remount, umount, wait_unlocked)
-from daxfs import format as fmt
 from daxfs.daemon import lock_holder
 from daxfs.fs import FileSystem
+from test_cow_ring import NO_SUCH_TYPE, _crash_breaks, _expect, swap_mode
 from test_dataplane import pread_direct, pwrite_direct, stats
 
 pytestmark = pytest.mark.skipif(not have_fuse(), reason="needs /dev/fuse and fusermount3")
@@ -224,25 +223,11 @@ def test_failsafe_reads_show_breaks_still_in_the_ring(image, mnt, tmp_path):
         assert pread_direct(mnt / "clone", 0, BS) == data[:BS]    # the clone loaded, O_DIRECT:
         ro = FileSystem.open(str(image), readonly=True)           # no page cache to go stale
         clone, victim = (ro.lookup(1, name).ino for name in (b"clone", b"victim"))
-        node, g = ro.inodes.get(clone), ro.g
-        old = [node.extents.lookup(lblk) for lblk in broken]
-        free = np.flatnonzero(ro.alloc.rc[g.data_start:] == 0) + g.data_start
-        ring_off, slots = g.cow_ring()
         applied = ro.cow.applied
-        mode_at = g.region("inodes")[0] + victim * fmt.INODE_DTYPE.itemsize + \
-            fmt.INODE_DTYPE.fields["mode"][1]
         ro.close()
-        want = bytearray(data)
-        with open(image, "r+b") as f:
-            for i, (lblk, p) in enumerate(zip(broken, old)):
-                q = int(free[-1 - i])               # far from the allocator's (and the pool's)
-                new = os.urandom(BS)
-                os.pwrite(f.fileno(), new, q * BS)
-                want[lblk * BS:(lblk + 1) * BS] = new
-                rec = fmt.pack_cow_record(applied + i, clone, lblk, q, p, 10**18 + i)
-                os.pwrite(f.fileno(), rec, ring_off + (applied + i) % slots * 64)
-            mode = os.pread(f.fileno(), 4, mode_at)
-            os.pwrite(f.fileno(), (0o030644).to_bytes(4, "little"), mode_at)   # no such type
+        new, _ = _crash_breaks(str(image), clone, broken, first_seq=applied)
+        want = _expect(data, new)
+        mode = swap_mode(str(image), victim, NO_SUCH_TYPE)
         with pytest.raises(OSError) as ei:
             os.stat(mnt / "victim")                 # corrupt metadata met: the failsafe
         assert ei.value.errno == errno.EIO
@@ -256,8 +241,7 @@ def test_failsafe_reads_show_breaks_still_in_the_ring(image, mnt, tmp_path):
         assert "COW break(s) of the data plane stay in the ring" in daemon_log(mnt).read_text()
         daxfs_cli("umount", mnt, check=False)       # the failsafe leaves it not marked clean
         assert wait_unlocked(image, 15)
-        with open(image, "r+b") as f:
-            os.pwrite(f.fileno(), mode, mode_at)
+        swap_mode(str(image), victim, mode)
         mount(image, mnt)                           # which applies them
         assert pread_direct(mnt / "clone", 0, nblk * BS) == want
         assert (mnt / "orig").read_bytes() == data

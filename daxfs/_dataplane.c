@@ -68,12 +68,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <sys/mman.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
-#define BLOCK_SHIFT DP_BLOCK_SHIFT
 #define BUF_SIZE DP_BUF_SIZE
 #define MAX_THREADS 64
 
